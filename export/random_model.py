@@ -1,0 +1,153 @@
+"""Random-weight Stable Diffusion pipelines built locally (no download): tiny ones for tests, and
+the place where full-size published architectures will be added for benchmarks.
+
+The tokenizer is a real CLIP-style byte-level BPE (vocab.json + merges.txt with ``</w>``
+word ends and CLIP's special tokens), with merges learned on the spot from a small word list, so
+``transformers.CLIPTokenizer`` and edgediff's tokenizer can be compared on it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+_WORDS = (
+    "a photo of the red green blue yellow purple orange white black circle square triangle star on in at with "
+    "background small large big top bottom left right centre center painting portrait cat dog house tree sky "
+    "sunset mountain river city night day beautiful detailed highly realistic art style light dark"
+).split()
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP's reversible byte -> printable unicode map."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+def write_clip_tokenizer(out: Path, num_merges: int = 300, pad_token: str = "<|endoftext|>") -> int:
+    """Write vocab.json, merges.txt and the configs of a small CLIP tokenizer; return the vocab size."""
+    out.mkdir(parents=True, exist_ok=True)
+    byte_chars = list(_bytes_to_unicode().values())
+    vocab_list = byte_chars + [c + "</w>" for c in byte_chars]
+    words = Counter({tuple(w[:-1]) + (w[-1] + "</w>",): 1 for w in _WORDS})
+    merges: list[tuple[str, str]] = []
+    for _ in range(num_merges):  # classic BPE training, deterministic tie-break
+        pairs: Counter = Counter()
+        for word, freq in words.items():
+            for a, b in zip(word, word[1:]):
+                pairs[(a, b)] += freq
+        if not pairs:
+            break
+        best = max(sorted(pairs), key=lambda p: pairs[p])
+        merges.append(best)
+        merged = Counter()
+        for word, freq in words.items():
+            w, i = [], 0
+            while i < len(word):
+                if i + 1 < len(word) and (word[i], word[i + 1]) == best:
+                    w.append(word[i] + word[i + 1])
+                    i += 2
+                else:
+                    w.append(word[i])
+                    i += 1
+            merged[tuple(w)] += freq
+        words = merged
+    vocab_list += ["".join(m) for m in merges]
+    vocab_list += ["<|startoftext|>", "<|endoftext|>"]
+    vocab = {tok: i for i, tok in enumerate(dict.fromkeys(vocab_list))}
+    (out / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    (out / "merges.txt").write_text(
+        "#version: 0.2\n" + "\n".join(f"{a} {b}" for a, b in merges) + "\n", encoding="utf-8"
+    )
+    special = {
+        "bos_token": "<|startoftext|>",
+        "eos_token": "<|endoftext|>",
+        "unk_token": "<|endoftext|>",
+        "pad_token": pad_token,
+    }
+    (out / "special_tokens_map.json").write_text(json.dumps(special), encoding="utf-8")
+    config = dict(special, model_max_length=77, tokenizer_class="CLIPTokenizer", do_lower_case=True)
+    (out / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
+    return len(vocab)
+
+
+def build_tiny_pipeline(out: str | Path, variant: str = "sd1", seed: int = 0) -> Path:
+    """Save a tiny random-weight StableDiffusionPipeline to ``out`` (a normal diffusers folder).
+
+    ``variant="sd1"``: epsilon prediction, quick_gelu CLIP, pad ``<|endoftext|>``.
+    ``variant="sd2"``: v-prediction, gelu CLIP, pad ``!``, linear-projection attention.
+    Latent 16x16, VAE downscale 2 -> native 32x32 images.
+    """
+    import torch
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    if variant not in ("sd1", "sd2"):
+        raise ValueError(f"variant must be 'sd1' or 'sd2', got {variant!r}")
+    sd2 = variant == "sd2"
+    out = Path(out)
+    tok_dir = out / "tokenizer"
+    vocab_size = write_clip_tokenizer(tok_dir, pad_token="!" if sd2 else "<|endoftext|>")
+    tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=(2, 4) if sd2 else 8,
+        use_linear_projection=sd2,
+        norm_num_groups=32,
+    )
+    vae = AutoencoderKL(
+        block_out_channels=(32, 64),
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        latent_channels=4,
+        norm_num_groups=32,
+        sample_size=32,
+    )
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            hidden_size=32,
+            intermediate_size=37,
+            layer_norm_eps=1e-05,
+            num_attention_heads=4,
+            num_hidden_layers=2,
+            vocab_size=vocab_size,
+            hidden_act="gelu" if sd2 else "quick_gelu",
+            projection_dim=32,
+        )
+    )
+    scheduler = PNDMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        set_alpha_to_one=False,
+        skip_prk_steps=True,
+        steps_offset=1,
+        prediction_type="v_prediction" if sd2 else "epsilon",
+    )
+    pipe = StableDiffusionPipeline(
+        unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )  # fmt: skip
+    pipe.save_pretrained(out)
+    return out

@@ -1,0 +1,48 @@
+"""Exception types. Each names the problem and the fix; the CLI prints them as one line.
+
+Every user-facing error is an ``EdgediffError`` and also subclasses the builtin that fits
+(``ValueError``, ``FileNotFoundError``, ...) so callers can catch either.
+"""
+
+from __future__ import annotations
+
+
+class EdgediffError(Exception):
+    """Base class of every error edgediff raises on purpose."""
+
+
+class ModelFolderError(EdgediffError, FileNotFoundError):
+    """The model folder is missing, incomplete, truncated or does not match its manifest."""
+
+
+class ManifestError(EdgediffError, ValueError):
+    """``edgediff.json`` cannot be read or is not a valid manifest."""
+
+
+class InvalidArgumentError(EdgediffError, ValueError):
+    """A generation argument is out of range (size, steps, prompt list, latents shape ...)."""
+
+
+class UnknownSchedulerError(EdgediffError, ValueError):
+    """A scheduler name or ``_class_name`` that edgediff does not implement."""
+
+
+class EngineInputError(EdgediffError, ValueError):
+    """A feed given to an engine has a wrong name, dtype or rank."""
+
+
+class EngineUnavailableError(EdgediffError, RuntimeError):
+    """The requested engine or execution provider is not installed / not usable here."""
+
+
+class ExportError(EdgediffError, RuntimeError):
+    """The export source cannot be exported (not a supported diffusers model, OUT exists ...)."""
+
+
+class ExportValidationError(ExportError):
+    """Exported components disagree with their PyTorch originals; lists every mismatch."""
+
+    def __init__(self, failures: list[str]):
+        self.failures = list(failures)
+        lines = "; ".join(self.failures)
+        super().__init__(f"{len(self.failures)} validation failure(s), nothing was written: {lines}")

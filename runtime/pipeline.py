@@ -1,0 +1,241 @@
+"""Text-to-image with numpy sampling and compiled engines: the runtime's main object.
+
+    from edgediff.runtime import Pipeline
+    pipe = Pipeline.load("sd15-onnx")
+    result = pipe("a red circle on a blue background", num_inference_steps=20, seed=42)
+    result.images[0].save("out.png")
+
+Arguments mean what they mean in diffusers' StableDiffusionPipeline. A Pipeline holds no
+per-call state: schedules, scheduler history and random streams are made per call, so one
+object serves concurrent calls from several threads.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from . import schedulers
+from .engine import Engine, create_engine
+from .errors import EdgediffError, InvalidArgumentError
+from .image import to_pil, to_uint8
+from .model_folder import ModelFolder
+from .rng import Generator, make_generator
+from .tokenizer import ClipTokenizer
+
+logger = logging.getLogger(__name__)
+
+try:
+    __version__ = metadata.version("edgediff")
+except metadata.PackageNotFoundError:  # running from a source tree
+    __version__ = "0.0.0+source"
+
+# callback(step_index, timestep, latents) -> False to cancel
+Callback = Callable[[int, float, np.ndarray], Any]
+
+
+def scheduler_label(sched: schedulers.Scheduler) -> str:
+    """Short name as users type it, e.g. ``dpmpp_2m_karras``."""
+    karras = sched.config.get("use_karras_sigmas")
+    return sched.short_name + ("_karras" if karras else "")
+
+
+class GenerationCancelled(EdgediffError):
+    """The progress callback returned False."""
+
+
+@dataclass
+class GenerationResult:
+    images: list[Image.Image]
+    parameters: dict[str, Any]
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def _check_positive_int(name: str, value, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise InvalidArgumentError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+class Pipeline:
+    def __init__(self, folder: ModelFolder, engines: dict[str, Engine], tokenizer: ClipTokenizer, engine_name: str):
+        self.folder = folder
+        self.engines = engines
+        self.tokenizer = tokenizer
+        self.engine_name = engine_name
+        self.default_scheduler = schedulers.resolve(None, folder.scheduler_config)
+
+    @classmethod
+    def load(
+        cls,
+        folder: str | Path,
+        engine: str = "onnxruntime",
+        providers: Sequence[str] | None = None,
+        **engine_options,
+    ) -> Pipeline:
+        """Open a model folder and create one engine per component (text encoder, UNet, VAE decoder).
+
+        ``engine``: ``"onnxruntime"`` (default). ``providers``: ONNX Runtime execution providers
+        in priority order, e.g. ``["CUDAExecutionProvider", "CPUExecutionProvider"]`` (default CPU).
+        """
+        mf = ModelFolder.open(folder)
+        tokenizer = ClipTokenizer(mf.path / "tokenizer")
+        options = dict(engine_options)
+        if providers is not None:
+            options["providers"] = providers
+        engines = {}
+        try:
+            for name in ("text_encoder", "unet", "vae_decoder"):
+                engines[name] = create_engine(engine, mf.component_path(name), component=name, **options)
+        except BaseException:
+            for e in engines.values():
+                e.close()
+            raise
+        return cls(mf, engines, tokenizer, engine)
+
+    def close(self) -> None:
+        for e in self.engines.values():
+            e.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # ---------------------------------------------------------------------------------------
+    def __call__(
+        self,
+        prompt: str | list[str],
+        negative_prompt: str | list[str] | None = None,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 7.5,
+        width: int | None = None,
+        height: int | None = None,
+        seed: int | None = None,
+        latents: np.ndarray | None = None,
+        scheduler: str | dict | schedulers.Scheduler | None = None,
+        num_images_per_prompt: int = 1,
+        callback: Callback | None = None,
+        generator: Generator | None = None,
+    ) -> GenerationResult:
+        timings: dict[str, float] = {}
+        t_start = time.perf_counter()
+        # 1. Check inputs
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt) if prompt is not None else []
+        if not prompts or not all(isinstance(p, str) for p in prompts):
+            raise InvalidArgumentError("prompt must be a string or a non-empty list of strings")
+        if negative_prompt is None:
+            negatives = [""] * len(prompts)
+        else:
+            negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
+            if len(negatives) != len(prompts):
+                raise InvalidArgumentError(
+                    f"negative_prompt has {len(negatives)} entries but prompt has {len(prompts)}; give one per prompt"
+                )
+        steps = _check_positive_int("num_inference_steps", num_inference_steps)
+        per_prompt = _check_positive_int("num_images_per_prompt", num_images_per_prompt)
+        native_h, native_w = self.folder.native_size
+        height = native_h if height is None else height
+        width = native_w if width is None else width
+        f = self.folder.vae_downscale
+        for name, v in (("width", width), ("height", height)):
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v <= 0 or v % f:
+                raise InvalidArgumentError(
+                    f"{name} must be a positive multiple of {f} (the VAE downscale factor), got {v!r}"
+                )
+        guidance_scale = float(guidance_scale)
+        sched = self.default_scheduler if scheduler is None else schedulers.resolve(scheduler, self.folder.scheduler_config)
+        batch = len(prompts) * per_prompt
+        shape = (batch, self.folder.latent_channels, height // f, width // f)
+        if latents is not None:
+            latents = np.asarray(latents, dtype=np.float32)
+            if latents.shape != shape:
+                raise InvalidArgumentError(f"latents must have shape {list(shape)}, got {list(latents.shape)}")
+        do_cfg = guidance_scale > 1.0
+
+        # 2. Encode the prompt: uncond ‖ cond in one text-encoder batch
+        t0 = time.perf_counter()
+        ids = self.tokenizer.encode((negatives + prompts) if do_cfg else prompts)
+        timings["tokenize"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        emb = self._run("text_encoder", input_ids=ids)["last_hidden_state"].astype(np.float32)
+        timings["text_encoder"] = time.perf_counter() - t0
+        emb = np.repeat(emb, per_prompt, axis=0)  # each prompt's embedding n times in a row, as diffusers
+
+        # 3. Plan the schedule (immutable, per call)
+        plan = sched.plan(steps)
+        state = sched.initial_state(plan)
+
+        # 4. Starting noise, scaled by the scheduler's init_noise_sigma
+        if generator is None:
+            generator = make_generator(seed)
+        seed = getattr(generator, "seed", seed)
+        if latents is None:
+            latents = generator.randn(shape).astype(np.float32)
+        latents = latents * np.float32(plan.init_noise_sigma)
+
+        # 5. Denoising loop
+        t0 = time.perf_counter()
+        unet_time = 0.0
+        for i, t in enumerate(plan.timesteps):
+            model_in = np.concatenate([latents, latents]) if do_cfg else latents
+            model_in = sched.scale_model_input(plan, i, model_in)
+            u0 = time.perf_counter()
+            noise = self._run("unet", sample=model_in, timestep=self._timestep(t, model_in.shape[0]),
+                              encoder_hidden_states=emb)["out_sample"].astype(np.float32)  # fmt: skip
+            unet_time += time.perf_counter() - u0
+            if do_cfg:
+                uncond, cond = np.split(noise, 2)
+                noise = uncond + guidance_scale * (cond - uncond)
+            latents, state = sched.step(plan, i, noise, latents, state, generator)
+            if callback is not None and callback(i, float(t), latents) is False:
+                raise GenerationCancelled(f"cancelled by the callback at step {i + 1} of {len(plan.timesteps)}")
+        timings["denoise"] = time.perf_counter() - t0
+        timings["unet"] = unet_time
+
+        # 6. Decode
+        t0 = time.perf_counter()
+        decoded = self._run("vae_decoder", latent_sample=latents / np.float32(self.folder.vae_scaling_factor))
+        timings["vae_decoder"] = time.perf_counter() - t0
+        images = to_pil(to_uint8(decoded["sample"]))
+        timings["total"] = time.perf_counter() - t_start
+        params = {
+            "prompt": prompts[0] if isinstance(prompt, str) else prompts,
+            "negative_prompt": negative_prompt,
+            "num_inference_steps": steps,
+            "guidance_scale": guidance_scale,
+            "width": width,
+            "height": height,
+            "seed": seed,
+            "scheduler": scheduler_label(sched),
+            "scheduler_config": dict(sched.config),
+            "num_images_per_prompt": per_prompt,
+            "model": self.folder.path.name,
+            "engine": self.engine_name,
+            "edgediff_version": __version__,
+        }
+        return GenerationResult(images, params, timings)
+
+    # ---------------------------------------------------------------------------------------
+    def _run(self, component: str, **feeds) -> dict[str, np.ndarray]:
+        return self.engines[component].run(feeds)
+
+    def _timestep(self, t: float, batch: int) -> np.ndarray:
+        """The timestep in the rank the UNet declares: scalar, [1] or [B]."""
+        spec = self.engines["unet"].inputs["timestep"]
+        value = np.float32(t)
+        if np.issubdtype(spec.dtype, np.integer):
+            value = np.int64(t)  # an integer-timestep export truncates, as diffusers' ONNX pipeline does
+        if spec.rank == 0:
+            return np.asarray(value)
+        n = spec.shape[0] if isinstance(spec.shape[0], int) else batch
+        return np.full((n,), value)

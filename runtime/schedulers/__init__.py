@@ -1,0 +1,85 @@
+"""numpy ports of diffusers' schedulers, one algorithm per file, and the name resolution that
+lets ``scheduler=`` take a short name, a diffusers class name, a config dict or an instance.
+
+Configuration follows diffusers exactly: the model's own ``scheduler_config.json`` is the base;
+the chosen class fills its own defaults for keys the base does not set (so
+``EulerDiscreteScheduler.from_config(sd15_pndm_config)`` gets ``timestep_spacing="linspace"``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..errors import UnknownSchedulerError
+from .base import Plan, Scheduler
+from .ddim import DDIM
+from .dpmsolver_multistep import DPMSolverMultistep
+from .euler import EulerDiscrete
+from .pndm import PNDM
+
+# diffusers class name -> implementation (explicit, STYLE E2)
+SCHEDULERS: dict[str, type[Scheduler]] = {
+    cls.class_name: cls for cls in (PNDM, DDIM, EulerDiscrete, DPMSolverMultistep)
+}
+SHORT_NAMES: dict[str, str] = {cls.short_name: name for name, cls in SCHEDULERS.items()}
+# Short names that accept the "_karras" suffix (the classes with `use_karras_sigmas`).
+_KARRAS_CAPABLE = {name for name, cls in SCHEDULERS.items() if "use_karras_sigmas" in cls.defaults}
+
+
+def known_config_keys() -> set[str]:
+    keys = {"eta"}
+    for cls in SCHEDULERS.values():
+        keys.update(cls.defaults)
+    return keys
+
+
+def known_names() -> list[str]:
+    """Every name ``scheduler=`` accepts, for help texts and error messages."""
+    names = list(SHORT_NAMES)
+    names += [f"{s}_karras" for s, c in SHORT_NAMES.items() if c in _KARRAS_CAPABLE]
+    return names + list(SCHEDULERS)
+
+
+def _unknown(what: str) -> UnknownSchedulerError:
+    return UnknownSchedulerError(f"unknown scheduler {what}; known: {', '.join(known_names())}")
+
+
+def apply_pipeline_corrections(config: dict[str, Any]) -> dict[str, Any]:
+    """The corrections StableDiffusionPipeline makes to a model's scheduler config at load:
+    ``steps_offset`` forced to 1 and ``clip_sample`` forced off (diffusers warns about both)."""
+    config = dict(config)
+    if config.get("steps_offset", 0) != 1:
+        config["steps_offset"] = 1
+    if config.get("clip_sample") is True:
+        config["clip_sample"] = False
+    return config
+
+
+def resolve(spec: str | dict | Scheduler | None, base_config: dict[str, Any]) -> Scheduler:
+    """Build the scheduler a user asked for, over the model's own (corrected) config."""
+    if isinstance(spec, Scheduler):
+        return spec
+    overrides: dict[str, Any] = {}
+    if spec is None:
+        class_name = base_config.get("_class_name")
+    elif isinstance(spec, dict):
+        overrides = {k: v for k, v in spec.items() if k != "_class_name"}
+        class_name = spec.get("_class_name", base_config.get("_class_name"))
+    elif isinstance(spec, str):
+        name = spec.strip()
+        if name.lower().endswith("_karras") and SHORT_NAMES.get(name.lower()[: -len("_karras")]) in _KARRAS_CAPABLE:
+            class_name = SHORT_NAMES[name.lower()[: -len("_karras")]]
+            overrides["use_karras_sigmas"] = True
+        else:
+            class_name = SHORT_NAMES.get(name.lower(), name)
+    else:
+        raise UnknownSchedulerError(f"scheduler must be a name, a config dict or a Scheduler, got {type(spec).__name__}")
+    if class_name not in SCHEDULERS:
+        raise _unknown(repr(class_name))
+    cls = SCHEDULERS[class_name]
+    config = {k: v for k, v in base_config.items() if not k.startswith("_")}
+    config.update(overrides)
+    return cls(**config)
+
+
+__all__ = ["SCHEDULERS", "SHORT_NAMES", "Plan", "Scheduler", "known_names", "resolve", "apply_pipeline_corrections"]

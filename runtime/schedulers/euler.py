@@ -1,0 +1,109 @@
+"""Euler's method on the probability-flow ODE in σ-space (Karras et al. 2022, "Elucidating the
+Design Space of Diffusion-Based Generative Models", Algorithm 1 with γ = 0 by default), as
+diffusers' EulerDiscreteScheduler.
+
+Notation:
+    σ_i        noise level of step i (σ_N = 0 or σ_min)   x_i    sample in σ-space
+    D(x; σ)    denoised estimate x̂_0                       d_i    (x_i − x̂_0)/σ̂_i
+    x_{i+1} = x_i + d_i·(σ_{i+1} − σ̂_i)
+The UNet sees x/sqrt(σ²+1) and the (fractional) timestep whose σ is σ_i.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .base import Plan, Scheduler
+
+
+@dataclass(frozen=True)
+class EulerPlan(Plan):
+    sigmas: np.ndarray  # float32, N+1 values
+
+
+def _sigma_to_t(sigma: np.ndarray, log_sigmas: np.ndarray) -> np.ndarray:
+    """Fractional timestep of σ by linear interpolation in log σ over the training table."""
+    log_sigma = np.log(np.maximum(sigma, 1e-10))
+    dists = log_sigma - log_sigmas[:, np.newaxis]
+    low_idx = np.cumsum((dists >= 0), axis=0).argmax(axis=0).clip(max=log_sigmas.shape[0] - 2)
+    high_idx = low_idx + 1
+    low, high = log_sigmas[low_idx], log_sigmas[high_idx]
+    w = np.clip((low - log_sigma) / (low - high), 0, 1)
+    return ((1 - w) * low_idx + w * high_idx).reshape(np.shape(sigma))
+
+
+def _karras_sigmas(sigma_min: float, sigma_max: float, n: int, rho: float = 7.0) -> np.ndarray:
+    """Karras et al. eq. 5: σ_i = (σ_max^{1/ρ} + i/(n−1)·(σ_min^{1/ρ} − σ_max^{1/ρ}))^ρ."""
+    ramp = np.linspace(0, 1, n)
+    min_inv, max_inv = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    return (max_inv + ramp * (min_inv - max_inv)) ** rho
+
+
+class EulerDiscrete(Scheduler):
+    """Allowed values: ``prediction_type`` in {epsilon, v_prediction, sample};
+    ``timestep_spacing`` in {linspace, leading, trailing}; ``interpolation_type`` linear;
+    ``use_karras_sigmas``; ``final_sigmas_type`` in {zero, sigma_min}; ``timestep_type`` discrete."""
+
+    class_name = "EulerDiscreteScheduler"
+    short_name = "euler"
+    defaults = dict(
+        num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear", trained_betas=None,
+        prediction_type="epsilon", interpolation_type="linear", use_karras_sigmas=False,
+        use_exponential_sigmas=False, use_beta_sigmas=False, sigma_min=None, sigma_max=None,
+        timestep_spacing="linspace", timestep_type="discrete", steps_offset=0, rescale_betas_zero_snr=False,
+        final_sigmas_type="zero",
+    )  # fmt: skip
+    supported = {
+        "prediction_type": ("epsilon", "v_prediction", "sample", "original_sample"),
+        "timestep_spacing": ("linspace", "leading", "trailing"),
+        "interpolation_type": ("linear",),
+        "use_exponential_sigmas": (False,),
+        "use_beta_sigmas": (False,),
+        "timestep_type": ("discrete",),
+        "final_sigmas_type": ("zero", "sigma_min"),
+    }
+
+    def plan(self, num_inference_steps: int) -> EulerPlan:
+        n, big_t, cfg = num_inference_steps, self.config["num_train_timesteps"], self.config
+        if cfg["timestep_spacing"] == "linspace":
+            timesteps = np.linspace(0, big_t - 1, n, dtype=np.float32)[::-1].copy()
+        elif cfg["timestep_spacing"] == "leading":
+            timesteps = (np.arange(0, n) * (big_t // n)).round()[::-1].astype(np.float32) + cfg["steps_offset"]
+        else:  # trailing
+            timesteps = np.arange(big_t, 0, -big_t / n).round().astype(np.float32) - 1
+        ac = self.alphas_cumprod
+        table = ((1 - ac) / ac) ** 0.5  # float32, as diffusers' torch table
+        log_table = np.log(table)
+        sigmas = np.interp(timesteps, np.arange(0, len(table)), table)
+        if cfg["use_karras_sigmas"]:
+            s_min = cfg["sigma_min"] if cfg["sigma_min"] is not None else float(sigmas[-1])
+            s_max = cfg["sigma_max"] if cfg["sigma_max"] is not None else float(sigmas[0])
+            sigmas = _karras_sigmas(s_min, s_max, n)
+            timesteps = np.array([_sigma_to_t(s, log_table) for s in sigmas])
+        last = float(((1 - ac[0]) / ac[0]) ** 0.5) if cfg["final_sigmas_type"] == "sigma_min" else 0.0
+        sigmas = np.concatenate([sigmas, [last]]).astype(np.float32)
+        s_max = sigmas.max()
+        init = s_max if cfg["timestep_spacing"] in ("linspace", "trailing") else (s_max**2 + 1) ** 0.5
+        return EulerPlan(timesteps.astype(np.float32), float(init), sigmas)
+
+    def scale_model_input(self, plan: EulerPlan, i, sample):
+        sigma = plan.sigmas[i]
+        return (sample / ((sigma**2 + 1) ** 0.5)).astype(np.float32)
+
+    def step(self, plan: EulerPlan, i, model_output, sample, state=None, generator=None):
+        sigma = plan.sigmas[i]
+        sigma_hat = sigma  # γ = 0 (s_churn = 0, diffusers' default)
+        # 1. denoised estimate x̂_0 = D(x; σ)
+        kind = self.config["prediction_type"]
+        if kind in ("sample", "original_sample"):
+            x0 = model_output
+        elif kind == "epsilon":
+            x0 = sample - sigma_hat * model_output
+        else:  # v_prediction
+            x0 = model_output * (-sigma / (sigma**2 + 1) ** 0.5) + sample / (sigma**2 + 1)
+        # 2. ODE derivative and Euler step (Algorithm 1, lines 7-8)
+        d = (sample - x0) / sigma_hat
+        dt = plan.sigmas[i + 1] - sigma_hat
+        return (sample + d * dt).astype(np.float32), None
