@@ -101,7 +101,8 @@ def export_component(pipe, name: str, out_dir: Path, opset: int = 17) -> Path:
     """Export sub-model ``name`` to ``out_dir/model.onnx`` (+ one external-data file if > 2 GB)."""
     spec: SubmodelSpec = SUBMODELS[name]
     module = wrap(pipe, name)
-    inputs = dummy_inputs(pipe, name)
+    # batch 2, as optimum: tracing with batch 1 lets some broadcasts be recorded with a fixed size
+    inputs = dummy_inputs(pipe, name, batch=2)
     out_dir.mkdir(parents=True, exist_ok=True)
     raw_dir = out_dir / ".raw"  # the exporter may scatter >2 GB weights over many files
     raw_dir.mkdir(exist_ok=True)

@@ -53,7 +53,7 @@ def probe_shapes(pipe, name: str) -> list[dict]:
     size = pipe.unet.config.sample_size
     size = size if isinstance(size, int) else size[0]
     small = max(size // 2 - (size // 2) % 8, 8) if size >= 16 else size
-    return [dict(batch=1), dict(batch=2, latent_hw=(small, size))]
+    return [dict(batch=1), dict(batch=3, latent_hw=(small, size))]
 
 
 def check_component(pipe, name: str, onnx_path: Path, precision: str = "fp32") -> list[Check]:

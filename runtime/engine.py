@@ -66,7 +66,8 @@ def check_feed(component: str, specs: Mapping[str, TensorSpec], feeds: Mapping[s
                     "pass integer values"
                 )
             value = value.astype(spec.dtype)
-        out[name] = np.ascontiguousarray(value)
+        # (not np.ascontiguousarray: it turns a 0-d scalar into shape [1])
+        out[name] = value if value.flags.c_contiguous else value.copy(order="C")
     return out
 
 

@@ -53,6 +53,9 @@ class Scheduler:
     short_name: ClassVar[str]
     defaults: ClassVar[dict[str, Any]]
     order: ClassVar[int] = 1
+    # Euler/DPM/UniPC in diffusers floor ᾱ_T at 2^-24 under zero-SNR rescaling (σ_max finite);
+    # DDIM/PNDM keep ᾱ_T = 0.
+    zero_snr_floor: ClassVar[bool] = False
     # Options whose values this implementation does not support: {key: allowed values}.
     supported: ClassVar[dict[str, tuple]] = {}
 
@@ -72,7 +75,7 @@ class Scheduler:
                     f"{self.class_name}: {key}={self.config.get(key)!r} is not supported by edgediff "
                     f"(supported: {list(allowed)})"
                 )
-        self.alphas_cumprod = alphas_cumprod_from_config(self.config)
+        self.alphas_cumprod = alphas_cumprod_from_config(self.config, self.zero_snr_floor)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.config})"
@@ -115,7 +118,7 @@ def _rescale_zero_terminal_snr(betas: np.ndarray) -> np.ndarray:
     return (1 - alphas).astype(np.float32)
 
 
-def alphas_cumprod_from_config(config: dict) -> np.ndarray:
+def alphas_cumprod_from_config(config: dict, zero_snr_floor: bool = False) -> np.ndarray:
     """ᾱ_t for t = 0..T-1 (float32) from the training-schedule keys of a scheduler config."""
     n = int(config.get("num_train_timesteps", 1000))
     trained = config.get("trained_betas")
@@ -135,6 +138,6 @@ def alphas_cumprod_from_config(config: dict) -> np.ndarray:
     if config.get("rescale_betas_zero_snr"):
         betas = _rescale_zero_terminal_snr(betas)
     alphas_cumprod = np.cumprod((1.0 - betas).astype(np.float64)).astype(np.float32)
-    if config.get("rescale_betas_zero_snr"):
-        alphas_cumprod[-1] = 2.0**-24  # as diffusers: avoid an infinite sigma at the last step
+    if config.get("rescale_betas_zero_snr") and zero_snr_floor:
+        alphas_cumprod[-1] = 2.0**-24
     return alphas_cumprod

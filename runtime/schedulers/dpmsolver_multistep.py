@@ -44,6 +44,7 @@ class DPMSolverMultistep(Scheduler):
 
     class_name = "DPMSolverMultistepScheduler"
     short_name = "dpmpp_2m"
+    zero_snr_floor = True
     defaults = dict(
         num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear", trained_betas=None,
         solver_order=2, prediction_type="epsilon", thresholding=False, dynamic_thresholding_ratio=0.995,

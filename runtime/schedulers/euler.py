@@ -48,6 +48,7 @@ class EulerDiscrete(Scheduler):
 
     class_name = "EulerDiscreteScheduler"
     short_name = "euler"
+    zero_snr_floor = True
     defaults = dict(
         num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear", trained_betas=None,
         prediction_type="epsilon", interpolation_type="linear", use_karras_sigmas=False,
