@@ -6,6 +6,11 @@ pipeline built here as transformers' CLIP converter builds it. Truncation and pa
 once at load (reconfiguring a shared tokenizer per call breaks under threads, tokenizers#537);
 the pad token and length come from the model's own ``tokenizer_config.json`` /
 ``special_tokens_map.json``: SD1.x pads with ``<|endoftext|>``, SD2.x with ``!``.
+
+The ids equal transformers' CLIPTokenizerFast (and OpenAI CLIP's ftfy path) on every input. The
+slow CLIPTokenizer without ``ftfy`` installed falls back to BERT's BasicTokenizer, which also
+splits CJK ideographs into single characters and deletes control characters; prompts with those
+get different ids there (a transformers inconsistency; we follow the fast tokenizer).
 """
 
 from __future__ import annotations
@@ -41,7 +46,7 @@ def _read_json(path: Path) -> dict:
         raise ModelFolderError(f"{path} is not valid JSON ({e}); re-export the model") from e
 
 
-def _build_clip_tokenizer(folder: Path, bos: str, eos: str, unk: str) -> Tokenizer:
+def _build_clip_tokenizer(folder: Path, bos: str, eos: str, unk: str, pad: str) -> Tokenizer:
     vocab_path, merges_path = folder / "vocab.json", folder / "merges.txt"
     if not (vocab_path.is_file() and merges_path.is_file()):
         raise ModelFolderError(
@@ -66,6 +71,9 @@ def _build_clip_tokenizer(folder: Path, bos: str, eos: str, unk: str) -> Tokeniz
     tok.post_processor = processors.RobertaProcessing(
         sep=(eos, vocab[eos]), cls=(bos, vocab[bos]), add_prefix_space=False, trim_offsets=False
     )
+    # transformers registers the special tokens as added tokens: they are split out of the text
+    # before BPE (this matters for SD2's pad token "!": "!!" is two pad ids, not one merge).
+    tok.add_special_tokens(list(dict.fromkeys([bos, eos, unk, pad])))
     return tok
 
 
@@ -95,7 +103,7 @@ class ClipTokenizer:
             except Exception as e:
                 raise ModelFolderError(f"{folder / 'tokenizer.json'} cannot be loaded ({e}); re-export the model") from e
         else:
-            self._tok = _build_clip_tokenizer(folder, bos, eos, unk)
+            self._tok = _build_clip_tokenizer(folder, bos, eos, unk, pad)
         pad_id = self._tok.token_to_id(pad)
         if pad_id is None:
             raise ModelFolderError(f"pad token {pad!r} of {folder} is not in its vocabulary; re-export the model")
