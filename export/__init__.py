@@ -100,6 +100,12 @@ def export_model(
     from .onnx_export import export_component
     from .validate import check_component
 
+    import diffusers.utils.logging as diffusers_logging
+    import transformers.utils.logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()
+    diffusers_logging.set_verbosity_error()
+    transformers_logging.set_verbosity_error()
     source, out = Path(source), Path(out)
     _check_source(source)
     if out.exists() and not force:
@@ -107,15 +113,15 @@ def export_model(
     try:
         pipe = StableDiffusionPipeline.from_pretrained(
             source, local_files_only=True, safety_checker=None, requires_safety_checker=False,
-            torch_dtype=torch.float32,
+            torch_dtype=torch.float32, low_cpu_mem_usage=False,
         )  # fmt: skip
     except Exception as e:  # diffusers raises many types for a broken folder
         raise ExportError(f"SOURCE {source} cannot be loaded by diffusers ({type(e).__name__}: {e})") from e
 
     out.parent.mkdir(parents=True, exist_ok=True)
+    for stale in out.parent.glob(f".{out.name}.partial-*"):  # left by a killed export
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
     try:
         tmp.mkdir()
         precision: dict[str, str] = {}
@@ -149,8 +155,10 @@ def export_model(
             failures += [c.describe() + f" exceeds the {precision[name]} tolerance" for c in bad]
         if failures:
             raise ExportValidationError(failures)
-        _write_side_files(pipe, source, tmp, CLIPTokenizerFast)
+        index = _write_side_files(pipe, source, tmp, CLIPTokenizerFast)
         _write_manifest(pipe, tmp, precision, notes, opset, source)
+        # model_index.json goes last: the runtime refuses a folder without it
+        (tmp / "model_index.json").write_text(json.dumps(index, indent=2), encoding="utf-8")
         if out.exists():
             old = out.parent / f".{out.name}.old-{os.getpid()}"
             out.rename(old)
@@ -164,7 +172,7 @@ def export_model(
     return out
 
 
-def _write_side_files(pipe, source: Path, tmp: Path, fast_tokenizer_cls) -> None:
+def _write_side_files(pipe, source: Path, tmp: Path, fast_tokenizer_cls) -> dict:
     pipe.tokenizer.save_pretrained(tmp / "tokenizer")
     # tokenizer.json: what the runtime loads with `tokenizers` alone
     fast_tokenizer_cls.from_pretrained(source / "tokenizer").save_pretrained(tmp / "tokenizer")
@@ -186,7 +194,7 @@ def _write_side_files(pipe, source: Path, tmp: Path, fast_tokenizer_cls) -> None
         "vae_decoder": ["diffusers", "OnnxRuntimeModel"],
         "vae_encoder": ["diffusers", "OnnxRuntimeModel"],
     }
-    (tmp / "model_index.json").write_text(json.dumps(index, indent=2), encoding="utf-8")
+    return index
 
 
 def _write_manifest(pipe, tmp: Path, precision: dict, notes: dict, opset: int, source: Path) -> None:

@@ -85,10 +85,11 @@ class ModelFolder:
         path = Path(path)
         if not path.is_dir():
             raise ModelFolderError(f"model folder {path} does not exist; pass the folder `edgediff export` wrote")
-        if not (path / "model_index.json").is_file() and not (path / MANIFEST).is_file():
+        if not (path / "model_index.json").is_file():
+            # export writes model_index.json last, so an interrupted export never passes here
             raise ModelFolderError(
-                f"{path} is not a model folder (no model_index.json or {MANIFEST}); "
-                "pass the folder `edgediff export` wrote, or export a diffusers model first"
+                f"{path} is not a complete model folder (no model_index.json); pass the folder "
+                "`edgediff export` wrote (re-export if an export was interrupted)"
             )
         if (path / MANIFEST).exists():
             manifest, inferred = read_manifest(path), False
