@@ -151,3 +151,19 @@ def build_tiny_pipeline(out: str | Path, variant: str = "sd1", seed: int = 0) ->
     )  # fmt: skip
     pipe.save_pretrained(out)
     return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m edgediff.export.random_model OUT [--variant sd1|sd2] [--seed N]``"""
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Build a tiny random-weight Stable Diffusion diffusers folder.")
+    parser.add_argument("out")
+    parser.add_argument("--variant", choices=["sd1", "sd2"], default="sd1")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    print(build_tiny_pipeline(args.out, args.variant, args.seed))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,80 @@
+"""The CLI end to end, PNG parameters, and the one hard rule: a full generate imports neither
+torch, diffusers nor transformers."""
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+from click.testing import CliRunner
+from conftest import needs_torch
+from PIL import Image
+
+from edgediff.runtime.cli import main
+from edgediff.runtime.image import format_parameters
+
+# the tiny model is built with diffusers (needs_torch); the generate itself is torch-free
+
+
+@needs_torch
+def test_generate_writes_png_with_parameters(tiny_export, tmp_path):
+    out = tmp_path / "sub" / "out.png"
+    args = ["generate", "a red circle", "--model", str(tiny_export("sd1")), "-o", str(out), "--steps", "3",
+            "--seed", "7", "--scheduler", "euler", "--negative-prompt", "blurry", "--guidance", "6"]  # fmt: skip
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    image = Image.open(out)
+    assert image.size == (32, 32)
+    text = image.text["parameters"]
+    assert text.splitlines()[0] == "a red circle"
+    assert text.splitlines()[1] == "Negative prompt: blurry"
+    assert "Steps: 3, Sampler: euler, CFG scale: 6.0, Seed: 7, Size: 32x32" in text.splitlines()[2]
+    assert not [p for p in out.parent.iterdir() if p.name != "out.png"]  # no temporary left
+
+
+@needs_torch
+def test_info_reports_valid_folder(tiny_export):
+    result = CliRunner().invoke(main, ["info", str(tiny_export("sd2")), "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert report["valid"] and report["family"] == "sd2" and report["prediction_type"] == "v_prediction"
+    assert "dpmpp_2m_karras" in report["schedulers_available"]
+    assert report["io"]["unet"]["inputs"]["timestep"] == ["float32", []]
+
+
+def test_parameters_format_without_negative():
+    text = format_parameters({"prompt": "cat", "num_inference_steps": 20, "scheduler": "pndm", "guidance_scale": 7.5,
+                              "seed": 1, "width": 512, "height": 512, "model": "m"})  # fmt: skip
+    assert text.splitlines() == ["cat", "Steps: 20, Sampler: pndm, CFG scale: 7.5, Seed: 1, Size: 512x512, Model: m, Version: edgediff"]
+
+
+@needs_torch
+def test_full_generate_imports_no_torch(tiny_export, tmp_path):
+    code = textwrap.dedent(
+        f"""
+        import sys
+        from edgediff.runtime import Pipeline
+        from edgediff.runtime.cli import main
+        pipe = Pipeline.load({str(tiny_export("sd1"))!r})
+        pipe("a cat", num_inference_steps=3, seed=1, scheduler="dpmpp_2m_karras").images[0].save({str(tmp_path / "a.png")!r})
+        try:
+            main(["generate", "a dog", "--model", {str(tiny_export("sd2"))!r}, "-o", {str(tmp_path / "b.png")!r},
+                  "--steps", "2"], standalone_mode=False)
+        except SystemExit:
+            pass
+        banned = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "diffusers", "transformers", "optimum"))
+        print("BANNED", banned)
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "BANNED []" in proc.stdout, proc.stdout
+    assert (tmp_path / "a.png").exists() and (tmp_path / "b.png").exists()
+
+
+@pytest.mark.parametrize("module", ["edgediff.runtime", "edgediff.engines.onnxruntime", "edgediff.runtime.cli"])
+def test_runtime_modules_import_without_torch(module):
+    code = f"import sys, {module}; print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch','diffusers','transformers')))"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stdout + proc.stderr
