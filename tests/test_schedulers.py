@@ -1,11 +1,6 @@
 """Each numpy scheduler against its diffusers class, driven with the same model outputs (and the
-same noise), compared at every step.
+same noise), compared at every step (tolerance in scheduler_harness)."""
 
-Tolerance: |ours - diffusers| <= 2e-5 * max(1, max|sample|) at every step: float32 rounding
-(diffusers computes in float32 with torch, we in float32 with numpy; betas differ by <= 1 ulp).
-"""
-
-import inspect
 import itertools
 
 import numpy as np
@@ -14,53 +9,8 @@ from conftest import needs_torch
 
 from edgediff.runtime import schedulers
 from edgediff.runtime.errors import UnknownSchedulerError
-from edgediff.runtime.rng import TorchCPUGenerator
 
-SD_BASE = {
-    "_class_name": "PNDMScheduler",
-    "num_train_timesteps": 1000,
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "set_alpha_to_one": False,
-    "skip_prk_steps": True,
-    "steps_offset": 1,
-    "clip_sample": False,
-}
-STEPS = [1, 2, 4, 7, 20]
-PREDICTIONS = ["epsilon", "v_prediction"]
-SPACINGS = ["leading", "linspace", "trailing"]
-
-
-def _drive(name_or_cfg, diffusers_cls, overrides, steps, seed=0, eta=None):
-    import torch
-
-    base = dict(SD_BASE, **overrides)
-    ref = diffusers_cls.from_config(base)
-    ours = schedulers.resolve(dict(base, _class_name=diffusers_cls.__name__, **({"eta": eta} if eta else {})), {})
-    ref.set_timesteps(steps)
-    plan = ours.plan(steps)
-    np.testing.assert_allclose(plan.timesteps, ref.timesteps.numpy().astype(np.float32), rtol=0, atol=1e-3)
-    assert plan.init_noise_sigma == pytest.approx(float(ref.init_noise_sigma), rel=1e-6)
-    rng = np.random.default_rng(seed)
-    x = (rng.standard_normal((1, 4, 8, 8)) * plan.init_noise_sigma).astype(np.float32)
-    xr = torch.from_numpy(x.copy())
-    state = ours.initial_state(plan)
-    g_ref = torch.Generator("cpu").manual_seed(seed)
-    g_ours = TorchCPUGenerator(seed)
-    for i, t in enumerate(ref.timesteps):
-        scaled = ours.scale_model_input(plan, i, x)
-        scaled_ref = ref.scale_model_input(xr, t)
-        np.testing.assert_allclose(scaled, scaled_ref.numpy(), rtol=2e-5, atol=2e-5)
-        out = rng.standard_normal(x.shape).astype(np.float32)  # stand-in model output
-        kwargs = {"eta": eta} if eta else {}
-        if "generator" in inspect.signature(ref.step).parameters:
-            kwargs["generator"] = g_ref
-        xr = ref.step(torch.from_numpy(out), t, xr, **kwargs).prev_sample
-        x, state = ours.step(plan, i, out, x, state, g_ours)
-        scale = max(1.0, float(np.abs(xr.numpy()).max()))
-        np.testing.assert_allclose(x, xr.numpy(), rtol=0, atol=2e-5 * scale, err_msg=f"step {i} (t={float(t)})")
-    return x
+from scheduler_harness import PREDICTIONS, SD_BASE, SPACINGS, STEPS, drive
 
 
 @needs_torch
@@ -80,7 +30,7 @@ def test_zero_snr_floor(cls):
 def test_pndm(steps, pred, spacing):
     from diffusers import PNDMScheduler
 
-    _drive("pndm", PNDMScheduler, {"prediction_type": pred, "timestep_spacing": spacing}, steps)
+    drive(PNDMScheduler, {"prediction_type": pred, "timestep_spacing": spacing}, steps)
 
 
 @needs_torch
@@ -96,7 +46,7 @@ def test_ddim(steps, pred, spacing, clip, alpha_one, eta):
     from diffusers import DDIMScheduler
 
     overrides = {"prediction_type": pred, "timestep_spacing": spacing, "clip_sample": clip, "set_alpha_to_one": alpha_one}
-    _drive("ddim", DDIMScheduler, overrides, steps, eta=eta)
+    drive(DDIMScheduler, overrides, steps, step_kwargs={"eta": eta} if eta else None)
 
 
 @needs_torch
@@ -109,7 +59,7 @@ def test_euler(steps, pred, spacing, karras, final):
 
     overrides = {"prediction_type": pred, "timestep_spacing": spacing, "use_karras_sigmas": karras,
                  "final_sigmas_type": final}  # fmt: skip
-    _drive("euler", EulerDiscreteScheduler, overrides, steps)
+    drive(EulerDiscreteScheduler, overrides, steps)
 
 
 @needs_torch
@@ -127,7 +77,7 @@ def test_dpmpp_2m(steps, pred, spacing, karras, order, solver, lower_final, fina
     overrides = {"prediction_type": pred, "timestep_spacing": spacing, "use_karras_sigmas": karras,
                  "solver_order": order, "solver_type": solver, "lower_order_final": lower_final,
                  "final_sigmas_type": final}  # fmt: skip
-    _drive("dpmpp_2m", DPMSolverMultistepScheduler, overrides, steps)
+    drive(DPMSolverMultistepScheduler, overrides, steps)
 
 
 @needs_torch
@@ -161,3 +111,21 @@ def test_unknown_name_lists_known_ones():
 def test_pipeline_corrections_match_diffusers():
     fixed = schedulers.apply_pipeline_corrections({"steps_offset": 0, "clip_sample": True})
     assert fixed == {"steps_offset": 1, "clip_sample": False}
+
+
+@needs_torch
+def test_custom_timesteps_and_sigmas():
+    from diffusers import DPMSolverMultistepScheduler, EulerDiscreteScheduler
+
+    drive(EulerDiscreteScheduler, {}, timesteps=[999, 850, 600, 420.5, 200, 10])
+    drive(EulerDiscreteScheduler, {}, sigmas=[14.6, 7.0, 3.1, 1.0, 0.3, 0.0])
+    drive(DPMSolverMultistepScheduler, {}, timesteps=[999, 800, 600, 400, 200, 1])
+
+
+def test_custom_schedule_rules():
+    from edgediff.runtime.errors import InvalidArgumentError
+
+    with pytest.raises(InvalidArgumentError, match="does not accept custom timesteps"):
+        schedulers.resolve("ddim", SD_BASE).plan(timesteps=[900, 500])
+    with pytest.raises(InvalidArgumentError, match="exactly one of"):
+        schedulers.resolve("euler", SD_BASE).plan(4, timesteps=[900, 500])

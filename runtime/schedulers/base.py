@@ -80,9 +80,36 @@ class Scheduler:
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.config})"
 
+    # Which custom schedules ``plan`` accepts, as diffusers' ``set_timesteps`` does for this class.
+    accepts_timesteps: ClassVar[bool] = False
+    accepts_sigmas: ClassVar[bool] = False
+
     # -- interface -------------------------------------------------------------------------
-    def plan(self, num_inference_steps: int) -> Plan:
+    def plan(self, num_inference_steps: int | None = None, timesteps=None, sigmas=None) -> Plan:
+        """The immutable schedule for one call: ``num_inference_steps``, or a custom list of
+        ``timesteps`` / ``sigmas`` where the diffusers class accepts one."""
         raise NotImplementedError
+
+    def _check_plan_args(self, num_inference_steps, timesteps=None, sigmas=None) -> None:
+        """diffusers' rules: exactly one of the three; custom lists only where the class takes them."""
+        given = [n for n, v in (("num_inference_steps", num_inference_steps), ("timesteps", timesteps),
+                                ("sigmas", sigmas)) if v is not None]  # fmt: skip
+        if len(given) != 1:
+            raise InvalidArgumentError(
+                f"{self.class_name}: pass exactly one of num_inference_steps, timesteps or sigmas (got {given or 'none'})"
+            )
+        if timesteps is not None and not self.accepts_timesteps:
+            raise InvalidArgumentError(f"{self.class_name} does not accept custom timesteps (as in diffusers)")
+        if sigmas is not None and not self.accepts_sigmas:
+            raise InvalidArgumentError(f"{self.class_name} does not accept custom sigmas (as in diffusers)")
+        if num_inference_steps is not None and (
+            isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, (int, np.integer))
+            or num_inference_steps < 1
+        ):  # fmt: skip
+            raise InvalidArgumentError(f"num_inference_steps must be an integer >= 1, got {num_inference_steps!r}")
+        for name, values in (("timesteps", timesteps), ("sigmas", sigmas)):
+            if values is not None and len(values) < (2 if name == "sigmas" else 1):
+                raise InvalidArgumentError(f"custom {name} must not be empty")
 
     def scale_model_input(self, plan: Plan, i: int, sample: np.ndarray) -> np.ndarray:
         return sample

@@ -46,7 +46,8 @@ class DDIM(Scheduler):
         self.eta = float(eta)
         self.final_alpha_cumprod = np.float32(1.0) if self.config["set_alpha_to_one"] else self.alphas_cumprod[0]
 
-    def plan(self, num_inference_steps: int) -> DDIMPlan:
+    def plan(self, num_inference_steps=None, timesteps=None, sigmas=None) -> DDIMPlan:
+        self._check_plan_args(num_inference_steps, timesteps, sigmas)
         n, big_t = num_inference_steps, self.config["num_train_timesteps"]
         spacing = self.config["timestep_spacing"]
         if spacing == "linspace":

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..errors import InvalidArgumentError
 from .base import Plan, Scheduler
 from .euler import _karras_sigmas, _sigma_to_t
 
@@ -70,9 +71,17 @@ class DPMSolverMultistep(Scheduler):
         "variance_type": (None,),
     }
 
-    def plan(self, num_inference_steps: int) -> DPMPlan:
-        n, big_t, cfg = num_inference_steps, self.config["num_train_timesteps"], self.config
-        if cfg["timestep_spacing"] == "linspace":
+    accepts_timesteps = True
+
+    def plan(self, num_inference_steps=None, timesteps=None, sigmas=None) -> DPMPlan:
+        self._check_plan_args(num_inference_steps, timesteps, sigmas)
+        big_t, cfg = self.config["num_train_timesteps"], self.config
+        if timesteps is not None and cfg["use_karras_sigmas"]:
+            raise InvalidArgumentError("custom timesteps cannot be combined with use_karras_sigmas (as in diffusers)")
+        n = num_inference_steps
+        if timesteps is not None:
+            t = np.asarray(timesteps).astype(np.int64)
+        elif cfg["timestep_spacing"] == "linspace":
             t = np.linspace(0, big_t - 1, n + 1).round()[::-1][:-1].astype(np.int64)
         elif cfg["timestep_spacing"] == "leading":
             ratio = big_t // (n + 1)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..errors import InvalidArgumentError
 from .base import Plan, Scheduler
 
 
@@ -66,17 +67,30 @@ class EulerDiscrete(Scheduler):
         "final_sigmas_type": ("zero", "sigma_min"),
     }
 
-    def plan(self, num_inference_steps: int) -> EulerPlan:
-        n, big_t, cfg = num_inference_steps, self.config["num_train_timesteps"], self.config
-        if cfg["timestep_spacing"] == "linspace":
+    accepts_timesteps = True
+    accepts_sigmas = True
+
+    def plan(self, num_inference_steps=None, timesteps=None, sigmas=None) -> EulerPlan:
+        self._check_plan_args(num_inference_steps, timesteps, sigmas)
+        big_t, cfg = self.config["num_train_timesteps"], self.config
+        if timesteps is not None and cfg["use_karras_sigmas"]:
+            raise InvalidArgumentError("custom timesteps cannot be combined with use_karras_sigmas (as in diffusers)")
+        ac = self.alphas_cumprod
+        table = ((1 - ac) / ac) ** 0.5  # float32, as diffusers' torch table
+        log_table = np.log(table)
+        if sigmas is not None:  # custom σ list (its last value is the final σ)
+            sigmas = np.asarray(sigmas, dtype=np.float32)
+            timesteps = np.array([_sigma_to_t(s, log_table) for s in sigmas[:-1]])
+            return self._finish(timesteps, sigmas)
+        n = num_inference_steps if timesteps is None else len(timesteps)
+        if timesteps is not None:
+            timesteps = np.asarray(timesteps, dtype=np.float32)
+        elif cfg["timestep_spacing"] == "linspace":
             timesteps = np.linspace(0, big_t - 1, n, dtype=np.float32)[::-1].copy()
         elif cfg["timestep_spacing"] == "leading":
             timesteps = (np.arange(0, n) * (big_t // n)).round()[::-1].astype(np.float32) + cfg["steps_offset"]
         else:  # trailing
             timesteps = np.arange(big_t, 0, -big_t / n).round().astype(np.float32) - 1
-        ac = self.alphas_cumprod
-        table = ((1 - ac) / ac) ** 0.5  # float32, as diffusers' torch table
-        log_table = np.log(table)
         sigmas = np.interp(timesteps, np.arange(0, len(table)), table)
         if cfg["use_karras_sigmas"]:
             s_min = cfg["sigma_min"] if cfg["sigma_min"] is not None else float(sigmas[-1])
@@ -84,9 +98,11 @@ class EulerDiscrete(Scheduler):
             sigmas = _karras_sigmas(s_min, s_max, n)
             timesteps = np.array([_sigma_to_t(s, log_table) for s in sigmas])
         last = float(((1 - ac[0]) / ac[0]) ** 0.5) if cfg["final_sigmas_type"] == "sigma_min" else 0.0
-        sigmas = np.concatenate([sigmas, [last]]).astype(np.float32)
+        return self._finish(timesteps, np.concatenate([sigmas, [last]]).astype(np.float32))
+
+    def _finish(self, timesteps, sigmas) -> EulerPlan:
         s_max = sigmas.max()
-        init = s_max if cfg["timestep_spacing"] in ("linspace", "trailing") else (s_max**2 + 1) ** 0.5
+        init = s_max if self.config["timestep_spacing"] in ("linspace", "trailing") else (s_max**2 + 1) ** 0.5
         return EulerPlan(timesteps.astype(np.float32), float(init), sigmas)
 
     def scale_model_input(self, plan: EulerPlan, i, sample):
