@@ -126,7 +126,13 @@ class Pipeline:
         num_images_per_prompt: int = 1,
         callback: Callback | None = None,
         generator: Generator | None = None,
+        eta: float = 0.0,
+        timesteps: Sequence[float] | None = None,
+        sigmas: Sequence[float] | None = None,
     ) -> GenerationResult:
+        """Generate images. Arguments as diffusers' StableDiffusionPipeline: ``eta`` reaches DDIM
+        only; ``timesteps`` / ``sigmas`` give a custom schedule to schedulers that accept one
+        (then ``num_inference_steps`` is ignored)."""
         timings: dict[str, float] = {}
         t_start = time.perf_counter()
         # 1. Check inputs
@@ -141,7 +147,10 @@ class Pipeline:
                 raise InvalidArgumentError(
                     f"negative_prompt has {len(negatives)} entries but prompt has {len(prompts)}; give one per prompt"
                 )
-        steps = _check_positive_int("num_inference_steps", num_inference_steps)
+        if timesteps is None and sigmas is None:
+            steps = _check_positive_int("num_inference_steps", num_inference_steps)
+        else:
+            steps = len(timesteps) if timesteps is not None else len(sigmas) - 1
         per_prompt = _check_positive_int("num_images_per_prompt", num_images_per_prompt)
         native_h, native_w = self.folder.native_size
         height = native_h if height is None else height
@@ -153,7 +162,10 @@ class Pipeline:
                     f"{name} must be a positive multiple of {f} (the VAE downscale factor), got {v!r}"
                 )
         guidance_scale = float(guidance_scale)
-        sched = self.default_scheduler if scheduler is None else schedulers.resolve(scheduler, self.folder.scheduler_config)
+        if scheduler is None and not eta:
+            sched = self.default_scheduler
+        else:
+            sched = schedulers.resolve(scheduler, self.folder.scheduler_config, eta=eta)
         batch = len(prompts) * per_prompt
         shape = (batch, self.folder.latent_channels, height // f, width // f)
         if latents is not None:
@@ -172,7 +184,10 @@ class Pipeline:
         emb = np.repeat(emb, per_prompt, axis=0)  # each prompt's embedding n times in a row, as diffusers
 
         # 3. Plan the schedule (immutable, per call)
-        plan = sched.plan(steps)
+        if timesteps is None and sigmas is None:
+            plan = sched.plan(steps)
+        else:
+            plan = sched.plan(timesteps=timesteps, sigmas=sigmas)
         state = sched.initial_state(plan)
 
         # 4. Starting noise, scaled by the scheduler's init_noise_sigma
@@ -213,6 +228,8 @@ class Pipeline:
             "negative_prompt": negative_prompt,
             "num_inference_steps": steps,
             "guidance_scale": guidance_scale,
+            "eta": eta if "eta" in sched.step_options else None,
+            "timesteps": [float(t) for t in plan.timesteps] if timesteps is not None or sigmas is not None else None,
             "width": width,
             "height": height,
             "seed": seed,

@@ -55,9 +55,14 @@ def apply_pipeline_corrections(config: dict[str, Any]) -> dict[str, Any]:
     return config
 
 
-def resolve(spec: str | dict | Scheduler | None, base_config: dict[str, Any]) -> Scheduler:
-    """Build the scheduler a user asked for, over the model's own (corrected) config."""
+def resolve(spec: str | dict | Scheduler | None, base_config: dict[str, Any], **step_options: Any) -> Scheduler:
+    """Build the scheduler a user asked for, over the model's own (corrected) config.
+
+    ``step_options`` (e.g. ``eta``) reach only classes that take them, as diffusers' pipeline
+    passes ``eta`` only to schedulers whose ``step`` accepts it."""
     if isinstance(spec, Scheduler):
+        if any(k in spec.step_options for k in step_options):
+            return type(spec)(**spec.config, **{k: v for k, v in step_options.items() if k in spec.step_options})
         return spec
     overrides: dict[str, Any] = {}
     if spec is None:
@@ -79,6 +84,7 @@ def resolve(spec: str | dict | Scheduler | None, base_config: dict[str, Any]) ->
     cls = SCHEDULERS[class_name]
     config = {k: v for k, v in base_config.items() if not k.startswith("_")}
     config.update(overrides)
+    config.update({k: v for k, v in step_options.items() if k in cls.step_options and v is not None})
     return cls(**config)
 
 

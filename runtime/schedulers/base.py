@@ -80,6 +80,9 @@ class Scheduler:
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.config})"
 
+    # Per-call options that diffusers passes to ``step`` and we take as constructor arguments
+    # (DDIM's ``eta``); the pipeline forwards them only to classes that list them, as diffusers does.
+    step_options: ClassVar[tuple[str, ...]] = ()
     # Which custom schedules ``plan`` accepts, as diffusers' ``set_timesteps`` does for this class.
     accepts_timesteps: ClassVar[bool] = False
     accepts_sigmas: ClassVar[bool] = False

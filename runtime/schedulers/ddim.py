@@ -41,6 +41,8 @@ class DDIM(Scheduler):
         "thresholding": (False,),
     }
 
+    step_options = ("eta",)
+
     def __init__(self, eta: float = 0.0, **config):
         super().__init__(**config)
         self.eta = float(eta)
