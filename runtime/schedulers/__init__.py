@@ -13,13 +13,15 @@ from typing import Any
 from ..errors import UnknownSchedulerError
 from .base import Plan, Scheduler
 from .ddim import DDIM
+from .ddpm import DDPM
 from .dpmsolver_multistep import DPMSolverMultistep
 from .euler import EulerDiscrete
+from .lcm import LCM
 from .pndm import PNDM
 
 # diffusers class name -> implementation (explicit, STYLE E2)
 SCHEDULERS: dict[str, type[Scheduler]] = {
-    cls.class_name: cls for cls in (PNDM, DDIM, EulerDiscrete, DPMSolverMultistep)
+    cls.class_name: cls for cls in (PNDM, DDIM, DDPM, EulerDiscrete, DPMSolverMultistep, LCM)
 }
 SHORT_NAMES: dict[str, str] = {cls.short_name: name for name, cls in SCHEDULERS.items()}
 # Short names that accept the "_karras" suffix (the classes with `use_karras_sigmas`).
