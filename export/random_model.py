@@ -79,12 +79,17 @@ def write_clip_tokenizer(out: Path, num_merges: int = 300, pad_token: str = "<|e
     return len(vocab)
 
 
-def build_tiny_pipeline(out: str | Path, variant: str = "sd1", seed: int = 0) -> Path:
+# channel widths: (UNet/VAE blocks, norm groups, text/cross-attention width, text intermediate)
+SIZES = {"tiny": ((32, 64), 32, 32, 37), "micro": ((16, 32), 8, 16, 20)}
+
+
+def build_tiny_pipeline(out: str | Path, variant: str = "sd1", seed: int = 0, size: str = "tiny") -> Path:
     """Save a tiny random-weight StableDiffusionPipeline to ``out`` (a normal diffusers folder).
 
     ``variant="sd1"``: epsilon prediction, quick_gelu CLIP, pad ``<|endoftext|>``.
     ``variant="sd2"``: v-prediction, gelu CLIP, pad ``!``, linear-projection attention.
-    Latent 16x16, VAE downscale 2 -> native 32x32 images.
+    Latent 16x16, VAE downscale 2 -> native 32x32 images. ``size="micro"`` halves the widths
+    (about 4x fewer weights) for models committed as test data.
     """
     import torch
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
@@ -92,6 +97,7 @@ def build_tiny_pipeline(out: str | Path, variant: str = "sd1", seed: int = 0) ->
 
     if variant not in ("sd1", "sd2"):
         raise ValueError(f"variant must be 'sd1' or 'sd2', got {variant!r}")
+    blocks, groups, width, intermediate = SIZES[size]
     sd2 = variant == "sd2"
     out = Path(out)
     tok_dir = out / "tokenizer"
@@ -99,26 +105,26 @@ def build_tiny_pipeline(out: str | Path, variant: str = "sd1", seed: int = 0) ->
     tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
-        block_out_channels=(32, 64),
+        block_out_channels=blocks,
         layers_per_block=1,
         sample_size=16,
         in_channels=4,
         out_channels=4,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=32,
+        cross_attention_dim=width,
         attention_head_dim=(2, 4) if sd2 else 8,
         use_linear_projection=sd2,
-        norm_num_groups=32,
+        norm_num_groups=groups,
     )
     vae = AutoencoderKL(
-        block_out_channels=(32, 64),
+        block_out_channels=blocks,
         in_channels=3,
         out_channels=3,
         down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
         up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
         latent_channels=4,
-        norm_num_groups=32,
+        norm_num_groups=groups,
         sample_size=32,
     )
     text_encoder = CLIPTextModel(
@@ -126,14 +132,14 @@ def build_tiny_pipeline(out: str | Path, variant: str = "sd1", seed: int = 0) ->
             bos_token_id=tokenizer.bos_token_id,
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
-            hidden_size=32,
-            intermediate_size=37,
+            hidden_size=width,
+            intermediate_size=intermediate,
             layer_norm_eps=1e-05,
             num_attention_heads=4,
             num_hidden_layers=2,
             vocab_size=vocab_size,
             hidden_act="gelu" if sd2 else "quick_gelu",
-            projection_dim=32,
+            projection_dim=width,
         )
     )
     scheduler = PNDMScheduler(
@@ -161,8 +167,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("out")
     parser.add_argument("--variant", choices=["sd1", "sd2"], default="sd1")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--size", choices=sorted(SIZES), default="tiny")
     args = parser.parse_args(argv)
-    print(build_tiny_pipeline(args.out, args.variant, args.seed))
+    print(build_tiny_pipeline(args.out, args.variant, args.seed, args.size))
 
 
 if __name__ == "__main__":
