@@ -16,13 +16,17 @@ from .ddim import DDIM
 from .ddpm import DDPM
 from .dpmsolver_multistep import DPMSolverMultistep
 from .euler import EulerDiscrete
+from .heun import HeunDiscrete
 from .lcm import LCM
+from .lms import LMSDiscrete
 from .pndm import PNDM
 from .unipc_multistep import UniPCMultistep
 
 # diffusers class name -> implementation (explicit, STYLE E2)
 SCHEDULERS: dict[str, type[Scheduler]] = {
-    cls.class_name: cls for cls in (PNDM, DDIM, DDPM, EulerDiscrete, DPMSolverMultistep, UniPCMultistep, LCM)
+    cls.class_name: cls for cls in (
+        PNDM, DDIM, DDPM, LMSDiscrete, EulerDiscrete, HeunDiscrete, DPMSolverMultistep, UniPCMultistep, LCM
+    )
 }
 SHORT_NAMES: dict[str, str] = {cls.short_name: name for name, cls in SCHEDULERS.items()}
 # Short names that accept the "_karras" suffix (the classes with `use_karras_sigmas`).

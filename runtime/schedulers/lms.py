@@ -1,0 +1,131 @@
+"""Linear multistep (Adams–Bashforth) on the probability-flow ODE in σ-space, as diffusers'
+LMSDiscreteScheduler ("LMS"; Karras et al. 2022 / k-diffusion ``sample_lms``).
+
+Notation:
+    σ_i        noise level of step i (σ_N = 0)           x_i    sample in σ-space
+    x̂_0        denoised estimate D(x_i; σ_i)               d_i    (x_i − x̂_0)/σ_i
+    r          order of step i: min(i + 1, 4)
+    ℓ_j(τ)     Lagrange basis over the nodes σ_i, σ_{i−1}, …, σ_{i−r+1}:
+               ℓ_j(τ) = Π_{k≠j} (τ − σ_{i−k}) / (σ_{i−j} − σ_{i−k})
+    c_j        ∫_{σ_i}^{σ_{i+1}} ℓ_j(τ) dτ
+    x_{i+1} = x_i + Σ_{j<r} c_j · d_{i−j}
+The UNet sees x/sqrt(σ²+1) and the (fractional) timestep whose σ is σ_i.
+
+The solver order is 4: diffusers' ``step(..., order=4)`` default, which its pipelines never
+override, so it is a constant here (LMS_ORDER), not a config option.
+
+The coefficients depend only on the schedule, so they are computed once in ``plan``. diffusers
+integrates ℓ_j numerically (scipy.integrate.quad, epsrel=1e-4); ℓ_j is a polynomial of degree
+r − 1 ≤ 3, so here it is built and integrated exactly with numpy.polynomial. quad's Gauss–Kronrod
+rule is itself exact on such a polynomial, so the two agree up to float rounding (diffusers
+evaluates the integrand in float32; the coefficient is rounded to float32 when it multiplies d in
+either case).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from numpy.polynomial import Polynomial
+
+from .base import Plan, Scheduler
+from .euler import _karras_sigmas, _sigma_to_t
+
+LMS_ORDER = 4  # diffusers' LMSDiscreteScheduler.step(order=4) default
+
+
+@dataclass(frozen=True)
+class LMSPlan(Plan):
+    sigmas: np.ndarray  # float32, N+1 values (last 0)
+    coeffs: np.ndarray  # float32 (N, LMS_ORDER): c_j of step i, zero where j >= min(i+1, LMS_ORDER)
+
+
+@dataclass(frozen=True)
+class LMSState:
+    derivatives: tuple = ()  # the last LMS_ORDER derivatives d, oldest first
+
+
+def _lms_coefficient(sigmas: np.ndarray, i: int, order: int, j: int) -> float:
+    """c_j = ∫_{σ_i}^{σ_{i+1}} ℓ_j(τ) dτ, exactly (ℓ_j is a polynomial; see the module docstring)."""
+    s = sigmas.astype(np.float64)
+    basis = Polynomial([1.0])
+    for k in range(order):
+        if k != j:
+            basis = basis * Polynomial([-s[i - k], 1.0]) / (s[i - j] - s[i - k])
+    antiderivative = basis.integ()
+    return float(antiderivative(s[i + 1]) - antiderivative(s[i]))
+
+
+class LMSDiscrete(Scheduler):
+    """Allowed values: ``prediction_type`` in {epsilon, v_prediction, sample};
+    ``timestep_spacing`` in {linspace, leading, trailing}; ``use_karras_sigmas``.
+    ``use_exponential_sigmas`` and ``use_beta_sigmas`` are not implemented (beta needs scipy)."""
+
+    class_name = "LMSDiscreteScheduler"
+    short_name = "lms"
+    defaults = dict(
+        num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear", trained_betas=None,
+        use_karras_sigmas=False, use_exponential_sigmas=False, use_beta_sigmas=False, prediction_type="epsilon",
+        timestep_spacing="linspace", steps_offset=0,
+    )  # fmt: skip
+    supported = {
+        "prediction_type": ("epsilon", "v_prediction", "sample"),
+        "timestep_spacing": ("linspace", "leading", "trailing"),
+        "use_exponential_sigmas": (False,),
+        "use_beta_sigmas": (False,),
+    }
+
+    # diffusers' LMSDiscreteScheduler.set_timesteps takes neither custom timesteps nor sigmas.
+    accepts_timesteps = False
+    accepts_sigmas = False
+
+    def plan(self, num_inference_steps=None, timesteps=None, sigmas=None) -> LMSPlan:
+        self._check_plan_args(num_inference_steps, timesteps, sigmas)
+        n, big_t, cfg = num_inference_steps, self.config["num_train_timesteps"], self.config
+        ac = self.alphas_cumprod
+        table = ((1 - ac) / ac) ** 0.5  # float32, as diffusers' torch table
+        log_table = np.log(table)
+        if cfg["timestep_spacing"] == "linspace":
+            timesteps = np.linspace(0, big_t - 1, n, dtype=np.float32)[::-1].copy()
+        elif cfg["timestep_spacing"] == "leading":
+            timesteps = (np.arange(0, n) * (big_t // n)).round()[::-1].astype(np.float32) + cfg["steps_offset"]
+        else:  # trailing
+            timesteps = np.arange(big_t, 0, -big_t / n).round().astype(np.float32) - 1
+        sigmas = np.interp(timesteps, np.arange(0, len(table)), table)
+        if cfg["use_karras_sigmas"]:  # LMS takes σ_min/σ_max from the schedule ends, never from config
+            sigmas = _karras_sigmas(float(sigmas[-1]), float(sigmas[0]), n)
+            timesteps = np.array([_sigma_to_t(s, log_table) for s in sigmas])
+        sigmas = np.concatenate([sigmas, [0.0]]).astype(np.float32)
+        coeffs = np.zeros((n, LMS_ORDER), dtype=np.float32)
+        for i in range(n):
+            order = min(i + 1, LMS_ORDER)
+            coeffs[i, :order] = [_lms_coefficient(sigmas, i, order, j) for j in range(order)]
+        s_max = sigmas.max()
+        init = s_max if cfg["timestep_spacing"] in ("linspace", "trailing") else (s_max**2 + 1) ** 0.5
+        return LMSPlan(timesteps.astype(np.float32), float(init), sigmas, coeffs)
+
+    def initial_state(self, plan: LMSPlan) -> LMSState:
+        return LMSState()
+
+    def scale_model_input(self, plan: LMSPlan, i, sample):
+        sigma = plan.sigmas[i]
+        return (sample / ((sigma**2 + 1) ** 0.5)).astype(np.float32)
+
+    def step(self, plan: LMSPlan, i, model_output, sample, state: LMSState, generator=None):
+        sigma = plan.sigmas[i]
+        # 1. denoised estimate x̂_0
+        kind = self.config["prediction_type"]
+        if kind == "epsilon":
+            x0 = sample - sigma * model_output
+        elif kind == "v_prediction":
+            x0 = model_output * (-sigma / (sigma**2 + 1) ** 0.5) + (sample / (sigma**2 + 1))
+        else:  # sample
+            x0 = model_output
+        # 2. ODE derivative, appended to the history (newest last, at most LMS_ORDER kept)
+        derivatives = (*state.derivatives, (sample - x0) / sigma)[-LMS_ORDER:]
+        # 3. x_{i+1} = x_i + Σ_j c_j·d_{i−j}, summed newest first as diffusers does
+        update = 0
+        for coeff, derivative in zip(plan.coeffs[i, : min(i + 1, LMS_ORDER)], reversed(derivatives)):
+            update = update + coeff * derivative
+        return (sample + update).astype(np.float32), LMSState(derivatives)
