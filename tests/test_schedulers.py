@@ -88,7 +88,10 @@ def test_alphas_cumprod_match_diffusers():
                       {"beta_schedule": "squaredcos_cap_v2"}, {"rescale_betas_zero_snr": True}):  # fmt: skip
         ref = DDIMScheduler.from_config(dict(SD_BASE, **overrides)).alphas_cumprod.numpy()
         ours = schedulers.resolve(dict(SD_BASE, _class_name="DDIMScheduler", **overrides), {}).alphas_cumprod
-        np.testing.assert_allclose(ours, ref, rtol=2e-6, atol=1e-9)
+        if overrides.get("rescale_betas_zero_snr"):
+            np.testing.assert_allclose(ours, ref, rtol=4e-6, atol=1e-9)  # torch's float32 sqrt is not always exact
+        else:
+            np.testing.assert_array_equal(ours, ref)  # bit for bit
 
 
 def test_names_resolve():

@@ -16,6 +16,7 @@ from .ddim import DDIM
 from .ddpm import DDPM
 from .dpmsolver_multistep import DPMSolverMultistep
 from .euler import EulerDiscrete
+from .euler_ancestral import EulerAncestralDiscrete
 from .heun import HeunDiscrete
 from .lcm import LCM
 from .lms import LMSDiscrete
@@ -25,10 +26,15 @@ from .unipc_multistep import UniPCMultistep
 # diffusers class name -> implementation (explicit, STYLE E2)
 SCHEDULERS: dict[str, type[Scheduler]] = {
     cls.class_name: cls for cls in (
-        PNDM, DDIM, DDPM, LMSDiscrete, EulerDiscrete, HeunDiscrete, DPMSolverMultistep, UniPCMultistep, LCM
+        PNDM, DDIM, DDPM, LMSDiscrete, EulerDiscrete, EulerAncestralDiscrete, HeunDiscrete, DPMSolverMultistep,
+        UniPCMultistep, LCM,
     )
 }
 SHORT_NAMES: dict[str, str] = {cls.short_name: name for name, cls in SCHEDULERS.items()}
+# Short names that are a class plus options (the names users know from other tools).
+SHORT_NAME_OPTIONS: dict[str, tuple[str, dict[str, Any]]] = {
+    "dpmpp_2m_sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
+}
 # Short names that accept the "_karras" suffix (the classes with `use_karras_sigmas`).
 _KARRAS_CAPABLE = {name for name, cls in SCHEDULERS.items() if "use_karras_sigmas" in cls.defaults}
 
@@ -40,10 +46,14 @@ def known_config_keys() -> set[str]:
     return keys
 
 
+def _short_names() -> dict[str, tuple[str, dict[str, Any]]]:
+    return {**{s: (c, {}) for s, c in SHORT_NAMES.items()}, **SHORT_NAME_OPTIONS}
+
+
 def known_names() -> list[str]:
     """Every name ``scheduler=`` accepts, for help texts and error messages."""
-    names = list(SHORT_NAMES)
-    names += [f"{s}_karras" for s, c in SHORT_NAMES.items() if c in _KARRAS_CAPABLE]
+    names = list(_short_names())
+    names += [f"{s}_karras" for s, (c, _) in _short_names().items() if c in _KARRAS_CAPABLE]
     return names + list(SCHEDULERS)
 
 
@@ -78,12 +88,16 @@ def resolve(spec: str | dict | Scheduler | None, base_config: dict[str, Any], **
         overrides = {k: v for k, v in spec.items() if k != "_class_name"}
         class_name = spec.get("_class_name", base_config.get("_class_name"))
     elif isinstance(spec, str):
-        name = spec.strip()
-        if name.lower().endswith("_karras") and SHORT_NAMES.get(name.lower()[: -len("_karras")]) in _KARRAS_CAPABLE:
-            class_name = SHORT_NAMES[name.lower()[: -len("_karras")]]
-            overrides["use_karras_sigmas"] = True
+        name, shorts = spec.strip(), _short_names()
+        stem = name.lower().removesuffix("_karras")
+        if name.lower().endswith("_karras") and stem in shorts and shorts[stem][0] in _KARRAS_CAPABLE:
+            class_name, options = shorts[stem]
+            overrides.update(options, use_karras_sigmas=True)
+        elif name.lower() in shorts:
+            class_name, options = shorts[name.lower()]
+            overrides.update(options)
         else:
-            class_name = SHORT_NAMES.get(name.lower(), name)
+            class_name = name
     else:
         raise UnknownSchedulerError(f"scheduler must be a name, a config dict or a Scheduler, got {type(spec).__name__}")
     if class_name not in SCHEDULERS:

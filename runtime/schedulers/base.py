@@ -5,9 +5,9 @@ Deliberate deviation from "copy helpers into each scheduler file" (STYLE E1): th
 schedule is one formula that must be identical in every scheduler, so it lives here once; all
 per-algorithm maths stays in the algorithm's own file.
 
-Numerics follow diffusers' torch code: betas in float32 (linspace computed in float64 and rounded,
-which differs from torch's float32 linspace by at most 1 ulp), cumulative product accumulated in
-float64 and stored as float32, as torch's CPU cumprod does.
+Numerics follow diffusers' torch code bit for bit: betas from torch's float32 linspace (emulated
+exactly), cumulative product accumulated in float64 and stored as float32, as torch's CPU cumprod
+does.
 """
 
 from __future__ import annotations
@@ -125,7 +125,16 @@ class Scheduler:
 
 
 def _linspace_f32(start: float, stop: float, num: int) -> np.ndarray:
-    return np.linspace(start, stop, num, dtype=np.float64).astype(np.float32)
+    """torch.linspace(start, stop, num, dtype=float32), bit for bit: float32 ends and step, each
+    value ``start + step·i`` (first half) or ``stop − step·(num−1−i)`` (second half) rounded once,
+    as torch's CPU kernel computes it (checked against torch for many sizes and ranges)."""
+    s32, e32 = np.float32(start), np.float32(stop)
+    if num == 1:
+        return np.array([s32], dtype=np.float32)
+    step = float((e32 - s32) / np.float32(num - 1))
+    i = np.arange(num, dtype=np.float64)
+    values = np.where(i < num // 2, float(s32) + step * i, float(e32) - step * (num - 1 - i))
+    return values.astype(np.float32)
 
 
 def _betas_for_alpha_bar(num_steps: int, max_beta: float = 0.999) -> np.ndarray:

@@ -7,10 +7,17 @@ Notation:
     D(x; σ)    denoised estimate x̂_0                       d_i    (x_i − x̂_0)/σ̂_i
     x_{i+1} = x_i + d_i·(σ_{i+1} − σ̂_i)
 The UNet sees x/sqrt(σ²+1) and the (fractional) timestep whose σ is σ_i.
+
+σ schedules (N steps, σ_max/σ_min from the config or the ends of the interpolated schedule):
+    default      σ_i = interp(t_i) over the training table (linear in σ)
+    Karras       σ_i = (σ_max^{1/ρ} + i/(N−1)·(σ_min^{1/ρ} − σ_max^{1/ρ}))^ρ,  ρ = 7
+    exponential  σ_i = exp(log σ_max + i/(N−1)·(log σ_min − log σ_max))   (k-diffusion)
+Karras and exponential timesteps are log-σ interpolations over the table (fractional).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -42,10 +49,23 @@ def _karras_sigmas(sigma_min: float, sigma_max: float, n: int, rho: float = 7.0)
     return (max_inv + ramp * (min_inv - max_inv)) ** rho
 
 
+def _exponential_sigmas(sigma_min: float, sigma_max: float, n: int) -> np.ndarray:
+    """σ evenly spaced in log σ from σ_max to σ_min (float64, as diffusers' ``_convert_to_exponential``)."""
+    return np.exp(np.linspace(math.log(sigma_max), math.log(sigma_min), n))
+
+
+def _check_one_sigma_schedule(cls_name: str, config: dict) -> None:
+    """diffusers allows at most one of the Karras / exponential / beta σ schedules."""
+    chosen = [k for k in ("use_beta_sigmas", "use_exponential_sigmas", "use_karras_sigmas") if config.get(k)]
+    if len(chosen) > 1:
+        raise InvalidArgumentError(f"{cls_name}: only one of {chosen} can be used (as in diffusers)")
+
+
 class EulerDiscrete(Scheduler):
     """Allowed values: ``prediction_type`` in {epsilon, v_prediction, sample};
     ``timestep_spacing`` in {linspace, leading, trailing}; ``interpolation_type`` linear;
-    ``use_karras_sigmas``; ``final_sigmas_type`` in {zero, sigma_min}; ``timestep_type`` discrete."""
+    ``use_karras_sigmas``; ``use_exponential_sigmas``; ``final_sigmas_type`` in {zero, sigma_min};
+    ``timestep_type`` discrete. ``use_beta_sigmas`` needs scipy's beta quantile: not supported."""
 
     class_name = "EulerDiscreteScheduler"
     short_name = "euler"
@@ -61,7 +81,6 @@ class EulerDiscrete(Scheduler):
         "prediction_type": ("epsilon", "v_prediction", "sample", "original_sample"),
         "timestep_spacing": ("linspace", "leading", "trailing"),
         "interpolation_type": ("linear",),
-        "use_exponential_sigmas": (False,),
         "use_beta_sigmas": (False,),
         "timestep_type": ("discrete",),
         "final_sigmas_type": ("zero", "sigma_min"),
@@ -70,11 +89,16 @@ class EulerDiscrete(Scheduler):
     accepts_timesteps = True
     accepts_sigmas = True
 
+    def __init__(self, **config):
+        super().__init__(**config)
+        _check_one_sigma_schedule(self.class_name, self.config)
+
     def plan(self, num_inference_steps=None, timesteps=None, sigmas=None) -> EulerPlan:
         self._check_plan_args(num_inference_steps, timesteps, sigmas)
         big_t, cfg = self.config["num_train_timesteps"], self.config
-        if timesteps is not None and cfg["use_karras_sigmas"]:
-            raise InvalidArgumentError("custom timesteps cannot be combined with use_karras_sigmas (as in diffusers)")
+        for key in ("use_karras_sigmas", "use_exponential_sigmas"):
+            if timesteps is not None and cfg[key]:
+                raise InvalidArgumentError(f"custom timesteps cannot be combined with {key} (as in diffusers)")
         ac = self.alphas_cumprod
         table = ((1 - ac) / ac) ** 0.5  # float32, as diffusers' torch table
         log_table = np.log(table)
@@ -92,10 +116,11 @@ class EulerDiscrete(Scheduler):
         else:  # trailing
             timesteps = np.arange(big_t, 0, -big_t / n).round().astype(np.float32) - 1
         sigmas = np.interp(timesteps, np.arange(0, len(table)), table)
-        if cfg["use_karras_sigmas"]:
+        if cfg["use_karras_sigmas"] or cfg["use_exponential_sigmas"]:
             s_min = cfg["sigma_min"] if cfg["sigma_min"] is not None else float(sigmas[-1])
             s_max = cfg["sigma_max"] if cfg["sigma_max"] is not None else float(sigmas[0])
-            sigmas = _karras_sigmas(s_min, s_max, n)
+            ramp = _karras_sigmas if cfg["use_karras_sigmas"] else _exponential_sigmas
+            sigmas = ramp(s_min, s_max, n)
             timesteps = np.array([_sigma_to_t(s, log_table) for s in sigmas])
         last = float(((1 - ac[0]) / ac[0]) ** 0.5) if cfg["final_sigmas_type"] == "sigma_min" else 0.0
         return self._finish(timesteps, np.concatenate([sigmas, [last]]).astype(np.float32))
