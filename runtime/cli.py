@@ -65,8 +65,9 @@ def export(source: Path, out: Path, fp16: bool, force: bool, opset: int) -> None
 @click.option("--height", default=None, type=int, help="Default: the model's native size.")
 @click.option("--seed", default=None, type=int, help="Same seed, same image as diffusers with a CPU generator.")
 @click.option("--scheduler", default=None, help=f"One of: {', '.join(schedulers.known_names())}. Default: the model's own.")
+@click.option("--eta", default=0.0, show_default=True, type=float, help="DDIM's eta (ignored by other schedulers).")
 @click.option("--provider", "providers", multiple=True, help="ONNX Runtime execution provider (repeatable).")
-def generate(prompt, model, output, negative_prompt, steps, guidance, width, height, seed, scheduler, providers):
+def generate(prompt, model, output, negative_prompt, steps, guidance, width, height, seed, scheduler, eta, providers):
     """Generate an image from PROMPT and write it as a PNG with its parameters."""
     from tqdm import tqdm
 
@@ -77,7 +78,7 @@ def generate(prompt, model, output, negative_prompt, steps, guidance, width, hei
         bar = tqdm(total=None, desc="denoising", unit="step", disable=not sys.stderr.isatty(), leave=False)
         result = pipe(
             prompt, negative_prompt=negative_prompt, num_inference_steps=steps, guidance_scale=guidance,
-            width=width, height=height, seed=seed, scheduler=scheduler, callback=lambda *a: bar.update(1),
+            width=width, height=height, seed=seed, scheduler=scheduler, eta=eta, callback=lambda *a: bar.update(1),
         )  # fmt: skip
         bar.close()
     path = save_png(result.images[0], output, format_parameters(result.parameters))

@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 from conftest import needs_torch
 
+from golden_cases import SCHEDULER_NAMES, edgediff_spec
+
 from edgediff.runtime import Pipeline
 
 pytestmark = needs_torch
@@ -73,19 +75,45 @@ def test_same_latents_same_image(pipelines, variant, scheduler, guidance):
 
 
 @pytest.mark.parametrize("variant", ["sd1", "sd2"])
-@pytest.mark.parametrize("scheduler", ["own (PNDM)", "euler"])
-def test_same_seed_same_image(pipelines, variant, scheduler):
-    """seed=N equals diffusers with torch.Generator("cpu").manual_seed(N), incl. several images per prompt."""
+@pytest.mark.parametrize("name", list(SCHEDULER_NAMES))
+def test_same_seed_same_image_every_scheduler(pipelines, variant, name):
+    """seed=N equals diffusers with torch.Generator("cpu").manual_seed(N) for every scheduler,
+    incl. two prompts x two images per prompt (the draw order of a single generator) and the
+    per-step noise of the stochastic schedulers (ddpm, euler_a, dpmpp_2m_sde, lcm)."""
+    import diffusers
     import torch
 
     ours, ref = pipelines[variant]
+    cls_name, overrides = SCHEDULER_NAMES[name]
     kwargs = dict(prompt=PROMPTS, num_inference_steps=6, guidance_scale=5.0, num_images_per_prompt=2)
-    want = _diffusers_images(ref, scheduler, generator=torch.Generator("cpu").manual_seed(1234), **kwargs)
-    result = ours(seed=1234, scheduler=SCHEDULERS[scheduler][0], **kwargs)
+    original = ref.scheduler
+    ref.scheduler = getattr(diffusers, cls_name).from_config(original.config, **overrides)
+    try:
+        want = ref(generator=torch.Generator("cpu").manual_seed(1234), output_type="np", **kwargs).images
+    finally:
+        ref.scheduler = original
+    want = (want * 255).round().astype(np.uint8)
+    result = ours(seed=1234, scheduler=edgediff_spec(name), **kwargs)
     got = _ours(result)
     assert got.shape[0] == 4
-    _assert_close(got, want, f"{variant} seed {scheduler}")
+    _assert_close(got, want, f"{variant} seed {name}")
     assert result.parameters["seed"] == 1234
+
+
+def test_ddim_eta_matches_diffusers(pipelines):
+    import diffusers
+    import torch
+
+    ours, ref = pipelines["sd2"]
+    original = ref.scheduler
+    ref.scheduler = diffusers.DDIMScheduler.from_config(original.config)
+    try:
+        want = ref(PROMPTS[0], num_inference_steps=6, eta=0.7, generator=torch.Generator().manual_seed(9),
+                   output_type="np").images  # fmt: skip
+    finally:
+        ref.scheduler = original
+    got = _ours(ours(PROMPTS[0], num_inference_steps=6, eta=0.7, seed=9, scheduler="ddim"))
+    _assert_close(got, (want * 255).round().astype(np.uint8), "ddim eta=0.7")
 
 
 def test_native_size_default_and_other_sizes(pipelines):

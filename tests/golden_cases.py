@@ -1,0 +1,49 @@
+"""The cases shared by the golden recorder (tests/tools/record_goldens.py, torch side) and the
+torch-free golden tests (test_goldens.py). Written by hand, independently of edgediff's own name
+resolution, so they also check it: edgediff name -> (diffusers class, from_config overrides)."""
+
+SCHEDULER_NAMES = {
+    "pndm": ("PNDMScheduler", {}),
+    "ddim": ("DDIMScheduler", {"clip_sample": False}),
+    "ddpm": ("DDPMScheduler", {"clip_sample": False}),
+    "lms": ("LMSDiscreteScheduler", {}),
+    "lms_karras": ("LMSDiscreteScheduler", {"use_karras_sigmas": True}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler_karras": ("EulerDiscreteScheduler", {"use_karras_sigmas": True}),
+    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
+    "heun": ("HeunDiscreteScheduler", {}),
+    "heun_karras": ("HeunDiscreteScheduler", {"use_karras_sigmas": True}),
+    "dpmpp_2m": ("DPMSolverMultistepScheduler", {}),
+    "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
+    "dpmpp_2m_sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
+    "dpmpp_2m_sde_karras": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++", "use_karras_sigmas": True}),
+    "unipc": ("UniPCMultistepScheduler", {}),
+    "unipc_karras": ("UniPCMultistepScheduler", {"use_karras_sigmas": True}),
+    "lcm": ("LCMScheduler", {}),
+}  # fmt: skip
+
+# `scheduler=` as edgediff takes it: a dict for the cases that need an option beyond the name
+# (DDIM/DDPM over an SD config inherit their class default clip_sample=True, which makes the
+# random-weight test models chaotic: float32 noise grows to several /255; see test_pipeline_parity).
+def edgediff_spec(name: str):
+    cls, overrides = SCHEDULER_NAMES[name]
+    if name in ("ddim", "ddpm"):
+        return {"_class_name": cls, **overrides}
+    return name
+
+
+PIPELINE_PROMPTS = ["a red circle on a blue background", "small green triangle at the top, yellow background"]
+PIPELINE_KW = dict(num_inference_steps=6, guidance_scale=5.0, negative_prompt=["blurry", ""])
+PIPELINE_SEED = 1234
+
+TOKENIZER_PROMPTS = [
+    "",
+    "a photo of a cat",
+    "A  Photo   of a\tCAT\n on the  table",
+    "red, green; blue!! (masterpiece:1.2) [sky] {x} #hash @at 100% $5",
+    "don't we'll they're it's I'm you've he'd",
+    "naïve café — crème brûlée, emoji 🐱🚀, ñ ü ß",
+    " ".join(["sunset over the mountain river"] * 30),
+]
+
+RNG_CASES = [(0, (1, 4, 8, 8)), (42, (3,)), (42, (17,)), (2**32 + 5, (2, 4, 16, 16)), (7, (15,))]

@@ -1,0 +1,120 @@
+"""Record the golden arrays the torch-free tests compare against (PyTorch side; needs the export extra).
+
+    python tests/tools/record_goldens.py            # writes tests/fixtures/
+
+Writes:
+- tests/fixtures/micro-sd1/, micro-sd2/: micro random-weight models (SD1 epsilon, SD2 v-prediction)
+  exported by `edgediff export` (about 2.3 MB each);
+- tests/fixtures/goldens.npz: from diffusers / torch / transformers:
+  image/<variant>/<scheduler>  the StableDiffusionPipeline image for PIPELINE_SEED (uint8)
+  sched/<scheduler>/<pred>/<steps>/{timesteps,samples}  every step of the scheduler, driven by the
+      deterministic stand-in model outputs of `stand_in_outputs`
+  rng/<seed>/<shape>            torch.randn with torch.Generator("cpu").manual_seed(seed), in sequence
+  tok/<variant>                 CLIPTokenizer ids of TOKENIZER_PROMPTS
+- tests/fixtures/goldens.json: versions used.
+Re-run it when a case is added; the committed files are what the tests read.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+from golden_cases import (  # noqa: E402
+    PIPELINE_KW,
+    PIPELINE_PROMPTS,
+    PIPELINE_SEED,
+    RNG_CASES,
+    SCHEDULER_NAMES,
+    TOKENIZER_PROMPTS,
+)
+from scheduler_harness import SD_BASE  # noqa: E402
+
+FIXTURES = HERE.parent / "fixtures"
+SCHED_STEPS = (1, 4, 7)
+SCHED_PREDICTIONS = ("epsilon", "v_prediction")
+
+
+def stand_in_outputs(seed: int, n: int, shape=(1, 4, 8, 8)):
+    """Deterministic model outputs and initial sample for scheduler goldens (numpy only)."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(shape).astype(np.float32)
+    return x, [rng.standard_normal(shape).astype(np.float32) for _ in range(n)]
+
+
+def record_scheduler(goldens: dict, name: str) -> None:
+    import diffusers
+    import torch
+
+    cls_name, overrides = SCHEDULER_NAMES[name]
+    for pred in SCHED_PREDICTIONS:
+        for steps in SCHED_STEPS:
+            ref = getattr(diffusers, cls_name).from_config(dict(SD_BASE, prediction_type=pred, **overrides))
+            ref.set_timesteps(steps)
+            x0, outs = stand_in_outputs(steps, len(ref.timesteps))
+            x = torch.from_numpy(x0 * float(ref.init_noise_sigma))
+            g = torch.Generator("cpu").manual_seed(steps)
+            samples = []
+            for t, out in zip(ref.timesteps, outs):
+                ref.scale_model_input(x, t)  # as a pipeline calls it (LMS warns otherwise)
+                kwargs = {"generator": g} if "generator" in ref.step.__code__.co_varnames else {}
+                x = ref.step(torch.from_numpy(out), t, x, **kwargs).prev_sample
+                samples.append(x.numpy().copy())
+            key = f"sched/{name}/{pred}/{steps}"
+            goldens[f"{key}/timesteps"] = ref.timesteps.numpy().astype(np.float32)
+            goldens[f"{key}/samples"] = np.stack(samples)
+
+
+def main() -> None:
+    import diffusers
+    import torch
+    import transformers
+    from diffusers import StableDiffusionPipeline
+    from transformers import CLIPTokenizer
+
+    from edgediff.export import export_model
+    from edgediff.export.random_model import build_tiny_pipeline
+
+    FIXTURES.mkdir(exist_ok=True)
+    goldens: dict[str, np.ndarray] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for variant in ("sd1", "sd2"):
+            src = build_tiny_pipeline(Path(tmp) / f"src-{variant}", variant, seed=0, size="micro")
+            dst = FIXTURES / f"micro-{variant}"
+            if dst.exists():
+                shutil.rmtree(dst)
+            export_model(src, dst)
+            pipe = StableDiffusionPipeline.from_pretrained(src, safety_checker=None, requires_safety_checker=False)
+            pipe.set_progress_bar_config(disable=True)
+            base = pipe.scheduler.config
+            for name, (cls_name, overrides) in SCHEDULER_NAMES.items():
+                pipe.scheduler = getattr(diffusers, cls_name).from_config(base, **overrides)
+                images = pipe(PIPELINE_PROMPTS, generator=torch.Generator("cpu").manual_seed(PIPELINE_SEED),
+                              output_type="np", **PIPELINE_KW).images  # fmt: skip
+                goldens[f"image/{variant}/{name}"] = (images * 255).round().astype(np.uint8)
+            tok = CLIPTokenizer.from_pretrained(src / "tokenizer")
+            goldens[f"tok/{variant}"] = np.asarray(
+                tok(TOKENIZER_PROMPTS, padding="max_length", max_length=77, truncation=True).input_ids
+            )
+    for name in SCHEDULER_NAMES:
+        record_scheduler(goldens, name)
+    by_seed: dict[int, torch.Generator] = {}
+    for seed, shape in RNG_CASES:
+        g = by_seed.setdefault(seed, torch.Generator("cpu").manual_seed(seed))
+        goldens[f"rng/{seed}/{'x'.join(map(str, shape))}"] = torch.randn(shape, generator=g).numpy()
+    np.savez_compressed(FIXTURES / "goldens.npz", **goldens)
+    meta = {"torch": torch.__version__, "diffusers": diffusers.__version__, "transformers": transformers.__version__}
+    (FIXTURES / "goldens.json").write_text(json.dumps(meta, indent=2) + "\n")
+    print(f"wrote {len(goldens)} arrays to {FIXTURES}")
+
+
+if __name__ == "__main__":
+    main()
