@@ -42,6 +42,21 @@ def _sigma_to_t(sigma: np.ndarray, log_sigmas: np.ndarray) -> np.ndarray:
     return ((1 - w) * low_idx + w * high_idx).reshape(np.shape(sigma))
 
 
+def _spaced_timesteps(config: dict, n: int) -> np.ndarray:
+    """The σ-family schedules' (Euler, Euler a, LMS, Heun) float32 timesteps for ``timestep_spacing``."""
+    big_t, spacing = config["num_train_timesteps"], config["timestep_spacing"]
+    if spacing == "linspace":
+        return np.linspace(0, big_t - 1, n, dtype=np.float32)[::-1].copy()
+    if spacing == "leading":
+        return (np.arange(0, n) * (big_t // n)).round()[::-1].astype(np.float32) + config["steps_offset"]
+    return np.arange(big_t, 0, -big_t / n).round().astype(np.float32) - 1  # trailing
+
+
+def _sigma_table(alphas_cumprod: np.ndarray) -> np.ndarray:
+    """σ_t = sqrt((1 − ᾱ_t)/ᾱ_t) for every training timestep (float32, as diffusers' torch table)."""
+    return ((1 - alphas_cumprod) / alphas_cumprod) ** 0.5
+
+
 def _karras_sigmas(sigma_min: float, sigma_max: float, n: int, rho: float = 7.0) -> np.ndarray:
     """Karras et al. eq. 5: σ_i = (σ_max^{1/ρ} + i/(n−1)·(σ_min^{1/ρ} − σ_max^{1/ρ}))^ρ."""
     ramp = np.linspace(0, 1, n)
@@ -95,12 +110,12 @@ class EulerDiscrete(Scheduler):
 
     def plan(self, num_inference_steps=None, timesteps=None, sigmas=None) -> EulerPlan:
         self._check_plan_args(num_inference_steps, timesteps, sigmas)
-        big_t, cfg = self.config["num_train_timesteps"], self.config
+        cfg = self.config
         for key in ("use_karras_sigmas", "use_exponential_sigmas"):
             if timesteps is not None and cfg[key]:
                 raise InvalidArgumentError(f"custom timesteps cannot be combined with {key} (as in diffusers)")
         ac = self.alphas_cumprod
-        table = ((1 - ac) / ac) ** 0.5  # float32, as diffusers' torch table
+        table = _sigma_table(ac)
         log_table = np.log(table)
         if sigmas is not None:  # custom σ list (its last value is the final σ)
             sigmas = np.asarray(sigmas, dtype=np.float32)
@@ -109,12 +124,8 @@ class EulerDiscrete(Scheduler):
         n = num_inference_steps if timesteps is None else len(timesteps)
         if timesteps is not None:
             timesteps = np.asarray(timesteps, dtype=np.float32)
-        elif cfg["timestep_spacing"] == "linspace":
-            timesteps = np.linspace(0, big_t - 1, n, dtype=np.float32)[::-1].copy()
-        elif cfg["timestep_spacing"] == "leading":
-            timesteps = (np.arange(0, n) * (big_t // n)).round()[::-1].astype(np.float32) + cfg["steps_offset"]
-        else:  # trailing
-            timesteps = np.arange(big_t, 0, -big_t / n).round().astype(np.float32) - 1
+        else:
+            timesteps = _spaced_timesteps(cfg, n)
         sigmas = np.interp(timesteps, np.arange(0, len(table)), table)
         if cfg["use_karras_sigmas"] or cfg["use_exponential_sigmas"]:
             s_min = cfg["sigma_min"] if cfg["sigma_min"] is not None else float(sigmas[-1])

@@ -23,6 +23,7 @@ import numpy as np
 
 from ..errors import InvalidArgumentError
 from .base import Plan, Scheduler
+from .euler import _sigma_table, _spaced_timesteps
 
 
 @dataclass(frozen=True)
@@ -48,15 +49,10 @@ class EulerAncestralDiscrete(Scheduler):
 
     def plan(self, num_inference_steps=None, timesteps=None, sigmas=None) -> EulerAncestralPlan:
         self._check_plan_args(num_inference_steps, timesteps, sigmas)
-        big_t, cfg, n = self.config["num_train_timesteps"], self.config, num_inference_steps
-        if cfg["timestep_spacing"] == "linspace":
-            timesteps = np.linspace(0, big_t - 1, n, dtype=np.float32)[::-1].copy()
-        elif cfg["timestep_spacing"] == "leading":
-            timesteps = (np.arange(0, n) * (big_t // n)).round()[::-1].astype(np.float32) + cfg["steps_offset"]
-        else:  # trailing
-            timesteps = np.arange(big_t, 0, -big_t / n).round().astype(np.float32) - 1
+        cfg, n = self.config, num_inference_steps
+        timesteps = _spaced_timesteps(cfg, n)
         ac = self.alphas_cumprod
-        table = ((1 - ac) / ac) ** 0.5  # float32, as diffusers' torch table
+        table = _sigma_table(ac)
         sigmas = np.concatenate([np.interp(timesteps, np.arange(0, len(table)), table), [0.0]]).astype(np.float32)
         s_max = sigmas.max()
         init = s_max if cfg["timestep_spacing"] in ("linspace", "trailing") else (s_max**2 + 1) ** 0.5

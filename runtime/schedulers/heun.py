@@ -29,7 +29,7 @@ import numpy as np
 
 from ..errors import InvalidArgumentError
 from .base import Plan, Scheduler
-from .euler import _karras_sigmas, _sigma_to_t
+from .euler import _karras_sigmas, _sigma_table, _sigma_to_t, _spaced_timesteps
 
 
 @dataclass(frozen=True)
@@ -77,21 +77,17 @@ class HeunDiscrete(Scheduler):
 
     def plan(self, num_inference_steps=None, timesteps=None, sigmas=None) -> HeunPlan:
         self._check_plan_args(num_inference_steps, timesteps, sigmas)
-        big_t, cfg = self.config["num_train_timesteps"], self.config
+        cfg = self.config
         if timesteps is not None and cfg["use_karras_sigmas"]:
             raise InvalidArgumentError("custom timesteps cannot be combined with use_karras_sigmas (as in diffusers)")
         ac = self.alphas_cumprod
-        table = ((1 - ac) / ac) ** 0.5  # float32, as diffusers' torch table
+        table = _sigma_table(ac)
         log_table = np.log(table)
         n = num_inference_steps if timesteps is None else len(timesteps)
         if timesteps is not None:
             timesteps = np.asarray(timesteps, dtype=np.float32)
-        elif cfg["timestep_spacing"] == "linspace":
-            timesteps = np.linspace(0, big_t - 1, n, dtype=np.float32)[::-1].copy()
-        elif cfg["timestep_spacing"] == "leading":
-            timesteps = (np.arange(0, n) * (big_t // n)).round()[::-1].astype(np.float32) + cfg["steps_offset"]
-        else:  # trailing
-            timesteps = np.arange(big_t, 0, -big_t / n).round().astype(np.float32) - 1
+        else:
+            timesteps = _spaced_timesteps(cfg, n)
         sigmas = np.interp(timesteps, np.arange(0, len(table)), table)
         if cfg["use_karras_sigmas"]:
             sigmas = _karras_sigmas(float(sigmas[-1]), float(sigmas[0]), n)

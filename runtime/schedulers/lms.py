@@ -30,7 +30,7 @@ import numpy as np
 from numpy.polynomial import Polynomial
 
 from .base import Plan, Scheduler
-from .euler import _karras_sigmas, _sigma_to_t
+from .euler import _karras_sigmas, _sigma_table, _sigma_to_t, _spaced_timesteps
 
 LMS_ORDER = 4  # diffusers' LMSDiscreteScheduler.step(order=4) default
 
@@ -82,16 +82,11 @@ class LMSDiscrete(Scheduler):
 
     def plan(self, num_inference_steps=None, timesteps=None, sigmas=None) -> LMSPlan:
         self._check_plan_args(num_inference_steps, timesteps, sigmas)
-        n, big_t, cfg = num_inference_steps, self.config["num_train_timesteps"], self.config
+        n, cfg = num_inference_steps, self.config
         ac = self.alphas_cumprod
-        table = ((1 - ac) / ac) ** 0.5  # float32, as diffusers' torch table
+        table = _sigma_table(ac)
         log_table = np.log(table)
-        if cfg["timestep_spacing"] == "linspace":
-            timesteps = np.linspace(0, big_t - 1, n, dtype=np.float32)[::-1].copy()
-        elif cfg["timestep_spacing"] == "leading":
-            timesteps = (np.arange(0, n) * (big_t // n)).round()[::-1].astype(np.float32) + cfg["steps_offset"]
-        else:  # trailing
-            timesteps = np.arange(big_t, 0, -big_t / n).round().astype(np.float32) - 1
+        timesteps = _spaced_timesteps(cfg, n)
         sigmas = np.interp(timesteps, np.arange(0, len(table)), table)
         if cfg["use_karras_sigmas"]:  # LMS takes σ_min/σ_max from the schedule ends, never from config
             sigmas = _karras_sigmas(float(sigmas[-1]), float(sigmas[0]), n)
