@@ -97,7 +97,7 @@ def dummy_inputs(pipe, name: str, batch: int = 1, latent_hw: tuple[int, int] | N
     raise KeyError(name)
 
 
-def export_component(pipe, name: str, out_dir: Path, opset: int = 17) -> Path:
+def export_component(pipe, name: str, out_dir: Path, opset: int = 17, device: str = "cpu") -> Path:
     """Export sub-model ``name`` to ``out_dir/model.onnx`` (+ one external-data file if > 2 GB)."""
     spec: SubmodelSpec = SUBMODELS[name]
     module = wrap(pipe, name)
@@ -111,7 +111,7 @@ def export_component(pipe, name: str, out_dir: Path, opset: int = 17) -> Path:
         warnings.simplefilter("ignore")  # TracerWarnings about Python bools in diffusers' shape checks
         torch.onnx.export(
             module,
-            tuple(inputs[t.name] for t in spec.inputs),
+            tuple(inputs[t.name].to(device) for t in spec.inputs),
             str(raw),
             input_names=[t.name for t in spec.inputs],
             output_names=[t.name for t in spec.outputs],
@@ -129,7 +129,10 @@ def export_component(pipe, name: str, out_dir: Path, opset: int = 17) -> Path:
 
 def save_onnx(model: onnx.ModelProto, path: Path) -> None:
     """Save inline when it fits protobuf's 2 GB limit, else with one external-data file."""
-    large = model.ByteSize() > _PROTOBUF_LIMIT - (64 << 20)
+    try:
+        large = model.ByteSize() > _PROTOBUF_LIMIT - (64 << 20)
+    except ValueError:  # protobuf refuses to even size a message over 2 GB
+        large = True
     onnx.save_model(
         model,
         str(path),

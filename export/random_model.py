@@ -159,6 +159,68 @@ def build_tiny_pipeline(out: str | Path, variant: str = "sd1", seed: int = 0, si
     return out
 
 
+# The published architectures (their config.json values are public facts): Stable Diffusion 1.5
+# (CompVis/runwayml) and 2.1-base (Stability AI). Random weights cost what the real model costs.
+_SD_VAE = dict(
+    act_fn="silu", block_out_channels=[128, 256, 512, 512], down_block_types=["DownEncoderBlock2D"] * 4,
+    up_block_types=["UpDecoderBlock2D"] * 4, in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2,
+    norm_num_groups=32, sample_size=512, scaling_factor=0.18215,
+)  # fmt: skip
+_SD_UNET = dict(
+    act_fn="silu", block_out_channels=[320, 640, 1280, 1280], center_input_sample=False,
+    down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"], downsample_padding=1, flip_sin_to_cos=True,
+    freq_shift=0, in_channels=4, layers_per_block=2, mid_block_scale_factor=1, norm_eps=1e-05, norm_num_groups=32,
+    out_channels=4, sample_size=64, up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
+)  # fmt: skip
+ARCHITECTURES = {
+    "sd15": dict(
+        unet=dict(_SD_UNET, attention_head_dim=8, cross_attention_dim=768),
+        text=dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
+                  hidden_act="quick_gelu", projection_dim=768),
+        prediction_type="epsilon", pad_token="<|endoftext|>",
+    ),
+    "sd21-base": dict(
+        unet=dict(_SD_UNET, attention_head_dim=[5, 10, 20, 20], cross_attention_dim=1024, use_linear_projection=True),
+        text=dict(hidden_size=1024, intermediate_size=4096, num_attention_heads=16, num_hidden_layers=23,
+                  hidden_act="gelu", projection_dim=512),
+        prediction_type="epsilon", pad_token="!",
+    ),
+}  # fmt: skip
+
+
+def build_full_size_pipeline(out: str | Path, arch: str = "sd15", seed: int = 0) -> Path:
+    """Save a random-weight pipeline with the exact published architecture ``arch`` (sd15, sd21-base).
+
+    The text encoder keeps CLIP's real vocabulary size (49408) so its embedding costs what the real
+    one does; the tokenizer is the small locally trained one (its ids are a subset)."""
+    import torch
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    spec = ARCHITECTURES[arch]
+    out = Path(out)
+    write_clip_tokenizer(out / "tokenizer", pad_token=spec["pad_token"])
+    tokenizer = CLIPTokenizer.from_pretrained(out / "tokenizer")
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=49408, max_position_embeddings=77, layer_norm_eps=1e-05, bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **spec["text"],
+        )
+    )  # fmt: skip
+    scheduler = PNDMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", set_alpha_to_one=False,
+        skip_prk_steps=True, steps_offset=1, prediction_type=spec["prediction_type"],
+    )  # fmt: skip
+    pipe = StableDiffusionPipeline(
+        unet=UNet2DConditionModel(**spec["unet"]), vae=AutoencoderKL(**_SD_VAE), text_encoder=text_encoder,
+        tokenizer=tokenizer, scheduler=scheduler, safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False,
+    )  # fmt: skip
+    pipe.save_pretrained(out)
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     """``python -m edgediff.export.random_model OUT [--variant sd1|sd2] [--seed N]``"""
     import argparse
@@ -168,8 +230,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--variant", choices=["sd1", "sd2"], default="sd1")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--size", choices=sorted(SIZES), default="tiny")
+    parser.add_argument("--arch", choices=sorted(ARCHITECTURES), help="a full-size published architecture instead")
     args = parser.parse_args(argv)
-    print(build_tiny_pipeline(args.out, args.variant, args.seed, args.size))
+    if args.arch:
+        print(build_full_size_pipeline(args.out, args.arch, args.seed))
+    else:
+        print(build_tiny_pipeline(args.out, args.variant, args.seed, args.size))
 
 
 if __name__ == "__main__":

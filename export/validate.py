@@ -56,22 +56,27 @@ def probe_shapes(pipe, name: str) -> list[dict]:
     return [dict(batch=1), dict(batch=3, latent_hw=(small, size))]
 
 
-def check_component(pipe, name: str, onnx_path: Path, precision: str = "fp32") -> list[Check]:
+def check_component(pipe, name: str, onnx_path: Path, precision: str = "fp32", device: str = "cpu") -> list[Check]:
+    """``device="cuda"`` runs the PyTorch reference on the GPU and ONNX Runtime with its CUDA
+    provider when the installed onnxruntime has it (fast validation of full-size models)."""
     import onnxruntime as ort
 
     atol, rtol = TOLERANCES[precision]
     module = wrap(pipe, name)
-    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    providers = ["CPUExecutionProvider"]
+    if device.startswith("cuda") and "CUDAExecutionProvider" in ort.get_available_providers():
+        providers.insert(0, "CUDAExecutionProvider")
+    session = ort.InferenceSession(str(onnx_path), providers=providers)
     spec = SUBMODELS[name]
     checks = []
     for k, probe in enumerate(probe_shapes(pipe, name)):
         inputs = dummy_inputs(pipe, name, seed=k + 1, **probe)
         with torch.inference_mode():
-            ref = module(*(inputs[t.name] for t in spec.inputs))
+            ref = module(*(inputs[t.name].to(device) for t in spec.inputs))
         ref = ref if isinstance(ref, tuple) else (ref,)
         got = session.run(None, {t.name: inputs[t.name].numpy() for t in spec.inputs})
         for t, r, g in zip(spec.outputs, ref, got):
-            r = r.float().numpy()
+            r = r.float().cpu().numpy()
             g = np.asarray(g, dtype=np.float32)
             if r.shape != g.shape:
                 checks.append(Check(name, t.name, g.shape, math.inf, 0.0, -math.inf, False))

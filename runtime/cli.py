@@ -42,7 +42,8 @@ def main(verbose: bool) -> None:
 @click.option("--fp16", is_flag=True, help="Write fp16 components (timestep stays fp32; VAE decoder kept fp32 if needed).")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--opset", default=17, show_default=True, help="ONNX opset.")
-def export(source: Path, out: Path, fp16: bool, force: bool, opset: int) -> None:
+@click.option("--device", default="cpu", show_default=True, help="Trace and validate on this torch device (cpu, cuda).")
+def export(source: Path, out: Path, fp16: bool, force: bool, opset: int, device: str) -> None:
     """Export the diffusers Stable Diffusion folder SOURCE to the ONNX model folder OUT."""
     try:
         from edgediff.export import export_model
@@ -50,7 +51,7 @@ def export(source: Path, out: Path, fp16: bool, force: bool, opset: int) -> None
         raise click.ClickException(
             f"export needs the PyTorch side ({e.name or e} is missing): pip install 'edgediff[export]'"
         ) from None
-    folder = export_model(source, out, fp16=fp16, force=force, opset=opset, progress=sys.stderr.isatty())
+    folder = export_model(source, out, fp16=fp16, force=force, opset=opset, progress=sys.stderr.isatty(), device=device)
     click.echo(f"exported {source} -> {folder}")
 
 
