@@ -32,12 +32,17 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(bs, map(chr, cs)))
 
 
-def write_clip_tokenizer(out: Path, num_merges: int = 300, pad_token: str = "<|endoftext|>") -> int:
-    """Write vocab.json, merges.txt and the configs of a small CLIP tokenizer; return the vocab size."""
+def write_clip_tokenizer(
+    out: Path, num_merges: int = 300, pad_token: str = "<|endoftext|>", words: list[str] | None = None
+) -> int:
+    """Write vocab.json, merges.txt and the configs of a small CLIP tokenizer; return the vocab size.
+
+    Merges are learned on ``words`` (default: a small English word list), so frequent words
+    become single tokens."""
     out.mkdir(parents=True, exist_ok=True)
     byte_chars = list(_bytes_to_unicode().values())
     vocab_list = byte_chars + [c + "</w>" for c in byte_chars]
-    words = Counter({tuple(w[:-1]) + (w[-1] + "</w>",): 1 for w in _WORDS})
+    words = Counter({tuple(w[:-1]) + (w[-1] + "</w>",): 1 for w in (words or _WORDS)})
     merges: list[tuple[str, str]] = []
     for _ in range(num_merges):  # classic BPE training, deterministic tie-break
         pairs: Counter = Counter()

@@ -57,7 +57,8 @@ def export(source: Path, out: Path, fp16: bool, force: bool, opset: int, device:
 
 @main.command()
 @click.argument("prompt")
-@click.option("--model", "model", required=True, type=click.Path(path_type=Path), help="Model folder.")
+@click.option("--model", "model", default=None, type=click.Path(path_type=Path),
+              help="Model folder. Default: the embedded shapes model.")
 @click.option("-o", "--output", default="out.png", show_default=True, type=click.Path(path_type=Path))
 @click.option("--negative-prompt", default=None)
 @click.option("--steps", default=50, show_default=True, type=int)

@@ -25,7 +25,7 @@ from PIL import Image
 
 from . import schedulers
 from .engine import Engine, create_engine
-from .errors import EdgediffError, InvalidArgumentError
+from .errors import EdgediffError, InvalidArgumentError, ModelFolderError
 from .image import to_pil, to_uint8
 from .model_folder import ModelFolder
 from .rng import Generator, make_generator
@@ -40,6 +40,19 @@ except metadata.PackageNotFoundError:  # running from a source tree
 
 # callback(step_index, timestep, latents) -> False to cancel
 Callback = Callable[[int, float, np.ndarray], Any]
+
+
+EMBEDDED_MODEL = Path(__file__).resolve().parent / "models" / "shapes"
+
+
+def embedded_model_path() -> Path:
+    """The model folder that ships inside the package."""
+    if not (EMBEDDED_MODEL / "model_index.json").is_file():
+        raise ModelFolderError(
+            f"the embedded model is missing from this installation ({EMBEDDED_MODEL}); reinstall edgediff "
+            "or pass a model folder"
+        )
+    return EMBEDDED_MODEL
 
 
 def scheduler_label(sched: schedulers.Scheduler) -> str:
@@ -76,17 +89,20 @@ class Pipeline:
     @classmethod
     def load(
         cls,
-        folder: str | Path,
+        folder: str | Path | None = None,
         engine: str = "onnxruntime",
         providers: Sequence[str] | None = None,
         **engine_options,
     ) -> Pipeline:
         """Open a model folder and create one engine per component (text encoder, UNet, VAE decoder).
 
+        ``folder=None`` loads the embedded model that ships inside the package (a tiny model of
+        the shapes world, see ``edgediff.runtime.shapes``): it needs no download.
+
         ``engine``: ``"onnxruntime"`` (default). ``providers``: ONNX Runtime execution providers
         in priority order, e.g. ``["CUDAExecutionProvider", "CPUExecutionProvider"]`` (default CPU).
         """
-        mf = ModelFolder.open(folder)
+        mf = ModelFolder.open(embedded_model_path() if folder is None else folder)
         tokenizer = ClipTokenizer(mf.path / "tokenizer")
         options = dict(engine_options)
         if providers is not None:
