@@ -12,7 +12,8 @@ Stages, each checkpointed every ``--checkpoint-every`` steps into ``--workdir`` 
 3. UNet + text encoder, jointly, epsilon prediction on SD's scaled-linear schedule, the caption
    dropped (empty prompt) 10% of the time so classifier-free guidance works; EMA weights are kept
    and shipped.
-Data are drawn per step from the seed (``shapes.dataset(batch, seed=f(seed, stage, step))``), so a
+Checkpoints carry the compute seconds spent so far, so ``training.json`` reports the whole
+training time across resumes. Data are drawn per step from the seed (``shapes.dataset(batch, seed=f(seed, stage, step))``), so a
 resumed run sees exactly the batches an uninterrupted one would. Held-out combinations of colour,
 shape and background never appear in training. The loss curves, settings and timings go to
 ``OUT/training.json``.
@@ -93,12 +94,12 @@ def train_vae(args, ckpt: Checkpoints, log: dict):
     torch.manual_seed(args.seed)
     vae = AutoencoderKL(**VAE)
     opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
-    start, curve = 0, []
+    start, curve, spent = 0, [], 0.0
     state = ckpt.load("vae") if args.resume else None
     if state:
         vae.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
-        start, curve = state["step"], state["curve"]
+        start, curve, spent = state["step"], state["curve"], state.get("seconds", 0.0)
     t0 = time.time()
     for step in range(start, args.vae_steps):
         images, _ = shapes.dataset(args.vae_batch, seed=_batch_seed(args.seed, 1, step), split="train")
@@ -114,9 +115,10 @@ def train_vae(args, ckpt: Checkpoints, log: dict):
             curve.append([step, float(loss.detach())])
             logger.info("vae step %d/%d loss %.4f (%.1f s)", step, args.vae_steps, float(loss), time.time() - t0)
         if (step + 1) % args.checkpoint_every == 0 or step == args.vae_steps - 1:
-            ckpt.save("vae", {"step": step + 1, "model": vae.state_dict(), "opt": opt.state_dict(), "curve": curve})
+            ckpt.save("vae", {"step": step + 1, "model": vae.state_dict(), "opt": opt.state_dict(), "curve": curve,
+                              "seconds": spent + time.time() - t0})  # fmt: skip
     log["vae"] = {"steps": args.vae_steps, "batch": args.vae_batch, "lr": args.vae_lr, "kl_weight": args.vae_kl,
-                  "curve": curve, "seconds_this_run": time.time() - t0}  # fmt: skip
+                  "curve": curve, "seconds": spent + time.time() - t0}  # fmt: skip
     vae.eval()
     with torch.no_grad():  # SD's recipe: scale latents to unit variance
         images, _ = shapes.dataset(512, seed=_batch_seed(args.seed, 9, 0), split="train")
@@ -158,7 +160,7 @@ def train_unet(args, vae, tokenizer, ckpt: Checkpoints, log: dict):
     opt = torch.optim.AdamW(params, lr=args.unet_lr, weight_decay=0.01)
     ema_unet, ema_text = copy.deepcopy(unet).requires_grad_(False), copy.deepcopy(text_encoder).requires_grad_(False)
     noise_schedule = DDPMScheduler(**SCHEDULE)
-    start, curve = 0, []
+    start, curve, spent = 0, [], 0.0
     state = ckpt.load("unet") if args.resume else None
     if state:
         unet.load_state_dict(state["unet"])
@@ -166,7 +168,7 @@ def train_unet(args, vae, tokenizer, ckpt: Checkpoints, log: dict):
         ema_unet.load_state_dict(state["ema_unet"])
         ema_text.load_state_dict(state["ema_text"])
         opt.load_state_dict(state["opt"])
-        start, curve = state["step"], state["curve"]
+        start, curve, spent = state["step"], state["curve"], state.get("seconds", 0.0)
     means, stds, captions = _latent_pool(vae, args)
     scale = vae.config.scaling_factor
     empty_ids = tokenizer([""], padding="max_length", max_length=77, return_tensors="pt").input_ids
@@ -202,10 +204,10 @@ def train_unet(args, vae, tokenizer, ckpt: Checkpoints, log: dict):
         if (step + 1) % args.checkpoint_every == 0 or step == args.unet_steps - 1:
             ckpt.save("unet", {"step": step + 1, "unet": unet.state_dict(), "text": text_encoder.state_dict(),
                                "ema_unet": ema_unet.state_dict(), "ema_text": ema_text.state_dict(),
-                               "opt": opt.state_dict(), "curve": curve})  # fmt: skip
+                               "opt": opt.state_dict(), "curve": curve, "seconds": spent + time.time() - t0})  # fmt: skip
     log["unet"] = {"steps": args.unet_steps, "batch": args.batch, "lr": args.unet_lr, "ema": args.ema,
                    "uncond_prob": args.uncond_prob, "pool": args.pool, "curve": curve,
-                   "seconds_this_run": time.time() - t0}  # fmt: skip
+                   "seconds": spent + time.time() - t0}  # fmt: skip
     return ema_unet, ema_text
 
 
@@ -236,7 +238,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--vae-batch", type=int, default=32)
     p.add_argument("--vae-lr", type=float, default=1e-3)
     p.add_argument("--vae-kl", type=float, default=1e-4)
-    p.add_argument("--unet-steps", type=int, default=4000)
+    p.add_argument("--unet-steps", type=int, default=3000)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--unet-lr", type=float, default=1e-3)
     p.add_argument("--ema", type=float, default=0.999)
