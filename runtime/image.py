@@ -50,6 +50,9 @@ def save_png(image: Image.Image, path: str | os.PathLike, parameters: str | None
     try:
         with os.fdopen(fd, "wb") as f:
             image.save(f, format="PNG", pnginfo=info)
+        umask = os.umask(0)  # mkstemp creates 0600; give the file the mode a plain open() would
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

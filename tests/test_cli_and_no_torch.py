@@ -2,6 +2,7 @@
 torch, diffusers nor transformers."""
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -31,6 +32,9 @@ def test_generate_writes_png_with_parameters(tiny_export, tmp_path):
     assert text.splitlines()[1] == "Negative prompt: blurry"
     assert "Steps: 3, Sampler: euler, CFG scale: 6.0, Seed: 7, Size: 32x32" in text.splitlines()[2]
     assert not [p for p in out.parent.iterdir() if p.name != "out.png"]  # no temporary left
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's 0600
 
 
 @needs_torch
