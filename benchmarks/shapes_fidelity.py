@@ -33,15 +33,14 @@ def prompts_for(split: str, n: int) -> list[str]:
     return [shapes.caption(scene, rng) for scene in shapes.sample_scenes(n, seed=PROMPT_SEED, split=split)]
 
 
-def run(pipe: Pipeline, prompts: list[str], steps: int, guidance: float, batch: int = 8):
+def run(pipe: Pipeline, prompts: list[str], steps: int, guidance: float):
+    """One image per prompt; image i uses seed i."""
     images, seconds = [], []
-    for start in range(0, len(prompts), batch):
-        chunk = prompts[start : start + batch]
-        for k, prompt in enumerate(chunk):  # one seed per image: image i uses seed i
-            t0 = time.perf_counter()
-            result = pipe(prompt, num_inference_steps=steps, guidance_scale=guidance, seed=start + k)
-            seconds.append(time.perf_counter() - t0)
-            images.append(np.asarray(result.images[0]))
+    for seed, prompt in enumerate(prompts):
+        t0 = time.perf_counter()
+        result = pipe(prompt, num_inference_steps=steps, guidance_scale=guidance, seed=seed)
+        seconds.append(time.perf_counter() - t0)
+        images.append(np.asarray(result.images[0]))
     return images, seconds
 
 

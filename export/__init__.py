@@ -67,6 +67,7 @@ def _family(pipe) -> str:
 
 
 def _io_specs(path: Path) -> dict:
+    import numpy as np
     import onnx
 
     from edgediff.runtime.specs import TensorSpec
@@ -77,7 +78,7 @@ def _io_specs(path: Path) -> dict:
     def spec(v):
         t = v.type.tensor_type
         shape = [d.dim_value if d.HasField("dim_value") else d.dim_param for d in t.shape.dim]
-        return TensorSpec(v.name, __import__("numpy").dtype(dtypes[t.elem_type]), tuple(shape)).to_json()
+        return TensorSpec(v.name, np.dtype(dtypes[t.elem_type]), tuple(shape)).to_json()
 
     return {"inputs": [spec(v) for v in model.graph.input], "outputs": [spec(v) for v in model.graph.output]}
 
