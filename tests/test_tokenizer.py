@@ -8,19 +8,14 @@ import shutil
 import numpy as np
 import pytest
 from conftest import needs_torch
+from golden_cases import TOKENIZER_PROMPTS
 
 from edgediff.runtime.tokenizer import ClipTokenizer
 
 PROMPTS = [
-    "",
-    "a photo of a cat",
-    "A  Photo   of a\tCAT\n on the  table",
-    "red, green; blue!! (masterpiece:1.2) [sky] {x} #hash @at 100% $5",
-    "don't we'll they're it's I'm you've he'd",
-    "naïve café — crème brûlée, emoji 🐱🚀, ñ ü ß",
+    *TOKENIZER_PROMPTS,  # the ones recorded as goldens for the torch-free run
     "e\u0301 composed vs é, tab\there\u00a0nbsp",
     "numbers 1234567890 and 3.14159",
-    " ".join(["sunset over the mountain river"] * 30),  # far over 77 tokens
     "x" * 300,
 ]
 # transformers' slow CLIPTokenizer without ftfy splits CJK ideographs and drops control characters

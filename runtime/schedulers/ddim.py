@@ -17,6 +17,16 @@ from ..errors import InvalidArgumentError
 from .base import Plan, Scheduler
 
 
+def _spaced_int_timesteps(config: dict, n: int) -> np.ndarray:
+    """DDIM's and DDPM's int64 schedule timesteps (descending) for ``timestep_spacing``."""
+    big_t, spacing = config["num_train_timesteps"], config["timestep_spacing"]
+    if spacing == "linspace":
+        return np.linspace(0, big_t - 1, n).round()[::-1].astype(np.int64)
+    if spacing == "leading":
+        return (np.arange(0, n) * (big_t // n)).round()[::-1].astype(np.int64) + config["steps_offset"]
+    return np.round(np.arange(big_t, 0, -big_t / n)).astype(np.int64) - 1  # trailing
+
+
 @dataclass(frozen=True)
 class DDIMPlan(Plan):
     int_timesteps: np.ndarray  # int64 schedule timesteps
@@ -51,13 +61,7 @@ class DDIM(Scheduler):
     def plan(self, num_inference_steps=None, timesteps=None, sigmas=None) -> DDIMPlan:
         self._check_plan_args(num_inference_steps, timesteps, sigmas)
         n, big_t = num_inference_steps, self.config["num_train_timesteps"]
-        spacing = self.config["timestep_spacing"]
-        if spacing == "linspace":
-            t = np.linspace(0, big_t - 1, n).round()[::-1].astype(np.int64)
-        elif spacing == "leading":
-            t = (np.arange(0, n) * (big_t // n)).round()[::-1].astype(np.int64) + self.config["steps_offset"]
-        else:  # trailing
-            t = np.round(np.arange(big_t, 0, -big_t / n)).astype(np.int64) - 1
+        t = _spaced_int_timesteps(self.config, n)
         return DDIMPlan(t.astype(np.float32), 1.0, t, big_t // n)
 
     def step(self, plan: DDIMPlan, i, model_output, sample, state=None, generator=None):

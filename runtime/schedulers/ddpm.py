@@ -19,6 +19,7 @@ import numpy as np
 
 from ..errors import InvalidArgumentError
 from .base import Plan, Scheduler
+from .ddim import _spaced_int_timesteps
 
 
 @dataclass(frozen=True)
@@ -80,13 +81,7 @@ class DDPM(Scheduler):
             n = num_inference_steps
             if n > big_t:
                 raise InvalidArgumentError(f"num_inference_steps={n} cannot exceed num_train_timesteps={big_t}")
-            spacing = self.config["timestep_spacing"]
-            if spacing == "linspace":
-                t = np.linspace(0, big_t - 1, n).round()[::-1].astype(np.int64)
-            elif spacing == "leading":
-                t = (np.arange(0, n) * (big_t // n)).round()[::-1].astype(np.int64) + self.config["steps_offset"]
-            else:  # trailing
-                t = np.round(np.arange(big_t, 0, -big_t / n)).astype(np.int64) - 1
+            t = _spaced_int_timesteps(self.config, n)
             if t.max() >= big_t:
                 offset = self.config["steps_offset"]
                 raise InvalidArgumentError(f"steps_offset={offset} puts a timestep past {big_t - 1}")
