@@ -1,4 +1,4 @@
-"""The ``edgediff`` command: export, generate, info. Logging is configured here and only here."""
+"""The ``edgediff`` command: export, generate, bench, info. Logging is configured here and only here."""
 
 from __future__ import annotations
 
@@ -141,6 +141,94 @@ def info(model: Path, verify: bool, as_json: bool) -> None:
             click.echo(f"problem: {p}")
     if problems:
         sys.exit(1)
+
+
+@main.command()
+@click.argument("model", required=False, default=None, type=click.Path(path_type=Path))
+@click.option("--prompt", default="a red circle on a blue background", show_default=True)
+@click.option("--steps", default=20, show_default=True, type=int)
+@click.option("--width", default=None, type=int, help="Default: the model's native size.")
+@click.option("--height", default=None, type=int, help="Default: the model's native size.")
+@click.option("--batch", default=1, show_default=True, type=int, help="Images per call (the UNet sees twice as many with guidance).")
+@click.option("--guidance", default=7.5, show_default=True, type=float)
+@click.option("--scheduler", default=None, help="Default: the model's own.")
+@click.option("--engine", default="onnxruntime", show_default=True, help="onnxruntime or tensorrt.")
+@click.option("--provider", "providers", multiple=True, help="ONNX Runtime execution provider (repeatable).")
+@click.option("--threads", default=None, type=int, help="Intra-op threads. Default: one per core.")
+@click.option("--warmup", default=1, show_default=True, type=int, help="Untimed runs after the cold first run.")
+@click.option("--runs", default=3, show_default=True, type=int, help="Timed runs.")
+@click.option("--low-memory", is_flag=True, help="Load one component at a time and release it after use.")
+@click.option("--optimization", default="all", show_default=True,
+              type=click.Choice(["disable", "basic", "extended", "all"]), help="ONNX Runtime graph optimisation level.")
+@click.option("--no-prepack", is_flag=True, help="ONNX Runtime: no pre-packed weight copies (less memory, slower).")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON instead of a table.")
+@click.option("-o", "--output", default=None, type=click.Path(path_type=Path), help="Also write the JSON report here.")
+def bench(model, prompt, steps, width, height, batch, guidance, scheduler, engine, providers, threads, warmup, runs,
+          low_memory, optimization, no_prepack, as_json, output):  # fmt: skip
+    """Measure load, cold start and per-stage latency of MODEL (default: the embedded model)."""
+    from tqdm import tqdm
+
+    from .bench import format_table, run_bench
+    from .image import write_atomic
+
+    options = {}
+    if engine == "onnxruntime":
+        options = {"optimization": optimization, "prepack": not no_prepack}
+    bar = tqdm(desc="bench", unit="run", disable=not sys.stderr.isatty(), leave=False)
+
+    def progress(i, n):
+        bar.total = n
+        bar.update(1 if i else 0)
+
+    report = run_bench(
+        model, prompt=prompt, steps=steps, width=width, height=height, batch=batch, guidance=guidance,
+        scheduler=scheduler, engine=engine, providers=list(providers) or None, threads=threads, warmup=warmup,
+        runs=runs, low_memory=low_memory, engine_options=options, progress=progress,
+    )  # fmt: skip
+    bar.close()
+    text = json.dumps(report, indent=2)
+    if output is not None:
+        write_atomic(output, (text + "\n").encode())
+    click.echo(text if as_json else format_table(report))
+
+
+@main.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--component", "components", multiple=True,
+              help="Build only this component (repeatable). Default: text_encoder, unet, vae_decoder.")
+@click.option("--batch", default=1, show_default=True, type=int, help="Images per call the plans are built for.")
+@click.option("--width", default=None, type=int, help="Default: the model's native size.")
+@click.option("--height", default=None, type=int, help="Default: the model's native size.")
+@click.option("--guidance/--no-guidance", default=True, show_default=True,
+              help="Text encoder and UNet take twice the batch (classifier-free guidance, guidance_scale > 1).")
+@click.option("--dynamic", is_flag=True, help="One plan for a range of sizes and batches instead of one shape.")
+@click.option("--min-size", default=None, type=int, help="--dynamic: smallest side in pixels. Default: 256.")
+@click.option("--max-size", default=None, type=int, help="--dynamic: largest side in pixels. Default: 1024.")
+@click.option("--max-batch", default=4, show_default=True, type=int, help="--dynamic: most images per call.")
+@click.option("--opt-level", default=3, show_default=True, type=click.IntRange(0, 5),
+              help="TensorRT builder optimisation level (lower builds faster).")
+@click.option("--workspace", default=None, type=int, help="Builder workspace limit in MiB (small GPUs, Jetson).")
+@click.option("--timing-cache/--no-timing-cache", default=True, show_default=True,
+              help="Reuse and update MODEL/engines/timing-*.cache.")
+@click.option("--force", is_flag=True, help="Rebuild plans that are already up to date.")
+@click.option("--prune", is_flag=True, help="Delete plans built for another TensorRT version, GPU or model file.")
+@click.option("--device", default=0, show_default=True, type=int, help="CUDA device index.")
+def build(model, components, batch, width, height, guidance, dynamic, min_size, max_size, max_batch, opt_level,
+          workspace, timing_cache, force, prune, device):  # fmt: skip
+    """Build fp16 TensorRT plans for the model folder MODEL on this GPU (engine="tensorrt" runs them)."""
+    from edgediff.engines.tensorrt_build import build_model
+    from edgediff.engines.trt_plans import ProfileOptions
+
+    options = ProfileOptions(batch=batch, height=height, width=width, guidance=guidance, dynamic=dynamic,
+                             min_size=min_size, max_size=max_size, max_batch=max_batch)  # fmt: skip
+    results = build_model(
+        model, components=list(components) or None, options=options, opt_level=opt_level, workspace_mib=workspace,
+        timing_cache=timing_cache, force=force, prune=prune, device=device, progress=sys.stderr.isatty(),
+        verbose=logger.isEnabledFor(logging.DEBUG), announce=lambda line: click.echo(line, err=True),
+    )  # fmt: skip
+    for r in results:
+        took = f" in {r.seconds:.0f} s" if r.status == "built" else ""
+        click.echo(f"{r.component}: {r.status}{took} -> {r.path}")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -39,17 +39,15 @@ def format_parameters(p: dict) -> str:
     return "\n".join(lines)
 
 
-def save_png(image: Image.Image, path: str | os.PathLike, parameters: str | None = None) -> Path:
-    """Write ``image`` to ``path`` atomically (temporary file, then rename)."""
+def write_atomic(path: str | os.PathLike, write) -> Path:
+    """Create ``path`` through a temporary file in the same folder, then rename: a reader never
+    sees a half-written file. ``write`` is bytes or a callable that writes to a binary file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    info = PngImagePlugin.PngInfo()
-    if parameters:
-        info.add_text("parameters", parameters)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            image.save(f, format="PNG", pnginfo=info)
+            f.write(write) if isinstance(write, bytes) else write(f)
         umask = os.umask(0)  # mkstemp creates 0600; give the file the mode a plain open() would
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
@@ -58,3 +56,11 @@ def save_png(image: Image.Image, path: str | os.PathLike, parameters: str | None
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def save_png(image: Image.Image, path: str | os.PathLike, parameters: str | None = None) -> Path:
+    """Write ``image`` to ``path`` atomically (temporary file, then rename)."""
+    info = PngImagePlugin.PngInfo()
+    if parameters:
+        info.add_text("parameters", parameters)
+    return write_atomic(path, lambda f: image.save(f, format="PNG", pnginfo=info))

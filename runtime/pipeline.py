@@ -12,9 +12,11 @@ object serves concurrent calls from several threads.
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
 from collections.abc import Callable, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -65,11 +67,20 @@ class GenerationCancelled(EdgediffError):
     """The progress callback returned False."""
 
 
+COMPONENTS = ("text_encoder", "unet", "vae_decoder")
+
+
 @dataclass
 class GenerationResult:
+    """``timings`` (seconds): tokenize, text_encoder, unet (all UNet calls), denoise (the whole
+    loop), host (denoise minus UNet calls: scheduler, guidance, copies), vae_decoder, postprocess
+    (to uint8 and PIL), total, and ``load_<component>`` in low-memory mode. ``unet_calls``: the
+    seconds of each UNet call in order."""
+
     images: list[Image.Image]
     parameters: dict[str, Any]
     timings: dict[str, float] = field(default_factory=dict)
+    unet_calls: list[float] = field(default_factory=list)
 
 
 def _check_positive_int(name: str, value, minimum: int = 1) -> int:
@@ -82,6 +93,9 @@ class Pipeline:
     def __init__(self, folder: ModelFolder, engines: dict[str, Engine], tokenizer: ClipTokenizer, engine_name: str):
         self.folder = folder
         self.engines = engines
+        self._engine_options: dict[str, Any] = {}
+        self.low_memory = False
+        self.load_times: dict[str, float] = {}  # seconds to create each engine (empty in low-memory mode)
         self.tokenizer = tokenizer
         self.engine_name = engine_name
         self.default_scheduler = schedulers.resolve(None, folder.scheduler_config)
@@ -92,6 +106,7 @@ class Pipeline:
         folder: str | Path | None = None,
         engine: str = "onnxruntime",
         providers: Sequence[str] | None = None,
+        low_memory: bool = False,
         **engine_options,
     ) -> Pipeline:
         """Open a model folder and create one engine per component (text encoder, UNet, VAE decoder).
@@ -101,25 +116,57 @@ class Pipeline:
 
         ``engine``: ``"onnxruntime"`` (default). ``providers``: ONNX Runtime execution providers
         in priority order, e.g. ``["CUDAExecutionProvider", "CPUExecutionProvider"]`` (default CPU).
+        ``low_memory``: keep no engine loaded between calls; each call loads the text encoder,
+        the UNet and the VAE decoder one at a time and releases each before the next, so peak
+        memory is that of the largest component (slower: every call pays the load time).
+        Other keyword arguments go to the engine (ONNX Runtime: ``threads``, ``optimization``, …).
         """
         mf = ModelFolder.open(embedded_model_path() if folder is None else folder)
         tokenizer = ClipTokenizer(mf.path / "tokenizer")
         options = dict(engine_options)
         if providers is not None:
             options["providers"] = providers
-        engines = {}
+        pipe = cls(mf, {}, tokenizer, engine)
+        pipe._engine_options = options
+        pipe.low_memory = bool(low_memory)
+        pipe.load_times = {}
+        if low_memory:
+            return pipe
         try:
-            for name in ("text_encoder", "unet", "vae_decoder"):
-                engines[name] = create_engine(engine, mf.component_path(name), component=name, **options)
+            for name in COMPONENTS:
+                t0 = time.perf_counter()
+                pipe.engines[name] = pipe._create(name)
+                pipe.load_times[name] = time.perf_counter() - t0
         except BaseException:
-            for e in engines.values():
-                e.close()
+            pipe.close()
             raise
-        return cls(mf, engines, tokenizer, engine)
+        return pipe
+
+    def _create(self, component: str) -> Engine:
+        return create_engine(
+            self.engine_name, self.folder.component_path(component), component=component, **self._engine_options
+        )
+
+    @contextmanager
+    def _component(self, name: str, timings: dict[str, float]):
+        """The engine for ``name``; in low-memory mode it is loaded here and released on exit."""
+        if name in self.engines:
+            yield self.engines[name]
+            return
+        t0 = time.perf_counter()
+        eng = self._create(name)
+        timings[f"load_{name}"] = time.perf_counter() - t0
+        try:
+            yield eng
+        finally:
+            eng.close()
+            del eng
+            gc.collect()  # release the session's memory before the next component loads
 
     def close(self) -> None:
         for e in self.engines.values():
             e.close()
+        self.engines = {}
 
     def __enter__(self):
         return self
@@ -194,10 +241,12 @@ class Pipeline:
         t0 = time.perf_counter()
         ids = self.tokenizer.encode((negatives + prompts) if do_cfg else prompts)
         timings["tokenize"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        emb = self._run("text_encoder", input_ids=ids)["last_hidden_state"].astype(np.float32)
-        timings["text_encoder"] = time.perf_counter() - t0
+        with self._component("text_encoder", timings) as text_encoder:
+            t0 = time.perf_counter()
+            emb = text_encoder.run({"input_ids": ids})["last_hidden_state"].astype(np.float32)
+            timings["text_encoder"] = time.perf_counter() - t0
         emb = np.repeat(emb, per_prompt, axis=0)  # each prompt's embedding n times in a row, as diffusers
+        emb.flags.writeable = False  # the same array every step: GPU engines keep their device copy
 
         # 3. Plan the schedule (immutable, per call)
         if timesteps is None and sigmas is None:
@@ -215,29 +264,37 @@ class Pipeline:
         latents = latents * np.float32(plan.init_noise_sigma)
 
         # 5. Denoising loop
-        t0 = time.perf_counter()
-        unet_time = 0.0
-        for i, t in enumerate(plan.timesteps):
-            model_in = np.concatenate([latents, latents]) if do_cfg else latents
-            model_in = sched.scale_model_input(plan, i, model_in)
-            u0 = time.perf_counter()
-            noise = self._run("unet", sample=model_in, timestep=self._timestep(t, model_in.shape[0]),
-                              encoder_hidden_states=emb)["out_sample"].astype(np.float32)  # fmt: skip
-            unet_time += time.perf_counter() - u0
-            if do_cfg:
-                uncond, cond = np.split(noise, 2)
-                noise = uncond + guidance_scale * (cond - uncond)
-            latents, state = sched.step(plan, i, noise, latents, state, generator)
-            if callback is not None and callback(i, float(t), latents) is False:
-                raise GenerationCancelled(f"cancelled by the callback at step {i + 1} of {len(plan.timesteps)}")
-        timings["denoise"] = time.perf_counter() - t0
-        timings["unet"] = unet_time
+        unet_calls: list[float] = []
+        with self._component("unet", timings) as unet:
+            t0 = time.perf_counter()
+            timestep_spec = unet.inputs["timestep"]
+            for i, t in enumerate(plan.timesteps):
+                model_in = np.concatenate([latents, latents]) if do_cfg else latents
+                model_in = sched.scale_model_input(plan, i, model_in)
+                feeds = {"sample": model_in, "timestep": _timestep(timestep_spec, t, model_in.shape[0]),
+                         "encoder_hidden_states": emb}  # fmt: skip
+                u0 = time.perf_counter()
+                noise = unet.run(feeds)["out_sample"]
+                unet_calls.append(time.perf_counter() - u0)
+                noise = noise.astype(np.float32, copy=False)
+                if do_cfg:
+                    uncond, cond = np.split(noise, 2)
+                    noise = uncond + np.float32(guidance_scale) * (cond - uncond)
+                latents, state = sched.step(plan, i, noise, latents, state, generator)
+                if callback is not None and callback(i, float(t), latents) is False:
+                    raise GenerationCancelled(f"cancelled by the callback at step {i + 1} of {len(plan.timesteps)}")
+            timings["denoise"] = time.perf_counter() - t0
+        timings["unet"] = sum(unet_calls)
+        timings["host"] = timings["denoise"] - timings["unet"]
 
         # 6. Decode
+        with self._component("vae_decoder", timings) as vae_decoder:
+            t0 = time.perf_counter()
+            decoded = vae_decoder.run({"latent_sample": latents / np.float32(self.folder.vae_scaling_factor)})
+            timings["vae_decoder"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        decoded = self._run("vae_decoder", latent_sample=latents / np.float32(self.folder.vae_scaling_factor))
-        timings["vae_decoder"] = time.perf_counter() - t0
         images = to_pil(to_uint8(decoded["sample"]))
+        timings["postprocess"] = time.perf_counter() - t0
         timings["total"] = time.perf_counter() - t_start
         params = {
             "prompt": prompts[0] if isinstance(prompt, str) else prompts,
@@ -256,19 +313,15 @@ class Pipeline:
             "engine": self.engine_name,
             "edgediff_version": __version__,
         }
-        return GenerationResult(images, params, timings)
+        return GenerationResult(images, params, timings, unet_calls)
 
-    # ---------------------------------------------------------------------------------------
-    def _run(self, component: str, **feeds) -> dict[str, np.ndarray]:
-        return self.engines[component].run(feeds)
 
-    def _timestep(self, t: float, batch: int) -> np.ndarray:
-        """The timestep in the rank the UNet declares: scalar, [1] or [B]."""
-        spec = self.engines["unet"].inputs["timestep"]
-        value = np.float32(t)
-        if np.issubdtype(spec.dtype, np.integer):
-            value = np.int64(t)  # an integer-timestep export truncates, as diffusers' ONNX pipeline does
-        if spec.rank == 0:
-            return np.asarray(value)
-        n = spec.shape[0] if isinstance(spec.shape[0], int) else batch
-        return np.full((n,), value)
+def _timestep(spec, t: float, batch: int) -> np.ndarray:
+    """The timestep in the rank the UNet declares: scalar, [1] or [B]."""
+    value = np.float32(t)
+    if np.issubdtype(spec.dtype, np.integer):
+        value = np.int64(t)  # an integer-timestep export truncates, as diffusers' ONNX pipeline does
+    if spec.rank == 0:
+        return np.asarray(value)
+    n = spec.shape[0] if isinstance(spec.shape[0], int) else batch
+    return np.full((n,), value)
