@@ -202,8 +202,10 @@ def bench(model, prompt, steps, width, height, batch, guidance, scheduler, engin
 @click.option("--guidance/--no-guidance", default=True, show_default=True,
               help="Text encoder and UNet take twice the batch (classifier-free guidance, guidance_scale > 1).")
 @click.option("--dynamic", is_flag=True, help="One plan for a range of sizes and batches instead of one shape.")
-@click.option("--min-size", default=None, type=int, help="--dynamic: smallest side in pixels. Default: 256.")
-@click.option("--max-size", default=None, type=int, help="--dynamic: largest side in pixels. Default: 1024.")
+@click.option("--min-size", default=None, type=int,
+              help="--dynamic: smallest side in pixels. Default: 256 (or the native size if smaller).")
+@click.option("--max-size", default=None, type=int,
+              help="--dynamic: largest side in pixels. Default: 1024 (or the native size if larger).")
 @click.option("--max-batch", default=4, show_default=True, type=int, help="--dynamic: most images per call.")
 @click.option("--opt-level", default=3, show_default=True, type=click.IntRange(0, 5),
               help="TensorRT builder optimisation level (lower builds faster).")

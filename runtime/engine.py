@@ -74,6 +74,7 @@ def check_feed(component: str, specs: Mapping[str, TensorSpec], feeds: Mapping[s
 # name -> (module, factory). Imported lazily so a missing backend only fails when asked for.
 ENGINES = {
     "onnxruntime": ("edgediff.engines.onnxruntime", "OrtEngine"),
+    "tensorrt": ("edgediff.engines.tensorrt", "TrtEngine"),
 }
 
 

@@ -46,3 +46,12 @@ class ExportValidationError(ExportError):
         self.failures = list(failures)
         lines = "; ".join(self.failures)
         super().__init__(f"{len(self.failures)} validation failure(s), nothing was written: {lines}")
+
+
+class PlanError(EngineUnavailableError):
+    """No TensorRT plan can serve the request: none built, built for another TensorRT version, GPU
+    or model file (stale), damaged, or no plan's optimisation profile fits the shapes asked for."""
+
+
+class BuildError(EdgediffError, RuntimeError):
+    """``edgediff build`` cannot build a TensorRT plan (parser or builder failure, wrong precision)."""

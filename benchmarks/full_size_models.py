@@ -1,0 +1,77 @@
+"""Full-size Stable Diffusion shapes with no download: random-weight diffusers models with the exact
+published architectures of SD 1.5 and SD 2.1-base, exported with ``edgediff export``.
+
+    python benchmarks/full_size_models.py                  # sd15 into ~/.cache/edgediff/full-size
+    python benchmarks/full_size_models.py --arch sd21-base --root /data/models [--fp16]
+
+Writes ROOT/<arch>-diffusers (the PyTorch source, for the diffusers and optimum peers) and
+ROOT/<arch>-onnx (the edgediff model folder), skipping what exists. Checks each component's
+parameter count against the published model's (a wrong config would benchmark another network).
+Their cost is the real model's cost; their images are noise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+# Parameter counts of the published checkpoints (runwayml/stable-diffusion-v1-5,
+# stabilityai/stable-diffusion-2-1-base): public facts, computed from their weights.
+PUBLISHED_PARAMETERS = {
+    "sd15": {"unet": 859_520_964, "text_encoder": 123_060_480, "vae": 83_653_863},
+    "sd21-base": {"unet": 865_910_724, "text_encoder": 340_387_840, "vae": 83_653_863},
+}
+DEFAULT_ROOT = Path.home() / ".cache" / "edgediff" / "full-size"
+
+
+def parameter_counts(source: Path) -> dict[str, int]:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    counts = {}
+    for name, cls in (("unet", UNet2DConditionModel), ("text_encoder", CLIPTextModel), ("vae", AutoencoderKL)):
+        model = cls.from_pretrained(source, subfolder=name)
+        counts[name] = sum(p.numel() for p in model.parameters())
+        del model
+    return counts
+
+
+def ensure(arch: str, root: Path = DEFAULT_ROOT, fp16: bool = False) -> tuple[Path, Path]:
+    """(diffusers source, edgediff folder) for ``arch``, built and exported if missing."""
+    from edgediff.export import export_model
+    from edgediff.export.random_model import build_full_size_pipeline
+
+    source = root / f"{arch}-diffusers"
+    folder = root / f"{arch}-onnx{'-fp16' if fp16 else ''}"
+    if not (source / "model_index.json").exists():
+        t0 = time.time()
+        build_full_size_pipeline(source, arch)
+        print(f"built {source} in {time.time() - t0:.0f} s", file=sys.stderr)
+        counts = parameter_counts(source)
+        expected = PUBLISHED_PARAMETERS[arch]
+        wrong = {k: (counts[k], expected[k]) for k in expected if counts[k] != expected[k]}
+        if wrong:
+            raise SystemExit(f"{arch}: parameter counts differ from the published model (ours, published): {wrong}")
+        (source / "parameter_counts.json").write_text(json.dumps(counts, indent=1) + "\n")
+    if not (folder / "model_index.json").exists():
+        t0 = time.time()
+        export_model(source, folder, fp16=fp16, progress=sys.stderr.isatty())
+        print(f"exported {folder} in {time.time() - t0:.0f} s", file=sys.stderr)
+    return source, folder
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--arch", choices=sorted(PUBLISHED_PARAMETERS), default="sd15")
+    p.add_argument("--root", type=Path, default=DEFAULT_ROOT)
+    p.add_argument("--fp16", action="store_true", help="export fp16 components")
+    args = p.parse_args(argv)
+    source, folder = ensure(args.arch, args.root, args.fp16)
+    print(json.dumps({"source": str(source), "folder": str(folder)}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,298 @@
+"""edgediff against what users would run instead, on the same model, size, steps, scheduler and
+thread count, on this machine, in one run:
+
+- diffusers ``StableDiffusionPipeline`` (PyTorch, CPU, fp32),
+- optimum's ``ORTStableDiffusionPipeline`` (ONNX Runtime, CPU) on the same ONNX folder,
+- edgediff (ONNX Runtime, CPU).
+
+    python benchmarks/peer_comparison.py                       # SD 1.5 architecture, 512 and 256 px
+    python benchmarks/peer_comparison.py --sizes 256 --runs 1  # quicker
+
+The model is the random-weight SD 1.5-architecture model of ``full_size_models.py`` (built and
+exported first if missing). Every contender runs in its own fresh process, one after the other,
+so cold start (process start to first PNG written) and peak memory (the process's peak RSS) are
+its own. Per contender and size: one cold image, ``--warmup`` untimed images, ``--runs`` timed
+images; every UNet call is timed by wrapping the pipeline's UNet. Results (with the machine) go to
+``benchmarks/results/peers_<arch>.{json,md}`` and a chart ``peers_<arch>.png``; ratios are edgediff
+over each peer from this one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+PROMPT = "a photograph of an astronaut riding a horse"
+CONTENDERS = ("diffusers", "optimum", "edgediff")
+
+
+# ----------------------------------------------------------------------------------------- worker
+def _worker(args) -> dict:
+    """Runs inside the contender's own process; prints one JSON line."""
+    t_spawn = args.spawn_time
+    import resource
+
+    import numpy as np
+
+    size, steps, guidance, threads = args.size, args.steps, args.guidance, args.threads
+    unet_calls: list[float] = []
+    out_png = Path(args.tmp) / f"{args.worker}-{size}.png"
+
+    def timed(fn):
+        def wrapper(*a, **k):
+            t0 = time.perf_counter()
+            r = fn(*a, **k)
+            unet_calls.append(time.perf_counter() - t0)
+            return r
+
+        return wrapper
+
+    if args.worker == "edgediff":
+        from edgediff.runtime import Pipeline
+        from edgediff.runtime.image import save_png
+
+        t0 = time.perf_counter()
+        pipe = Pipeline.load(args.folder, threads=threads, **json.loads(args.edgediff_options))
+        load = time.perf_counter() - t0
+
+        def generate(seed):
+            r = pipe(PROMPT, num_inference_steps=steps, guidance_scale=guidance, width=size, height=size, seed=seed,
+                     scheduler="dpmpp_2m")  # fmt: skip
+            unet_calls.extend(r.unet_calls)
+            return r.images[0]
+
+        def save(image):
+            save_png(image, out_png)
+    else:
+        import torch
+
+        torch.set_num_threads(threads)
+        from diffusers import DPMSolverMultistepScheduler
+
+        t0 = time.perf_counter()
+        if args.worker == "diffusers":
+            from diffusers import StableDiffusionPipeline
+
+            pipe = StableDiffusionPipeline.from_pretrained(args.source, safety_checker=None, requires_safety_checker=False,
+                                                           local_files_only=True)  # fmt: skip
+        else:
+            import onnxruntime as ort
+            from optimum.onnxruntime import ORTStableDiffusionPipeline
+
+            so = ort.SessionOptions()
+            so.intra_op_num_threads = threads
+            pipe = ORTStableDiffusionPipeline.from_pretrained(args.folder, export=False, session_options=so)
+        pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+        pipe.set_progress_bar_config(disable=True)
+        load = time.perf_counter() - t0
+        pipe.unet.forward = timed(pipe.unet.forward)  # nn.Module / ORTUnet __call__ -> instance forward
+
+        def generate(seed):
+            g = torch.Generator("cpu").manual_seed(seed)
+            with torch.inference_mode():
+                return pipe(PROMPT, num_inference_steps=steps, guidance_scale=guidance, width=size, height=size,
+                            generator=g).images[0]  # fmt: skip
+
+        def save(image):
+            image.save(out_png)
+
+    runs = []
+    for i in range(1 + args.warmup + args.runs):
+        before = len(unet_calls)
+        t0 = time.perf_counter()
+        image = generate(i)
+        end_to_end = time.perf_counter() - t0
+        if i == 0:
+            save(image)
+            cold_start = time.time() - t_spawn
+        runs.append({"end_to_end": end_to_end, "unet_calls": unet_calls[before:]})
+    timed_runs = runs[1 + args.warmup :]
+    calls = [c for r in timed_runs for c in r["unet_calls"]]
+    return {
+        "contender": args.worker,
+        "size": size,
+        "load_s": load,
+        "cold_start_s": cold_start,
+        "first_image_s": runs[0]["end_to_end"],
+        "end_to_end_s": [r["end_to_end"] for r in timed_runs],
+        "end_to_end_median_s": float(np.median([r["end_to_end"] for r in timed_runs])),
+        "unet_calls_per_image": len(timed_runs[0]["unet_calls"]),
+        "unet_call_median_s": float(np.median(calls)),
+        "unet_call_p90_s": float(np.percentile(calls, 90)),
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    }
+
+
+# ----------------------------------------------------------------------------------------- parent
+def _run_contender(name, size, args, source, folder, tmp) -> dict:
+    cmd = [sys.executable, __file__, "--worker", name, "--size", str(size), "--steps", str(args.steps),
+           "--guidance", str(args.guidance), "--threads", str(args.threads), "--warmup", str(args.warmup),
+           "--runs", str(args.runs), "--source", str(source), "--folder", str(folder), "--tmp", str(tmp),
+           "--edgediff-options", args.edgediff_options]  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
+    cmd += ["--spawn-time", repr(time.time())]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+    if proc.returncode != 0:
+        return {"contender": name, "size": size, "error": proc.stderr.strip().splitlines()[-1:]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _ratio(a, b):
+    return a / b if a and b else None
+
+
+def summarise(results: list[dict]) -> list[dict]:
+    rows = []
+    for size in sorted({r["size"] for r in results}, reverse=True):
+        by = {r["contender"]: r for r in results if r["size"] == size and "error" not in r}
+        ours = by.get("edgediff")
+        for peer in ("diffusers", "optimum"):
+            if ours and peer in by:
+                p = by[peer]
+                rows.append({
+                    "size": size, "peer": peer,
+                    "unet_call": _ratio(ours["unet_call_median_s"], p["unet_call_median_s"]),
+                    "end_to_end": _ratio(ours["end_to_end_median_s"], p["end_to_end_median_s"]),
+                    "cold_start": _ratio(ours["cold_start_s"], p["cold_start_s"]),
+                    "peak_rss": _ratio(ours["peak_rss_bytes"], p["peak_rss_bytes"]),
+                })  # fmt: skip
+    return rows
+
+
+def write_markdown(path: Path, report: dict) -> None:
+    m, s = report["machine"], report["settings"]
+    lines = [
+        f"# Peer comparison: {s['arch']} architecture (random weights), {s['steps']} steps DPM++ 2M, "
+        f"guidance {s['guidance']}, batch 1 (UNet batch 2)",
+        "",
+        f"Machine: {m['cpu']}, {m['usable_cpus']} CPUs ({', '.join(m['flags'])}), "
+        f"{(m['memory_bytes'] or 0) / 2**30:.0f} GiB; {m['os']}; threads {s['threads']} for every contender.",
+        "Libraries: " + ", ".join(f"{k} {v}" for k, v in m["libraries"].items()),
+        f"Run: `{s['command']}` on {s['date']}; {s['warmup']} warm-up + {s['runs']} timed images per contender "
+        "after the cold one, each contender in its own fresh process.",
+        "",
+        "| size | contender | UNet call median (s) | UNet p90 (s) | end to end median (s) | cold start (s) | load (s) | peak RSS (GiB) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in report["results"]:
+        if "error" in r:
+            lines.append(f"| {r['size']} | {r['contender']} | failed: {r['error']} | | | | | |")
+            continue
+        lines.append(
+            f"| {r['size']} | {r['contender']} | {r['unet_call_median_s']:.2f} | {r['unet_call_p90_s']:.2f} | "
+            f"{r['end_to_end_median_s']:.1f} | {r['cold_start_s']:.1f} | {r['load_s']:.1f} | "
+            f"{r['peak_rss_bytes'] / 2**30:.2f} |"
+        )
+    lines += ["", "Ratios, edgediff / peer (lower is better for edgediff):", "",
+              "| size | peer | UNet call | end to end | cold start | peak memory |", "|---|---|---|---|---|---|"]  # fmt: skip
+    for row in report["ratios"]:
+        lines.append(
+            f"| {row['size']} | {row['peer']} | "
+            + " | ".join("-" if row[k] is None else f"{row[k]:.2f}" for k in ("unet_call", "end_to_end", "cold_start", "peak_rss"))
+            + " |"
+        )
+    path.write_text("\n".join(lines) + "\n")
+
+
+def draw_chart(path: Path, report: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in report["results"] if "error" not in r]
+    sizes = sorted({r["size"] for r in ok}, reverse=True)
+    metrics = (("unet_call_median_s", "UNet call (s)"), ("end_to_end_median_s", "end to end (s)"),
+               ("cold_start_s", "cold start (s)"), ("peak_rss_bytes", "peak RSS (GiB)"))  # fmt: skip
+    fig, axes = plt.subplots(len(sizes), len(metrics), figsize=(4 * len(metrics), 3 * len(sizes)), squeeze=False)
+    colours = {"diffusers": "#7f7f7f", "optimum": "#1f77b4", "edgediff": "#d62728"}
+    for i, size in enumerate(sizes):
+        for j, (key, label) in enumerate(metrics):
+            ax = axes[i][j]
+            rows = [r for r in ok if r["size"] == size]
+            values = [r[key] / (2**30 if key == "peak_rss_bytes" else 1) for r in rows]
+            ax.bar([r["contender"] for r in rows], values, color=[colours[r["contender"]] for r in rows])
+            ax.set_title(f"{size}x{size}: {label}", fontsize=10)
+            for k, v in enumerate(values):
+                ax.text(k, v, f"{v:.2f}", ha="center", va="bottom", fontsize=8)
+    m = report["machine"]
+    fig.suptitle(f"{report['settings']['arch']} (random weights), {report['settings']['steps']} steps, "
+                 f"{m['cpu']} x{report['settings']['threads']} threads", fontsize=11)  # fmt: skip
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=90)
+    os.replace(tmp, path)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description="edgediff vs diffusers and optimum on this machine.")
+    p.add_argument("--arch", default="sd15", choices=("sd15", "sd21-base"))
+    p.add_argument("--sizes", type=int, nargs="+", default=[512, 256])
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    p.add_argument("--warmup", type=int, default=0)
+    p.add_argument("--runs", type=int, default=1)
+    p.add_argument("--contenders", nargs="+", default=list(CONTENDERS), choices=CONTENDERS)
+    p.add_argument("--edgediff-options", default="{}", help="JSON of Pipeline.load engine options for edgediff")
+    p.add_argument("--label", default="", help="suffix of the results files")
+    p.add_argument("--root", type=Path, default=None, help="where full_size_models.py keeps the models")
+    p.add_argument("--model", nargs=2, metavar=("DIFFUSERS_DIR", "EDGEDIFF_DIR"),
+                   help="compare on these folders instead of the random-weight --arch model")  # fmt: skip
+    # worker-only
+    p.add_argument("--worker", choices=CONTENDERS)
+    p.add_argument("--size", type=int)
+    p.add_argument("--source")
+    p.add_argument("--folder")
+    p.add_argument("--tmp")
+    p.add_argument("--spawn-time", type=float)
+    args = p.parse_args(argv)
+    if args.worker:
+        print(json.dumps(_worker(args)))
+        return
+
+    import tempfile
+
+    sys.path.insert(0, str(HERE))
+    from full_size_models import DEFAULT_ROOT, ensure
+
+    from edgediff.runtime.bench import machine_info
+
+    source, folder = args.model or ensure(args.arch, args.root or DEFAULT_ROOT)
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for size in args.sizes:
+            for name in args.contenders:
+                print(f"{name} {size}x{size} ...", file=sys.stderr, flush=True)
+                r = _run_contender(name, size, args, source, folder, tmp)
+                print(json.dumps(r), file=sys.stderr, flush=True)
+                results.append(r)
+    report = {
+        "machine": machine_info(),
+        "settings": {
+            "arch": "given folders" if args.model else args.arch, "steps": args.steps, "guidance": args.guidance, "threads": args.threads,
+            "warmup": args.warmup, "runs": args.runs, "scheduler": "DPM++ 2M", "prompt": PROMPT,
+            "edgediff_options": json.loads(args.edgediff_options),
+            "command": "python benchmarks/peer_comparison.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        },  # fmt: skip
+        "results": results,
+    }
+    report["ratios"] = summarise(results)
+    stem = RESULTS / f"peers_{args.arch}{args.label}"
+    RESULTS.mkdir(exist_ok=True)
+    stem.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
+    write_markdown(stem.with_suffix(".md"), report)
+    draw_chart(stem.with_suffix(".png"), report)
+    print(stem.with_suffix(".md").read_text())
+
+
+if __name__ == "__main__":
+    main()
