@@ -21,6 +21,7 @@ Session settings (keyword options, also reachable from ``Pipeline.load`` and ``e
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -32,10 +33,32 @@ from edgediff.runtime.specs import TensorSpec
 
 try:
     import onnxruntime as ort
-except ImportError as e:  # pragma: no cover - onnxruntime is a base dependency
+except ImportError as e:
     raise EngineUnavailableError(
-        "onnxruntime is not installed; `pip install onnxruntime` (CPU) or `onnxruntime-gpu`"
+        "ONNX Runtime is not installed: pip install 'edgediff[cpu]' (CPU), or 'edgediff[gpu]' for NVIDIA GPUs "
+        "(onnxruntime-gpu; never both)"
     ) from e
+
+
+def _both_builds_installed() -> list[str]:
+    """The ONNX Runtime distributions installed side by side (they overwrite one another's files)."""
+    from importlib import metadata
+
+    found = []
+    for dist in ("onnxruntime", "onnxruntime-gpu"):
+        try:
+            metadata.version(dist)
+            found.append(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    return found if len(found) > 1 else []
+
+
+if _both_builds_installed():
+    logging.getLogger(__name__).warning(
+        "onnxruntime and onnxruntime-gpu are both installed; they share one module and the last one installed "
+        "wins. Fix: pip uninstall -y onnxruntime onnxruntime-gpu && pip install 'edgediff[gpu]' (or '[cpu]')"
+    )
 
 _ORT_DTYPES = {
     "tensor(float)": np.float32,
