@@ -14,6 +14,9 @@ Session settings (keyword options, also reachable from ``Pipeline.load`` and ``e
   memory.
 - ``mem_arena`` / ``mem_pattern``: the CPU memory arena and the memory-pattern planner
   (default on, ONNX Runtime's defaults).
+- ``optimized``: ``auto`` (default) loads the CPU variant that ``edgediff optimize`` made for
+  this machine and ONNX Runtime version (fused attention, saved at level ``all``) when one exists
+  and matches; ``off`` always loads the exported graph.
 - ``io_binding``: bind inputs and outputs through an IOBinding (default: on for GPU providers,
   where it keeps inputs that are passed again unchanged on the device; off on the CPU, where
   ``run`` already writes into fresh numpy arrays without a copy).
@@ -112,6 +115,14 @@ def session_options(
     return so
 
 
+def _optimized_variant(path: Path, component: str) -> Path | None:
+    from .ort_optimize import KEY_FILE, VARIANT_DIR, find_variant
+
+    if not (path.parent.parent / VARIANT_DIR / component / KEY_FILE).is_file():
+        return None  # the common case costs one stat
+    return find_variant(path, component)
+
+
 def _device_of(provider: str) -> str:
     """The OrtValue device name for an execution provider's memory."""
     return {"CUDAExecutionProvider": "cuda", "TensorrtExecutionProvider": "cuda", "DmlExecutionProvider": "dml"}.get(
@@ -132,10 +143,18 @@ class OrtEngine:
         mem_arena: bool = True,
         mem_pattern: bool = True,
         io_binding: bool | None = None,
+        optimized: str = "auto",
     ):
         self.component = component
         path = Path(path)
         providers = list(providers) if providers else ["CPUExecutionProvider"]
+        if optimized not in ("auto", "off"):
+            raise InvalidArgumentError(f"optimized must be 'auto' or 'off', got {optimized!r}")
+        if optimized == "auto" and providers == ["CPUExecutionProvider"] and session_options is None:
+            variant = _optimized_variant(path, component)
+            if variant is not None:  # made by `edgediff optimize`: already at level "all", fused
+                path, optimization = variant, "disable"
+        self.model_file = path
         available = ort.get_available_providers()
         unknown = [p for p in providers if p not in available]
         if unknown:

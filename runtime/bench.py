@@ -177,6 +177,7 @@ def run_bench(
         if flops:
             unet_input_shapes = _unet_shapes(pipe, params, batch, guidance)
             unet_flops = _count_flops(pipe.folder.component_path("unet"), unet_input_shapes)
+        files = {name: str(getattr(eng, "model_file", "")) for name, eng in pipe.engines.items()}
         device = {}
         for name, eng in pipe.engines.items():
             stats = getattr(eng, "stats", None)
@@ -204,6 +205,7 @@ def run_bench(
             "guidance": guidance, "scheduler": params["scheduler"], "warmup": warmup, "runs": runs,
             "unet_batch": batch * (2 if guidance > 1 else 1), "engine_options": options,
         },  # fmt: skip
+        "engine_files": files,
         "load": {"total": load_total, **{f"{k}": v for k, v in pipe.load_times.items()}},
         "cold_run": {k: v for k, v in cold[0].items()},
         "stages": stages,

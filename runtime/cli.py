@@ -144,6 +144,27 @@ def info(model: Path, verify: bool, as_json: bool) -> None:
 
 
 @main.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--component", "components", multiple=True, help="Only these components (repeatable).")
+@click.option("--no-fuse", is_flag=True, help="Skip ONNX Runtime's transformer fusions (attention, LayerNorm).")
+@click.option("--force", is_flag=True, help="Redo variants that are up to date.")
+def optimize(model, components, no_fuse, force):
+    """Make ONNX Runtime CPU variants of MODEL's components (fused attention, saved optimised graph)."""
+    try:
+        from edgediff.engines.ort_optimize import optimize_folder
+    except ImportError as e:
+        raise click.ClickException(f"optimize needs the onnx package ({e}): pip install onnx") from None
+    reports = optimize_folder(model, components or None, fuse=not no_fuse, force=force)
+    for name, r in reports.items():
+        if "skipped" in r:
+            click.echo(f"{name}: {r['skipped']}")
+        else:
+            fusions = ", ".join(f"{k} {v}" for k, v in r["fusions"].items()) or "none"
+            click.echo(f"{name}: fusions {fusions}; max relative difference {r['max_relative_difference']:.1e}; "
+                       f"{r['seconds']:.0f} s")  # fmt: skip
+
+
+@main.command()
 @click.argument("model", required=False, default=None, type=click.Path(path_type=Path))
 @click.option("--prompt", default="a red circle on a blue background", show_default=True)
 @click.option("--steps", default=20, show_default=True, type=int)

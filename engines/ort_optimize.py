@@ -1,0 +1,237 @@
+"""``edgediff optimize``: ONNX Runtime CPU variants of a model folder's components, made once.
+
+For each component it (1) runs ONNX Runtime's transformer optimiser (attention, LayerNorm and
+GELU fusions into ONNX Runtime's contrib ops: ``MultiHeadAttention``, ``SkipLayerNormalization``,
+…) with only the fusions the CPU provider implements, then (2) lets ONNX Runtime apply its full
+graph optimisation (level ``all``: constant folding, the CPU provider's blocked NCHWc layout) and
+save the result (ONNX Runtime's "offline optimised model"). Later sessions load that file with
+graph optimisation off: faster loads, the fused attention kernels at run time.
+
+The variants live beside the portable model, never instead of it:
+``MODEL/ort-cpu/<component>/model.onnx`` (+ ``model.onnx.data``) and ``optimized.json``, whose
+key (source file identity, ONNX Runtime version, CPU model and SIMD flags) must match for the
+engine to use them (``OrtEngine(optimized="auto")``, the default). The contrib ops would stop
+TensorRT's parser, so ``unet/model.onnx`` itself is left as exported.
+
+Needs ``onnx`` (the ``dev``/``export`` extras) and onnxruntime's bundled ``transformers`` tools,
+which need ``sympy`` (an onnxruntime dependency). Imported only by the ``optimize`` command.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from edgediff.runtime.errors import EdgediffError, ModelFolderError
+
+logger = logging.getLogger(__name__)
+
+VARIANT_DIR = "ort-cpu"
+KEY_FILE = "optimized.json"
+# component -> the transformer optimiser's model type
+MODEL_TYPES = {"text_encoder": "clip", "unet": "unet", "vae_decoder": "vae", "vae_encoder": "vae"}
+# Fusions whose ops only the CUDA provider implements (the CPU provider would refuse the graph).
+_GPU_ONLY_FUSIONS = ("enable_nhwc_conv", "enable_group_norm", "enable_skip_group_norm", "enable_bias_splitgelu",
+                     "enable_packed_qkv", "enable_packed_kv", "enable_bias_add")  # fmt: skip
+
+
+class OptimizeError(EdgediffError, RuntimeError):
+    """An optimised variant could not be made or does not reproduce the original's outputs."""
+
+
+def _numpy2_attention_fix() -> None:
+    """ONNX Runtime's UNet attention fusion reads the head count with ``int(array_of_shape_[1])``,
+    which numpy >= 2.4 refuses (TypeError: only 0-dimensional arrays can be converted). We swap
+    in a subclass whose head-count detection reads the same constant with ``.item()``; the
+    fusion itself is ONNX Runtime's, unchanged. (The optimiser imports its modules by their bare
+    names, so the class is replaced in ``onnx_model_unet``'s namespace, where it is used.)"""
+    import onnxruntime.transformers.optimizer  # noqa: F401  (puts the tools' folder on sys.path)
+    import fusion_attention_unet
+    import onnx_model_unet
+
+    base = fusion_attention_unet.FusionAttentionUnet
+    if getattr(onnx_model_unet.FusionAttentionUnet, "_edgediff_fix", False):
+        return
+
+    class FusionAttentionUnetNumpy2(base):
+        _edgediff_fix = True
+
+        def get_num_heads(self, reshape_q, is_torch2: bool = False) -> int:
+            value = None
+            if is_torch2:  # Reshape(q, Concat(batch, seq, heads, head_dim))
+                parent = self.model.get_parent(reshape_q, 1)
+                if parent is not None and parent.op_type == "Concat" and len(parent.input) == 4:
+                    value = self.model.get_constant_value(parent.input[2])
+            else:  # Reshape(q, constant [0, 0, heads, head_dim])
+                shape = self.model.get_constant_value(reshape_q.input[1])
+                if isinstance(shape, np.ndarray) and shape.shape == (4,):
+                    value = shape[2:3]
+            if isinstance(value, np.ndarray) and value.size == 1 and value.item() > 0:
+                return int(value.item())
+            return 0
+
+    onnx_model_unet.FusionAttentionUnet = FusionAttentionUnetNumpy2
+
+
+def _cpu_identity() -> dict:
+    from edgediff.runtime.bench import machine_info
+
+    m = machine_info()
+    return {"cpu": m["cpu"], "flags": m["flags"], "onnxruntime": ort.__version__}
+
+
+def _source_identity(source: Path) -> dict:
+    files = [source] + (
+        [source.with_name(source.name + "_data")] if source.with_name(source.name + "_data").exists() else []
+    )
+    return {p.name: {"size": p.stat().st_size, "mtime_ns": p.stat().st_mtime_ns} for p in files}
+
+
+def variant_key(source: Path, fused: bool) -> dict:
+    return {"source": _source_identity(source), "fused": fused, **_cpu_identity()}
+
+
+def find_variant(source: Path, component: str) -> Path | None:
+    """The optimised file for the component at ``source`` if one exists and its key matches this
+    machine, ONNX Runtime and source file; None otherwise (stale variants are logged, not used)."""
+    folder = source.parent.parent / VARIANT_DIR / component
+    key_path = folder / KEY_FILE
+    if not key_path.is_file():
+        return None
+    try:
+        recorded = json.loads(key_path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    current = variant_key(source, recorded.get("fused", False))
+    stale = [k for k in current if recorded.get(k) != current[k]]
+    if stale:
+        logger.warning("%s: ignoring the optimised variant in %s (made for another %s); run `edgediff optimize` "
+                       "again", component, folder, ", ".join(stale))  # fmt: skip
+        return None
+    return folder / "model.onnx"
+
+
+def _fuse(source: Path, component: str, work: Path) -> tuple[Path, dict]:
+    from onnxruntime.transformers.fusion_options import FusionOptions
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    _numpy2_attention_fix()
+    model_type = MODEL_TYPES[component]
+    options = FusionOptions(model_type)
+    for name in _GPU_ONLY_FUSIONS:
+        if hasattr(options, name):
+            setattr(options, name, False)
+    model = optimize_model(str(source), model_type=model_type, opt_level=0, optimization_options=options,
+                           use_gpu=False)  # fmt: skip
+    stats = {k: v for k, v in model.get_fused_operator_statistics().items() if v}
+    out = work / "fused.onnx"
+    model.save_model_to_file(str(out), use_external_data_format=source.stat().st_size > 1 << 30 or
+                             source.with_name(source.name + "_data").exists())  # fmt: skip
+    return out, stats
+
+
+def _save_optimized(model_in: Path, out: Path) -> None:
+    """ONNX Runtime's offline optimisation: a session at level ``all`` writes what it would run."""
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.optimized_model_filepath = str(out)
+    so.log_severity_level = 3  # its warning (NCHWc makes the file machine-specific) is why the key holds the CPU
+    so.add_session_config_entry("session.optimized_model_external_initializers_file_name", out.name + ".data")
+    so.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+    ort.InferenceSession(str(model_in), sess_options=so, providers=["CPUExecutionProvider"])
+
+
+def _check_same_outputs(source: Path, variant: Path, component: str, shapes: dict) -> float:
+    """Run both on the same random inputs; return the max |difference| / (1 + max|original|)."""
+    ref = ort.InferenceSession(str(source), providers=["CPUExecutionProvider"])
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    new = ort.InferenceSession(str(variant), sess_options=so, providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(0)
+    feeds = {}
+    for arg in ref.get_inputs():
+        shape = shapes[arg.name]
+        if "int" in arg.type:
+            feeds[arg.name] = rng.integers(0, 400, size=shape).astype(np.int64 if "64" in arg.type else np.int32)
+        else:
+            dtype = np.float16 if "float16" in arg.type else np.float32
+            value = rng.standard_normal(shape) if shape else np.float32(rng.uniform(1, 999))
+            feeds[arg.name] = np.asarray(value, dtype=dtype)
+    a, b = ref.run(None, feeds)[0], new.run(None, feeds)[0]
+    return float(np.abs(a.astype(np.float64) - b).max() / (1 + np.abs(a).max()))
+
+
+def _probe_shapes(folder, component: str) -> dict:
+    f = folder.vae_downscale
+    h, w = (s // f for s in folder.native_size)
+    c = folder.latent_channels
+    import json as _json
+
+    hidden = None
+    cfg = folder.path / "unet" / "config.json"
+    if cfg.exists():
+        hidden = _json.loads(cfg.read_text()).get("cross_attention_dim")
+    return {
+        "text_encoder": {"input_ids": [2, 77]},
+        "unet": {"sample": [2, c, h, w], "timestep": [], "encoder_hidden_states": [2, 77, hidden or 768]},
+        "vae_decoder": {"latent_sample": [1, c, h, w]},
+        "vae_encoder": {"sample": [1, 3, h * f, w * f]},
+    }[component]
+
+
+def optimize_folder(model: str | os.PathLike, components=None, fuse: bool = True, force: bool = False,
+                    tolerance: float = 1e-3) -> dict:  # fmt: skip
+    """Make the CPU variants; returns {component: report}. Written atomically per component."""
+    from edgediff.runtime.model_folder import ModelFolder
+
+    folder = ModelFolder.open(model)
+    components = list(components or [c for c in ("text_encoder", "unet", "vae_decoder") if c in folder.components])
+    unknown = [c for c in components if c not in folder.components]
+    if unknown:
+        raise ModelFolderError(f"{folder.path} has no component(s) {unknown}; it has {folder.components}")
+    reports = {}
+    for component in components:
+        source = folder.component_path(component)
+        if not force and find_variant(source, component) is not None:
+            reports[component] = {"skipped": "up to date"}
+            continue
+        final = folder.path / VARIANT_DIR / component
+        work = folder.path / VARIANT_DIR / f".{component}.partial-{os.getpid()}"
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
+        t0 = time.time()
+        try:
+            fused_stats, model_in = {}, source
+            if fuse:
+                try:
+                    model_in, fused_stats = _fuse(source, component, work)
+                except Exception as e:  # an unrecognised graph: keep ONNX Runtime's own optimisation only
+                    logger.warning("%s: transformer fusions failed (%s: %s); saving without them",
+                                   component, type(e).__name__, e)  # fmt: skip
+                    model_in = source
+            stage = work / "stage"
+            stage.mkdir()
+            _save_optimized(model_in, stage / "model.onnx")
+            error = _check_same_outputs(source, stage / "model.onnx", component, _probe_shapes(folder, component))
+            if not error <= tolerance:
+                raise OptimizeError(f"{component}: the optimised graph differs from the original by {error:.2e} "
+                                    f"(relative; tolerance {tolerance:g}); nothing was written")  # fmt: skip
+            key = variant_key(source, bool(fused_stats))
+            report = {**key, "fusions": fused_stats, "max_relative_difference": error, "seconds": time.time() - t0}
+            (stage / KEY_FILE).write_text(json.dumps(report, indent=1) + "\n")
+            old = final.with_name(f".{component}.old-{os.getpid()}")
+            if final.exists():
+                final.rename(old)
+            stage.rename(final)
+            shutil.rmtree(old, ignore_errors=True)
+            reports[component] = report
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+    return reports

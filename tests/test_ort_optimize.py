@@ -1,0 +1,66 @@
+"""`edgediff optimize`: ONNX Runtime CPU variants (fused attention, saved optimised graph) are
+used only where their key matches, and give the image the exported graph gives."""
+
+import os
+import shutil
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from edgediff.runtime import Pipeline
+from edgediff.runtime.cli import main
+from edgediff.runtime.pipeline import embedded_model_path
+
+pytest.importorskip("onnx", reason="edgediff optimize needs the onnx package (dev extra)")
+
+
+@pytest.fixture(scope="module")
+def optimized_copy(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("opt") / "shapes"
+    shutil.copytree(embedded_model_path(), folder)
+    result = CliRunner().invoke(main, ["optimize", str(folder)])
+    assert result.exit_code == 0, result.output
+    return folder, result.output
+
+
+def test_attention_is_fused_despite_numpy2(optimized_copy):
+    """ONNX Runtime's UNet attention fusion crashes under numpy >= 2.4 without our fix; with it,
+    every attention block of the embedded UNet is fused."""
+    _, output = optimized_copy
+    unet_line = next(line for line in output.splitlines() if line.startswith("unet:"))
+    assert "MultiHeadAttention" in unet_line or "Attention" in unet_line, output
+
+
+def test_variant_used_and_same_image(optimized_copy):
+    folder, _ = optimized_copy
+    kwargs = {"num_inference_steps": 4, "seed": 11}
+    with Pipeline.load(folder) as pipe:
+        assert "ort-cpu" in str(pipe.engines["unet"].model_file)
+        fast = np.asarray(pipe("a yellow diamond on the right, purple background", **kwargs).images[0], np.int16)
+    with Pipeline.load(folder, optimized="off") as pipe:
+        assert "ort-cpu" not in str(pipe.engines["unet"].model_file)
+        plain = np.asarray(pipe("a yellow diamond on the right, purple background", **kwargs).images[0], np.int16)
+    assert np.abs(fast - plain).max() <= 1
+
+
+def test_second_run_skips_and_stale_variant_is_ignored(optimized_copy, tmp_path, caplog):
+    folder, _ = optimized_copy
+    again = CliRunner().invoke(main, ["optimize", str(folder), "--component", "vae_decoder"])
+    assert again.exit_code == 0 and "up to date" in again.output
+    copy = tmp_path / "copy"
+    shutil.copytree(folder, copy)
+    source = copy / "unet" / "model.onnx"
+    os.utime(source, ns=(source.stat().st_atime_ns, source.stat().st_mtime_ns + 10**9))  # "re-exported"
+    with Pipeline.load(copy) as pipe:
+        assert "ort-cpu" not in str(pipe.engines["unet"].model_file)
+        assert "ort-cpu" in str(pipe.engines["text_encoder"].model_file)
+    assert "ignoring the optimised variant" in caplog.text
+
+
+def test_unknown_component_is_named(tmp_path):
+    folder = tmp_path / "m"
+    shutil.copytree(embedded_model_path(), folder)
+    result = CliRunner().invoke(main, ["optimize", str(folder), "--component", "vae_encoderx"])
+    assert result.exit_code == 1 and "vae_encoderx" in result.output
+    assert not (folder / "ort-cpu").exists() or not any((folder / "ort-cpu").iterdir())
