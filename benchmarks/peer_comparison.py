@@ -152,12 +152,14 @@ def summarise(results: list[dict]) -> list[dict]:
     rows = []
     for size in sorted({r["size"] for r in results}, reverse=True):
         by = {r["contender"]: r for r in results if r["size"] == size and "error" not in r}
-        ours = by.get("edgediff")
-        for peer in ("diffusers", "optimum"):
-            if ours and peer in by:
-                p = by[peer]
-                rows.append({
-                    "size": size, "peer": peer,
+        for label, ours in by.items():
+            if label in ("diffusers", "optimum"):
+                continue
+            for peer in ("diffusers", "optimum"):
+                if peer in by:
+                    p = by[peer]
+                    rows.append({
+                    "size": size, "edgediff": label, "peer": peer,
                     "unet_call": _ratio(ours["unet_call_median_s"], p["unet_call_median_s"]),
                     "end_to_end": _ratio(ours["end_to_end_median_s"], p["end_to_end_median_s"]),
                     "cold_start": _ratio(ours["cold_start_s"], p["cold_start_s"]),
@@ -191,11 +193,14 @@ def write_markdown(path: Path, report: dict) -> None:
             f"{r['peak_rss_bytes'] / 2**30:.2f} |"
         )
     lines += ["", "Ratios, edgediff / peer (lower is better for edgediff):", "",
-              "| size | peer | UNet call | end to end | cold start | peak memory |", "|---|---|---|---|---|---|"]  # fmt: skip
+              "| size | edgediff | peer | UNet call | end to end | cold start | peak memory |", "|---|---|---|---|---|---|---|"]  # fmt: skip
     for row in report["ratios"]:
         lines.append(
-            f"| {row['size']} | {row['peer']} | "
-            + " | ".join("-" if row[k] is None else f"{row[k]:.2f}" for k in ("unet_call", "end_to_end", "cold_start", "peak_rss"))
+            f"| {row['size']} | {row['edgediff']} | {row['peer']} | "
+            + " | ".join(
+                "-" if row[k] is None else f"{row[k]:.2f}"
+                for k in ("unet_call", "end_to_end", "cold_start", "peak_rss")
+            )
             + " |"
         )
     path.write_text("\n".join(lines) + "\n")
@@ -212,13 +217,16 @@ def draw_chart(path: Path, report: dict) -> None:
     metrics = (("unet_call_median_s", "UNet call (s)"), ("end_to_end_median_s", "end to end (s)"),
                ("cold_start_s", "cold start (s)"), ("peak_rss_bytes", "peak RSS (GiB)"))  # fmt: skip
     fig, axes = plt.subplots(len(sizes), len(metrics), figsize=(4 * len(metrics), 3 * len(sizes)), squeeze=False)
-    colours = {"diffusers": "#7f7f7f", "optimum": "#1f77b4", "edgediff": "#d62728"}
+    colours = {"diffusers": "#7f7f7f", "optimum": "#1f77b4"}
     for i, size in enumerate(sizes):
         for j, (key, label) in enumerate(metrics):
             ax = axes[i][j]
             rows = [r for r in ok if r["size"] == size]
             values = [r[key] / (2**30 if key == "peak_rss_bytes" else 1) for r in rows]
-            ax.bar([r["contender"] for r in rows], values, color=[colours[r["contender"]] for r in rows])
+            ax.bar(
+                [r["contender"] for r in rows], values, color=[colours.get(r["contender"], "#d62728") for r in rows]
+            )
+            ax.tick_params(axis="x", labelsize=7, rotation=20)
             ax.set_title(f"{size}x{size}: {label}", fontsize=10)
             for k, v in enumerate(values):
                 ax.text(k, v, f"{v:.2f}", ha="center", va="bottom", fontsize=8)
@@ -241,7 +249,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--warmup", type=int, default=0)
     p.add_argument("--runs", type=int, default=1)
     p.add_argument("--contenders", nargs="+", default=list(CONTENDERS), choices=CONTENDERS)
-    p.add_argument("--edgediff-options", default="{}", help="JSON of Pipeline.load engine options for edgediff")
+    p.add_argument("--edgediff", dest="variants", action="append", metavar="LABEL=JSON",
+                   help="an edgediff configuration to run: a label and the JSON of its Pipeline.load options, "
+                        'e.g. \'lowmem={"low_memory": true}\' (repeatable; default: edgediff={})')  # fmt: skip
+    p.add_argument("--edgediff-options", default="{}", help=argparse.SUPPRESS)  # worker-only
     p.add_argument("--label", default="", help="suffix of the results files")
     p.add_argument("--root", type=Path, default=None, help="where full_size_models.py keeps the models")
     p.add_argument("--model", nargs=2, metavar=("DIFFUSERS_DIR", "EDGEDIFF_DIR"),
@@ -265,21 +276,34 @@ def main(argv: list[str] | None = None) -> None:
 
     from edgediff.runtime.bench import machine_info
 
+    variants = [v.split("=", 1) for v in (args.variants or ["edgediff={}"])]
+    for label, options in variants:
+        json.loads(options)  # fail before hours of benchmarking, not after
     source, folder = args.model or ensure(args.arch, args.root or DEFAULT_ROOT)
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for size in args.sizes:
             for name in args.contenders:
-                print(f"{name} {size}x{size} ...", file=sys.stderr, flush=True)
-                r = _run_contender(name, size, args, source, folder, tmp)
-                print(json.dumps(r), file=sys.stderr, flush=True)
-                results.append(r)
+                for label, options in variants if name == "edgediff" else [(name, "{}")]:
+                    print(f"{label} {size}x{size} ...", file=sys.stderr, flush=True)
+                    args.edgediff_options = options
+                    r = _run_contender(name, size, args, source, folder, tmp)
+                    r["contender"] = label
+                    r["options"] = json.loads(options)
+                    print(json.dumps(r), file=sys.stderr, flush=True)
+                    results.append(r)
     report = {
         "machine": machine_info(),
         "settings": {
-            "arch": "given folders" if args.model else args.arch, "steps": args.steps, "guidance": args.guidance, "threads": args.threads,
-            "warmup": args.warmup, "runs": args.runs, "scheduler": "DPM++ 2M", "prompt": PROMPT,
-            "edgediff_options": json.loads(args.edgediff_options),
+            "arch": "given folders" if args.model else args.arch,
+            "steps": args.steps,
+            "guidance": args.guidance,
+            "threads": args.threads,
+            "warmup": args.warmup,
+            "runs": args.runs,
+            "scheduler": "DPM++ 2M",
+            "prompt": PROMPT,
+            "edgediff_variants": {label: json.loads(options) for label, options in variants},
             "command": "python benchmarks/peer_comparison.py " + " ".join(argv if argv is not None else sys.argv[1:]),
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         },  # fmt: skip
