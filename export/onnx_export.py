@@ -131,8 +131,8 @@ def save_onnx(model: onnx.ModelProto, path: Path) -> None:
     """Save inline when it fits protobuf's 2 GB limit, else with one external-data file."""
     try:
         large = model.ByteSize() > _PROTOBUF_LIMIT - (64 << 20)
-    except ValueError:  # protobuf refuses to even size a message over 2 GB
-        large = True
+    except Exception:  # protobuf refuses to even size a message over 2 GB (ValueError or EncodeError,
+        large = True  # depending on the protobuf version)
     onnx.save_model(
         model,
         str(path),
