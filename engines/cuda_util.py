@@ -134,13 +134,11 @@ class PinnedBuffer:
 
 
 def stream_handle(stream) -> int:
-    """The address behind a cuda-python ``cudaStream_t`` (what TensorRT's ``execute_async_v3`` takes)."""
-    if isinstance(stream, int):
-        return stream
-    try:
-        return int(stream)
-    except TypeError:
-        return int(stream.getPtr())
+    """The address behind a cuda-python ``cudaStream_t`` (what TensorRT's ``execute_async_v3`` takes).
+
+    ``int(stream)`` is the handle itself; ``stream.getPtr()`` would be the address of the Python
+    object's storage for it, never a stream, so it is not a fallback."""
+    return stream if isinstance(stream, int) else int(stream)
 
 
 def memcpy_htod(cudart, dst: int, host: np.ndarray, stream) -> None:

@@ -18,8 +18,9 @@ after the next call.
 Shape precedence: the feed's shapes decide (after ``check_feed`` validated names, ranks and
 fixed dims and cast the dtypes the plan declares); the plan's profile must contain them.
 
-``cuda_graph=True``: for plans with a static profile, the second call with a shape captures
-``execute_async_v3`` into a CUDA graph and later calls replay it (copies stay outside the graph).
+``cuda_graph=True``: for plans with a static profile, the first call with a shape runs plainly
+(TensorRT's warm-up) and then captures ``execute_async_v3`` into a CUDA graph; later calls replay
+it (copies stay outside the graph).
 A failed capture logs a warning and that shape runs plainly from then on.
 
 ``stats()`` reports the GPU time of recent runs (CUDA events around copies + execution) and
@@ -28,6 +29,7 @@ the device memory this engine holds, for ``edgediff bench``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -283,6 +285,8 @@ class TrtEngine:
         self._gpu_ms: deque[float] = deque(maxlen=history)
         self._dev = _Device.acquire(self._cudart, device)
         try:
+            # events belong to the calling thread's current device; the _Device may have been made by another thread
+            check(self._cudart, self._cudart.cudaSetDevice(device), "cudaSetDevice")
             self._start = check(self._cudart, self._cudart.cudaEventCreate(), "cudaEventCreate")
             self._end = check(self._cudart, self._cudart.cudaEventCreate(), "cudaEventCreate")
         except BaseException:
@@ -313,6 +317,8 @@ class TrtEngine:
         shapes = {n: tuple(a.shape) for n, a in checked.items()}
         cu, dev = self._cudart, self._dev
         with dev.lock:
+            if self._dev is not dev:  # closed by another thread while this one waited for the lock
+                raise EngineUnavailableError(f"{self.component}: the TensorRT engine is closed")
             check(cu, cu.cudaSetDevice(dev.index), "cudaSetDevice")
             plan = self._plan_for(shapes)
             dev.ensure_scratch(plan.scratch_bytes)
@@ -349,7 +355,9 @@ class TrtEngine:
 
     def _capture(self, plan: _LoadedPlan, bufs: _Shapes) -> None:
         cu, stream = self._cudart, self._dev.stream
-        mode = cu.cudaStreamCaptureMode.cudaStreamCaptureModeGlobal
+        # thread-local (as trtexec does): Global would also fail other threads' unsafe calls (cudaMalloc in an
+        # engine on another device, ONNX Runtime) for the duration of the capture
+        mode = cu.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal
         check(cu, cu.cudaStreamSynchronize(stream), "cudaStreamSynchronize")
         check(cu, cu.cudaStreamBeginCapture(stream, mode), "cudaStreamBeginCapture")
         ok = False
@@ -359,13 +367,16 @@ class TrtEngine:
             ret = cu.cudaStreamEndCapture(stream)
         try:
             graph = check(cu, ret, "cudaStreamEndCapture")
-            if not ok:
-                raise EngineUnavailableError("execute_async_v3 returned False during capture")
-            bufs.graph = instantiate_graph(cu, graph)
-            check(cu, cu.cudaGraphDestroy(graph), "cudaGraphDestroy")
+            try:
+                if not ok:
+                    raise EngineUnavailableError("execute_async_v3 returned False during capture")
+                bufs.graph = instantiate_graph(cu, graph)
+            finally:  # the captured graph is not needed once instantiated, nor when it failed
+                check(cu, cu.cudaGraphDestroy(graph), "cudaGraphDestroy")
             bufs.graph_generation = self._dev.generation
         except EngineUnavailableError as e:
             bufs.graph_failed = True
+            cu.cudaGetLastError()  # clear the capture error so the next plain run does not report it
             logger.warning("%s: CUDA graph capture failed (%s); running without a graph", self.component, e)
 
     # ------------------------------------------------------------------------------------------
@@ -374,25 +385,31 @@ class TrtEngine:
         ``device_memory_bytes``: weights (measured at load, approximate) + I/O buffers + the shared
         scratch. The scratch is shared by every engine on the device: to total several engines,
         add their ``weights_bytes`` and ``io_bytes`` and one ``scratch_bytes``."""
-        weights = sum(p.weights_bytes for p in self._loaded.values())
-        io = sum(p.io_bytes for p in self._loaded.values())
-        scratch = self._dev.scratch_bytes if self._dev is not None else 0
-        return {
-            "gpu_ms": list(self._gpu_ms),
-            "device_memory_bytes": weights + io + scratch,
-            "weights_bytes": weights,
-            "io_bytes": io,
-            "scratch_bytes": scratch,
-            "plans": sorted(self._loaded),
-            "cuda_graphs": sum(b.graph is not None for p in self._loaded.values() for b in p.sets.values()),
-        }
+        dev = self._dev
+        with dev.lock if dev is not None else contextlib.nullcontext():  # a run in another thread mutates these
+            weights = sum(p.weights_bytes for p in self._loaded.values())
+            io = sum(p.io_bytes for p in self._loaded.values())
+            scratch = dev.scratch_bytes if dev is not None else 0
+            return {
+                "gpu_ms": list(self._gpu_ms),
+                "device_memory_bytes": weights + io + scratch,
+                "weights_bytes": weights,
+                "io_bytes": io,
+                "scratch_bytes": scratch,
+                "plans": sorted(self._loaded),
+                "cuda_graphs": sum(b.graph is not None for p in self._loaded.values() for b in p.sets.values()),
+            }
 
     def close(self) -> None:
         """Free buffers, graphs, contexts and plans; the shared stream and scratch go with the last engine."""
-        dev, self._dev = self._dev, None
+        dev = self._dev
         if dev is None:
             return
-        with dev.lock:
+        with dev.lock:  # a run in progress (it holds the lock) finishes before anything is freed
+            if self._dev is not dev:  # closed meanwhile by another thread
+                return
+            self._dev = None
+            check(self._cudart, self._cudart.cudaSetDevice(dev.index), "cudaSetDevice")
             check(self._cudart, self._cudart.cudaStreamSynchronize(dev.stream), "cudaStreamSynchronize")
             for p in self._loaded.values():
                 p.free()

@@ -210,11 +210,13 @@ def build_component(
     if mode.fp16_flag:
         config.set_flag(trt.BuilderFlag.FP16)
     trt_profile = builder.create_optimization_profile()
-    for t in net_inputs:
-        if any(d < 0 for d in t.shape):
-            lo, opt, hi = profile[t.name]
-            trt_profile.set_shape(t.name, lo, opt, hi)
-    config.add_optimization_profile(trt_profile)
+    dynamic_inputs = [t for t in net_inputs if any(d < 0 for d in t.shape)]
+    for t in dynamic_inputs:
+        lo, opt, hi = profile[t.name]
+        trt_profile.set_shape(t.name, lo, opt, hi)
+    # a profile is needed only for dynamic inputs; add_optimization_profile answers -1 for an invalid one
+    if dynamic_inputs and config.add_optimization_profile(trt_profile) < 0:
+        raise BuildError(f"{component}: TensorRT rejected the optimisation profile {plans.describe_profile(profile)}")
     cache_file = plans.timing_cache_path(mf.path, env)
     if timing_cache:
         blob = cache_file.read_bytes() if cache_file.is_file() else b""

@@ -113,7 +113,9 @@ class ClipTokenizer:
         self._tok.enable_padding(pad_id=pad_id, pad_token=pad, length=self.max_length)
 
     def encode(self, prompts: list[str]) -> np.ndarray:
-        encodings = self._tok.encode_batch(list(prompts))
+        # one by one: encode_batch hands a few prompts to tokenizers' thread pool, whose wake-up
+        # costs more than the work and competes with the engine's threads
+        encodings = [self._tok.encode(p) for p in prompts]
         for prompt, enc in zip(prompts, encodings):
             if enc.overflowing:
                 dropped = " ".join(

@@ -14,6 +14,8 @@ from __future__ import annotations
 import ctypes
 import enum
 import json
+import threading
+import time
 from types import SimpleNamespace
 
 import numpy as np
@@ -37,6 +39,7 @@ class FakeCudart:
 
     class cudaStreamCaptureMode(enum.IntEnum):
         cudaStreamCaptureModeGlobal = 0
+        cudaStreamCaptureModeThreadLocal = 1
 
     def __init__(self):
         self.device, self.host = {}, {}  # address -> ctypes buffer
@@ -44,6 +47,8 @@ class FakeCudart:
         self.streams = 0
         self.capturing: list | None = None
         self.graphs_alive = 0
+        self.captured_graphs = 0  # cudaGraph_t from cudaStreamEndCapture not yet destroyed
+        self.last_error_reads = 0
 
     # device
     def cudaGetDeviceCount(self):
@@ -114,13 +119,19 @@ class FakeCudart:
 
     def cudaStreamEndCapture(self, s):
         ops, self.capturing = self.capturing, None
+        self.captured_graphs += 1
         return (OK, ops)
+
+    def cudaGetLastError(self):
+        self.last_error_reads += 1
+        return (OK,)
 
     def cudaGraphInstantiate(self, graph, flags):
         self.graphs_alive += 1
         return (OK, list(graph))
 
     def cudaGraphDestroy(self, graph):
+        self.captured_graphs -= 1
         return (OK,)
 
     def cudaGraphLaunch(self, graph_exec, s):
@@ -139,6 +150,7 @@ class FakeContext:
         self.scratch = None
         self.shapes, self.addresses = {}, {}
         self.executions = 0
+        self.fail_capture = False
 
     def set_device_memory(self, ptr, size):
         self.scratch = (ptr, size)
@@ -168,6 +180,8 @@ class FakeContext:
             self.executions += 1
 
         if self.cudart.capturing is not None:
+            if self.fail_capture:
+                return False
             self.cudart.capturing.append(op)
         else:
             op()
@@ -329,8 +343,31 @@ def test_cuda_graph_captured_after_warmup_and_replayed(fake):
         assert eng.stats()["cuda_graphs"] == 1
         ctx = next(iter(eng._loaded.values())).context
         assert ctx.executions == 4  # 1 plain warm-up (+ capture, not executed) and 3 replays
-        assert fake.cudart.graphs_alive == 1
+        assert fake.cudart.graphs_alive == 1 and fake.cudart.captured_graphs == 0
     assert fake.cudart.graphs_alive == 0 and not fake.cudart.device
+
+
+def test_failed_capture_frees_the_graph_and_runs_plainly(fake):
+    add_plan(fake.model)
+    with create_engine("tensorrt", fake.onnx, component="unet", cuda_graph=True) as eng:
+        eng._plan_for({"sample": (2, 4, 16, 16), "timestep": (), "encoder_hidden_states": (2, 77, 8)})
+        next(iter(eng._loaded.values())).context.fail_capture = True
+        for s in range(3):
+            np.testing.assert_allclose(eng.run(feeds(seed=s))["out_sample"], feeds(seed=s)["sample"] * 2 + 10)
+        assert eng.stats()["cuda_graphs"] == 0 and fake.cudart.graphs_alive == 0
+        assert fake.cudart.captured_graphs == 0  # the captured (unusable) graph was destroyed
+        assert fake.cudart.last_error_reads == 1  # the capture error was cleared, once; no capture retried
+
+
+def test_stream_handle_is_the_handle_not_the_object_address():
+    class Stream:  # cuda-python's cudaStream_t: int() is the handle, getPtr() the address of its storage
+        def __int__(self):
+            return 0xABC
+
+        def getPtr(self):
+            return 0x1234
+
+    assert trt_engine.stream_handle(Stream()) == 0xABC and trt_engine.stream_handle(7) == 7
 
 
 def test_dynamic_plans_run_without_graphs(fake):
@@ -350,3 +387,24 @@ def test_closed_engine_refuses_to_run(fake):
     with pytest.raises(EngineUnavailableError, match="closed"):
         eng.run(feeds())
     assert not fake.cudart.device and not fake.cudart.host
+
+
+def test_close_while_a_run_waits_for_the_lock(fake):
+    add_plan(fake.model)
+    eng = create_engine("tensorrt", fake.onnx, component="unet")
+    errors = []
+
+    def run():
+        try:
+            eng.run(feeds())
+        except Exception as e:  # noqa: BLE001 - the test inspects it
+            errors.append(e)
+
+    with eng._dev.lock:  # as if another run were in progress
+        t = threading.Thread(target=run)
+        t.start()
+        time.sleep(0.2)  # the run now waits for the lock
+        eng.close()
+    t.join(10)
+    assert len(errors) == 1 and isinstance(errors[0], EngineUnavailableError) and "closed" in str(errors[0])
+    assert not fake.cudart.device and not fake.cudart.host and fake.cudart.streams == 0
