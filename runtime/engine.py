@@ -78,8 +78,8 @@ ENGINES = {
 }
 
 
-def create_engine(kind: str, path, component: str, **options) -> Engine:
-    """Instantiate the engine ``kind`` for the model file at ``path``."""
+def engine_class(kind: str):
+    """The class of engine ``kind``, importing its library (EngineUnavailableError if missing)."""
     if kind not in ENGINES:
         raise EngineUnavailableError(f"unknown engine {kind!r}; available engines: {', '.join(ENGINES)}")
     module_name, cls_name = ENGINES[kind]
@@ -87,4 +87,9 @@ def create_engine(kind: str, path, component: str, **options) -> Engine:
         module = importlib.import_module(module_name)
     except ImportError as e:  # the backend's own library is missing
         raise EngineUnavailableError(f"engine {kind!r} cannot be imported ({e}); install its extra") from e
-    return getattr(module, cls_name)(path, component=component, **options)
+    return getattr(module, cls_name)
+
+
+def create_engine(kind: str, path, component: str, **options) -> Engine:
+    """Instantiate the engine ``kind`` for the model file at ``path``."""
+    return engine_class(kind)(path, component=component, **options)

@@ -26,7 +26,7 @@ import numpy as np
 from PIL import Image
 
 from . import schedulers
-from .engine import Engine, create_engine
+from .engine import Engine, create_engine, engine_class
 from .errors import EdgediffError, InvalidArgumentError, ModelFolderError
 from .image import to_pil, to_uint8
 from .model_folder import ModelFolder
@@ -131,6 +131,7 @@ class Pipeline:
         pipe.low_memory = bool(low_memory)
         pipe.load_times = {}
         if low_memory:
+            engine_class(engine)  # a missing engine library fails here, not in the middle of a call
             return pipe
         try:
             for name in COMPONENTS:

@@ -141,3 +141,10 @@ def test_flop_count_matches_torch_flop_counter(tiny_source, tiny_export):
                        {"sample": list(sample.shape), "timestep": [], "encoder_hidden_states": list(hidden.shape)})  # fmt: skip
     assert ours["uncounted"] == []
     assert ours["total"] == pytest.approx(counter.get_total_flops(), rel=1e-9)
+
+
+def test_low_memory_mode_fails_at_load_for_a_missing_engine():
+    from edgediff.runtime.errors import EngineUnavailableError
+
+    with pytest.raises(EngineUnavailableError, match="unknown engine 'nope'"):
+        Pipeline.load(engine="nope", low_memory=True)
