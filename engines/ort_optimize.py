@@ -14,7 +14,7 @@ engine to use them (``OrtEngine(optimized="auto")``, the default). The contrib o
 TensorRT's parser, so ``unet/model.onnx`` itself is left as exported.
 
 Needs ``onnx`` (the ``dev``/``export`` extras) and onnxruntime's bundled ``transformers`` tools,
-which need ``sympy`` (an onnxruntime dependency). Imported only by the ``optimize`` command.
+which need ``sympy``: the ``optimize`` extra. Imported only by the ``optimize`` command.
 """
 
 from __future__ import annotations
@@ -192,6 +192,10 @@ def optimize_folder(model: str | os.PathLike, components=None, fuse: bool = True
     from edgediff.runtime.model_folder import ModelFolder
 
     folder = ModelFolder.open(model)
+    try:  # the fusions read shapes with ONNX Runtime's symbolic shape inference
+        import sympy  # noqa: F401
+    except ImportError:
+        raise OptimizeError("edgediff optimize needs sympy and onnx: pip install 'edgediff[optimize]'") from None
     components = list(components or [c for c in ("text_encoder", "unet", "vae_decoder") if c in folder.components])
     unknown = [c for c in components if c not in folder.components]
     if unknown:

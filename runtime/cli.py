@@ -153,7 +153,7 @@ def optimize(model, components, no_fuse, force):
     try:
         from edgediff.engines.ort_optimize import optimize_folder
     except ImportError as e:
-        raise click.ClickException(f"optimize needs the onnx package ({e}): pip install onnx") from None
+        raise click.ClickException(f"optimize needs onnx and sympy ({e}): pip install 'edgediff[optimize]'") from None
     reports = optimize_folder(model, components or None, fuse=not no_fuse, force=force)
     for name, r in reports.items():
         if "skipped" in r:

@@ -5,8 +5,8 @@ Counts the multiply-adds of Conv, ConvTranspose, MatMul and Gemm (2 FLOP each), 
 are not counted (the usual convention, as in the published SD GFLOP figures). Shapes come from
 ONNX Runtime's symbolic shape inference on the graph with its inputs fixed (onnx's own inference
 leaves the attention reshapes unknown); weights are not loaded, so a 3.4 GB UNet costs a few
-seconds. Needs the ``onnx`` package (in the ``dev`` and ``export`` extras), imported here only:
-the runtime's generate path never needs it.
+seconds. Needs ``onnx`` and ``sympy`` (the ``optimize`` extra), imported here only: the
+runtime's generate path never needs them; without them ``edgediff bench`` reports no FLOPs.
 """
 
 from __future__ import annotations
