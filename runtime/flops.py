@@ -31,6 +31,16 @@ def count_flops(path: str | Path, input_shapes: dict[str, list[int]]) -> dict:
     for one call of the model at ``path`` with ``input_shapes`` (every dynamic input named)."""
     model = onnx.load(str(path), load_external_data=False)
     graph = model.graph
+    # Shape inference reads the values of small constants (reshape targets, scales); bring those in
+    # from an external-data file, leave the weights where they are.
+    from onnx.external_data_helper import load_external_data_for_tensor, uses_external_data
+
+    for init in graph.initializer:
+        if uses_external_data(init):
+            length = next((int(e.value) for e in init.external_data if e.key == "length"), None)
+            if length is not None and length <= 1 << 16:
+                load_external_data_for_tensor(init, str(Path(path).parent))
+                init.data_location = onnx.TensorProto.DEFAULT
     initializer_names = {i.name for i in graph.initializer}
     for inp in graph.input:
         if inp.name in initializer_names:
