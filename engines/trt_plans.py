@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 from edgediff.runtime.errors import BuildError, PlanError
+from edgediff.runtime.model_folder import sha256_file  # one hashing routine for manifests and plan keys
 from edgediff.runtime.specs import SUBMODELS, TensorSpec
 
 ENGINES_DIR = "engines"
@@ -410,14 +411,6 @@ def discover_plans(model_dir: Path, component: str | None = None) -> tuple[list[
 
 
 # ------------------------------------------------------------------------------ model fingerprint
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def model_files(component_dir: Path) -> list[Path]:
