@@ -90,7 +90,7 @@ _LEVELS = {
 }
 
 
-def session_options(
+def make_session_options(
     threads: int | None = None,
     optimization: str = "all",
     prepack: bool = True,
@@ -163,7 +163,7 @@ class OrtEngine:
                 f"(available: {available}); install the matching onnxruntime package or choose another provider"
             )
         if session_options is None:
-            session_options = globals()["session_options"](threads, optimization, prepack, mem_arena, mem_pattern)
+            session_options = make_session_options(threads, optimization, prepack, mem_arena, mem_pattern)
         try:
             self.session = ort.InferenceSession(str(path), sess_options=session_options, providers=providers)
         except Exception as e:  # onnxruntime raises its own Fail/InvalidProtobuf types

@@ -23,15 +23,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 from edgediff.runtime.errors import BuildError, PlanError
+from edgediff.runtime.image import write_atomic
 from edgediff.runtime.model_folder import sha256_file  # one hashing routine for manifests and plan keys
 from edgediff.runtime.specs import SUBMODELS, TensorSpec
 
@@ -355,16 +354,7 @@ def write_json_atomic(path: Path, data: dict) -> None:
 
 def write_bytes_atomic(path: Path, data: bytes) -> None:
     """Write beside the target, then rename: a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, data)
 
 
 def write_build_json(folder: Path, record: BuildRecord) -> None:
