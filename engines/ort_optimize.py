@@ -35,6 +35,9 @@ logger = logging.getLogger(__name__)
 
 VARIANT_DIR = "ort-cpu"
 KEY_FILE = "optimized.json"
+# Bumped when what `edgediff optimize` writes changes, so variants made by an older one are redone.
+# 2: self-attention as MultiHeadAttention (flash attention on the CPU provider).
+RECIPE = 2
 # component -> the transformer optimiser's model type
 MODEL_TYPES = {"text_encoder": "clip", "unet": "unet", "vae_decoder": "vae", "vae_encoder": "vae"}
 # Fusions whose ops only the CUDA provider implements (the CPU provider would refuse the graph).
@@ -46,15 +49,22 @@ class OptimizeError(EdgediffError, RuntimeError):
     """An optimised variant could not be made or does not reproduce the original's outputs."""
 
 
-def _numpy2_attention_fix() -> None:
-    """ONNX Runtime's UNet attention fusion reads the head count with ``int(array_of_shape_[1])``,
-    which numpy >= 2.4 refuses (TypeError: only 0-dimensional arrays can be converted). We swap
-    in a subclass whose head-count detection reads the same constant with ``.item()``; the
-    fusion itself is ONNX Runtime's, unchanged. (The optimiser imports its modules by their bare
-    names, so the class is replaced in ``onnx_model_unet``'s namespace, where it is used.)"""
+def _use_cpu_attention_fusion() -> None:
+    """Two changes to ONNX Runtime's UNet attention fusion, made by swapping in a subclass (the
+    pattern matching is ONNX Runtime's, unchanged; the optimiser imports its modules by their
+    bare names, so the class is replaced in ``onnx_model_unet``'s namespace, where it is used):
+
+    1. numpy 2: the head count is read with ``int(array_of_shape_[1])``, which numpy >= 2.4
+       refuses (TypeError: only 0-dimensional arrays can be converted); ours uses ``.item()``.
+    2. Self-attention becomes ``MultiHeadAttention`` on separate Q, K and V instead of the
+       ``Attention`` op with one packed QKV weight. On the CPU provider only MultiHeadAttention
+       with separate inputs runs MLAS's flash-attention kernel, which never materialises the
+       [batch, heads, tokens, tokens] score matrix: at 512 px that matrix is 1 GiB per
+       self-attention layer (4096 tokens), the largest activation in the UNet."""
     import onnxruntime.transformers.optimizer  # noqa: F401  (puts the tools' folder on sys.path)
     import fusion_attention_unet
     import onnx_model_unet
+    from onnx import helper
 
     base = fusion_attention_unet.FusionAttentionUnet
     if getattr(onnx_model_unet.FusionAttentionUnet, "_edgediff_fix", False):
@@ -77,6 +87,20 @@ def _numpy2_attention_fix() -> None:
                 return int(value.item())
             return 0
 
+        def create_attention_node(self, q_matmul, k_matmul, v_matmul, num_heads, hidden_size, input, output):
+            if self.is_cross_attention or self.enable_packed_qkv:
+                return super().create_attention_node(q_matmul, k_matmul, v_matmul, num_heads, hidden_size, input,
+                                                     output)  # fmt: skip
+            if not (q_matmul.input[0] == k_matmul.input[0] == v_matmul.input[0] == input):
+                return None
+            if num_heads <= 0 or (hidden_size > 0 and hidden_size % num_heads):
+                return None
+            name = self.model.create_node_name("MultiHeadAttention")
+            node = helper.make_node("MultiHeadAttention", [q_matmul.output[0], k_matmul.output[0], v_matmul.output[0]],
+                                    [output], name=name, domain="com.microsoft", num_heads=num_heads)  # fmt: skip
+            self.increase_counter("MultiHeadAttention (self attention, separate q/k/v)")
+            return node
+
     onnx_model_unet.FusionAttentionUnet = FusionAttentionUnetNumpy2
 
 
@@ -95,7 +119,7 @@ def _source_identity(source: Path) -> dict:
 
 
 def variant_key(source: Path, fused: bool) -> dict:
-    return {"source": _source_identity(source), "fused": fused, **_cpu_identity()}
+    return {"source": _source_identity(source), "fused": fused, "recipe": RECIPE, **_cpu_identity()}
 
 
 def find_variant(source: Path, component: str) -> Path | None:
@@ -122,7 +146,7 @@ def _fuse(source: Path, component: str, work: Path) -> tuple[Path, dict]:
     from onnxruntime.transformers.fusion_options import FusionOptions
     from onnxruntime.transformers.optimizer import optimize_model
 
-    _numpy2_attention_fix()
+    _use_cpu_attention_fusion()
     model_type = MODEL_TYPES[component]
     options = FusionOptions(model_type)
     for name in _GPU_ONLY_FUSIONS:

@@ -26,10 +26,22 @@ def optimized_copy(tmp_path_factory):
 
 def test_attention_is_fused_despite_numpy2(optimized_copy):
     """ONNX Runtime's UNet attention fusion crashes under numpy >= 2.4 without our fix; with it,
-    every attention block of the embedded UNet is fused."""
-    _, output = optimized_copy
+    every attention of the embedded UNet (self and cross) becomes MultiHeadAttention on separate
+    Q, K, V, the form whose CPU kernel is flash attention; no packed-QKV ``Attention`` op is left,
+    and no unfused Softmax."""
+    import onnx
+
+    folder, output = optimized_copy
     unet_line = next(line for line in output.splitlines() if line.startswith("unet:"))
-    assert "MultiHeadAttention" in unet_line or "Attention" in unet_line, output
+    assert "MultiHeadAttention" in unet_line, output
+    source = onnx.load(str(folder / "unet" / "model.onnx"), load_external_data=False)
+    n_softmax = sum(node.op_type == "Softmax" for node in source.graph.node)
+    assert n_softmax > 0
+    graph = onnx.load(str(folder / "ort-cpu" / "unet" / "model.onnx"), load_external_data=False).graph
+    ops = [node.op_type for node in graph.node]
+    mha = [node for node in graph.node if node.op_type == "MultiHeadAttention"]
+    assert len(mha) == n_softmax and "Attention" not in ops and "Softmax" not in ops, sorted(set(ops))
+    assert all(len(node.input) >= 3 and all(node.input[:3]) for node in mha)  # query, key, value each given
 
 
 def test_variant_used_and_same_image(optimized_copy):
