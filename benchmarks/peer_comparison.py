@@ -31,6 +31,7 @@ HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 PROMPT = "a photograph of an astronaut riding a horse"
 CONTENDERS = ("diffusers", "optimum", "edgediff")
+PEERS = ("diffusers", "optimum")
 
 
 # ----------------------------------------------------------------------------------------- worker
@@ -149,23 +150,34 @@ def _ratio(a, b):
 
 
 def summarise(results: list[dict]) -> list[dict]:
-    rows = []
-    for size in sorted({r["size"] for r in results}, reverse=True):
-        by = {r["contender"]: r for r in results if r["size"] == size and "error" not in r}
-        for label, ours in by.items():
-            if label in ("diffusers", "optimum"):
-                continue
-            for peer in ("diffusers", "optimum"):
-                if peer in by:
-                    p = by[peer]
-                    rows.append({
-                    "size": size, "edgediff": label, "peer": peer,
-                    "unet_call": _ratio(ours["unet_call_median_s"], p["unet_call_median_s"]),
-                    "end_to_end": _ratio(ours["end_to_end_median_s"], p["end_to_end_median_s"]),
-                    "cold_start": _ratio(ours["cold_start_s"], p["cold_start_s"]),
-                    "peak_rss": _ratio(ours["peak_rss_bytes"], p["peak_rss_bytes"]),
-                })  # fmt: skip
-    return rows
+    """One row per (size, edgediff configuration, peer): edgediff's figure over the peer's."""
+    ok = sorted((r for r in results if "error" not in r), key=lambda r: -r["size"])
+    peers = {(r["size"], r["contender"]): r for r in ok if r["contender"] in PEERS}
+    ours_rows = [r for r in ok if r["contender"] not in PEERS]
+    pairs = [(ours, peers.get((ours["size"], name))) for ours in ours_rows for name in PEERS]
+    return [{
+        "size": ours["size"], "edgediff": ours["contender"], "peer": peer["contender"],
+        "unet_call": _ratio(ours["unet_call_median_s"], peer["unet_call_median_s"]),
+        "end_to_end": _ratio(ours["end_to_end_median_s"], peer["end_to_end_median_s"]),
+        "cold_start": _ratio(ours["cold_start_s"], peer["cold_start_s"]),
+        "peak_rss": _ratio(ours["peak_rss_bytes"], peer["peak_rss_bytes"]),
+    } for ours, peer in pairs if peer is not None]  # fmt: skip
+
+
+def image_difference(a_png: Path, b_png: Path) -> dict | None:
+    """Pixel difference of two PNGs (0..255 scale): mean and max |a - b| and PSNR in dB."""
+    import numpy as np
+    from PIL import Image
+
+    if not (a_png.is_file() and b_png.is_file()):
+        return None
+    a, b = (np.asarray(Image.open(f).convert("RGB"), np.float64) for f in (a_png, b_png))
+    if a.shape != b.shape:
+        return None
+    d = np.abs(a - b)
+    mse = float((d**2).mean())
+    return {"mean_abs": float(d.mean()), "max_abs": float(d.max()),
+            "psnr_db": float("inf") if mse == 0 else float(10 * np.log10(255**2 / mse))}  # fmt: skip
 
 
 def write_markdown(path: Path, report: dict) -> None:
@@ -180,18 +192,28 @@ def write_markdown(path: Path, report: dict) -> None:
         f"Run: `{s['command']}` on {s['date']}; {s['warmup']} warm-up + {s['runs']} timed images per contender "
         "after the cold one, each contender in its own fresh process.",
         "",
-        "| size | contender | UNet call median (s) | UNet p90 (s) | end to end median (s) | cold start (s) | load (s) | peak RSS (GiB) |",
-        "|---|---|---|---|---|---|---|---|",
+        "| size | contender | UNet call median (s) | UNet p90 (s) | end to end median (s) | cold start (s) | load (s) "
+        "| peak RSS (GiB) | image vs diffusers: mean / max abs (0-255) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["results"]:
         if "error" in r:
-            lines.append(f"| {r['size']} | {r['contender']} | failed: {r['error']} | | | | | |")
+            lines.append(f"| {r['size']} | {r['contender']} | failed: {r['error']} | | | | | | |")
             continue
+        diff = r.get("image_vs_diffusers")
         lines.append(
             f"| {r['size']} | {r['contender']} | {r['unet_call_median_s']:.2f} | {r['unet_call_p90_s']:.2f} | "
             f"{r['end_to_end_median_s']:.1f} | {r['cold_start_s']:.1f} | {r['load_s']:.1f} | "
-            f"{r['peak_rss_bytes'] / 2**30:.2f} |"
+            f"{r['peak_rss_bytes'] / 2**30:.2f} | "
+            + ("-" if r["contender"] == "diffusers" or not diff else f"{diff['mean_abs']:.2f} / {diff['max_abs']:.0f}")
+            + " |"
         )
+    variants = [r for r in report["results"] if r.get("image_vs_edgediff")]
+    if variants:
+        lines += ["", "Image difference of each edgediff configuration from edgediff's default (seed 0):", ""]
+        lines += [f"- {r['size']} px, {r['contender']}: mean {r['image_vs_edgediff']['mean_abs']:.2f}, max "
+                  f"{r['image_vs_edgediff']['max_abs']:.0f} (0-255), PSNR {r['image_vs_edgediff']['psnr_db']:.1f} dB"
+                  for r in variants]  # fmt: skip
     lines += ["", "Ratios, edgediff / peer (lower is better for edgediff):", "",
               "| size | edgediff | peer | UNet call | end to end | cold start | peak memory |", "|---|---|---|---|---|---|---|"]  # fmt: skip
     for row in report["ratios"]:
@@ -290,6 +312,14 @@ def main(argv: list[str] | None = None) -> None:
                     r = _run_contender(name, size, args, source, folder, tmp)
                     r["contender"] = label
                     r["options"] = json.loads(options)
+                    png = Path(tmp) / f"{name}-{size}.png"  # the first image, seed 0, same for every contender
+                    if png.is_file():
+                        png.rename(Path(tmp) / f"image-{label}-{size}.png")
+                    r["image_vs_diffusers"] = image_difference(Path(tmp) / f"image-diffusers-{size}.png",
+                                                               Path(tmp) / f"image-{label}-{size}.png")  # fmt: skip
+                    if name == "edgediff" and label != "edgediff":
+                        r["image_vs_edgediff"] = image_difference(Path(tmp) / f"image-edgediff-{size}.png",
+                                                                  Path(tmp) / f"image-{label}-{size}.png")  # fmt: skip
                     print(json.dumps(r), file=sys.stderr, flush=True)
                     results.append(r)
     report = {

@@ -16,7 +16,9 @@ Session settings (keyword options, also reachable from ``Pipeline.load`` and ``e
   (default on, ONNX Runtime's defaults).
 - ``optimized``: ``auto`` (default) loads the CPU variant that ``edgediff optimize`` made for
   this machine and ONNX Runtime version (fused attention, saved at level ``all``) when one exists
-  and matches; ``off`` always loads the exported graph.
+  and matches; ``off`` always loads the exported graph; ``int8`` (opt-in, changes the image) loads
+  the int8 variant of ``edgediff optimize --int8`` where one was made (the UNet: an error names
+  the command if it is missing) and the ``auto`` choice for the other components.
 - ``io_binding``: bind inputs and outputs through an IOBinding (default: on for GPU providers,
   where it keeps inputs that are passed again unchanged on the device; off on the CPU, where
   ``run`` already writes into fresh numpy arrays without a copy).
@@ -115,12 +117,12 @@ def make_session_options(
     return so
 
 
-def _optimized_variant(path: Path, component: str) -> Path | None:
-    from .ort_optimize import KEY_FILE, VARIANT_DIR, find_variant
+def _optimized_variant(path: Path, component: str, precision: str = "fp32") -> Path | None:
+    from .ort_optimize import KEY_FILE, VARIANT_DIRS, find_variant
 
-    if not (path.parent.parent / VARIANT_DIR / component / KEY_FILE).is_file():
+    if not (path.parent.parent / VARIANT_DIRS[precision] / component / KEY_FILE).is_file():
         return None  # the common case costs one stat
-    return find_variant(path, component)
+    return find_variant(path, component, precision)
 
 
 def _device_of(provider: str) -> str:
@@ -148,12 +150,22 @@ class OrtEngine:
         self.component = component
         path = Path(path)
         providers = list(providers) if providers else ["CPUExecutionProvider"]
-        if optimized not in ("auto", "off"):
-            raise InvalidArgumentError(f"optimized must be 'auto' or 'off', got {optimized!r}")
-        if optimized == "auto" and providers == ["CPUExecutionProvider"] and session_options is None:
+        if optimized not in ("auto", "off", "int8"):
+            raise InvalidArgumentError(f"optimized must be 'auto', 'off' or 'int8', got {optimized!r}")
+        cpu_only = providers == ["CPUExecutionProvider"] and session_options is None
+        variant = None
+        if optimized == "int8":
+            variant = _optimized_variant(path, component, "int8") if cpu_only else None
+            if variant is None and component == "unet":
+                raise ModelFolderError(
+                    f"no int8 variant of {path} for this CPU and ONNX Runtime version"
+                    + ("" if cpu_only else " (int8 variants run on the CPU provider only)")
+                    + f": run `edgediff optimize {path.parent.parent} --int8` first, or leave int8 off"
+                )
+        if variant is None and optimized != "off" and cpu_only:
             variant = _optimized_variant(path, component)
-            if variant is not None:  # made by `edgediff optimize`: already at level "all", fused
-                path, optimization = variant, "disable"
+        if variant is not None:  # made by `edgediff optimize`: already at level "all", fused
+            path, optimization = variant, "disable"
         self.model_file = path
         available = ort.get_available_providers()
         unknown = [p for p in providers if p not in available]

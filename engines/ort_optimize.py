@@ -13,6 +13,13 @@ key (source file identity, ONNX Runtime version, CPU model and SIMD flags) must 
 engine to use them (``OrtEngine(optimized="auto")``, the default). The contrib ops would stop
 TensorRT's parser, so ``unet/model.onnx`` itself is left as exported.
 
+``--int8`` (opt-in, UNet by default) adds ONNX Runtime's dynamic int8 quantisation of the
+MatMuls with constant weights (the transformer blocks' linear layers; per-tensor int8 weights,
+activations quantised per call) after the fusions, written to ``MODEL/ort-cpu-int8/``; the
+engine uses it only when asked (``optimized="int8"``, ``--int8``). Convolutions stay fp32: ONNX
+Runtime's ConvInteger runs at half the speed of its fp32 convolution on this class of CPU. The
+int8 variant changes the image; DECISIONS.md and the benchmark results report by how much.
+
 Needs ``onnx`` (the ``dev``/``export`` extras) and onnxruntime's bundled ``transformers`` tools,
 which need ``sympy``: the ``optimize`` extra. Imported only by the ``optimize`` command.
 """
@@ -34,6 +41,12 @@ from edgediff.runtime.errors import EdgediffError, ModelFolderError
 logger = logging.getLogger(__name__)
 
 VARIANT_DIR = "ort-cpu"
+VARIANT_DIRS = {"fp32": VARIANT_DIR, "int8": "ort-cpu-int8"}
+INT8_COMPONENTS = ("unet",)  # what `optimize --int8` makes when no --component is given
+# The optimised graph must reproduce the original within this (max |difference| / (1 + max |output|)
+# on random inputs); int8 cannot (0.05 on SD 1.5, 0.19 on the small embedded model), so its bound
+# only catches a broken quantisation (wrong scales: O(1) or NaN); image fidelity is the real check.
+TOLERANCE = {"fp32": 1e-3, "int8": 0.5}
 KEY_FILE = "optimized.json"
 # Bumped when what `edgediff optimize` writes changes, so variants made by an older one are redone.
 # 2: self-attention as MultiHeadAttention (flash attention on the CPU provider).
@@ -118,14 +131,15 @@ def _source_identity(source: Path) -> dict:
     return {p.name: {"size": p.stat().st_size, "mtime_ns": p.stat().st_mtime_ns} for p in files}
 
 
-def variant_key(source: Path, fused: bool) -> dict:
-    return {"source": _source_identity(source), "fused": fused, "recipe": RECIPE, **_cpu_identity()}
+def variant_key(source: Path, fused: bool, precision: str = "fp32") -> dict:
+    return {"source": _source_identity(source), "fused": fused, "precision": precision, "recipe": RECIPE,
+            **_cpu_identity()}  # fmt: skip
 
 
-def find_variant(source: Path, component: str) -> Path | None:
+def find_variant(source: Path, component: str, precision: str = "fp32") -> Path | None:
     """The optimised file for the component at ``source`` if one exists and its key matches this
     machine, ONNX Runtime and source file; None otherwise (stale variants are logged, not used)."""
-    folder = source.parent.parent / VARIANT_DIR / component
+    folder = source.parent.parent / VARIANT_DIRS[precision] / component
     key_path = folder / KEY_FILE
     if not key_path.is_file():
         return None
@@ -133,7 +147,7 @@ def find_variant(source: Path, component: str) -> Path | None:
         recorded = json.loads(key_path.read_text())
     except (OSError, json.JSONDecodeError):
         return None
-    current = variant_key(source, recorded.get("fused", False))
+    current = variant_key(source, recorded.get("fused", False), precision)
     stale = [k for k in current if recorded.get(k) != current[k]]
     if stale:
         logger.warning("%s: ignoring the optimised variant in %s (made for another %s); run `edgediff optimize` "
@@ -159,6 +173,29 @@ def _fuse(source: Path, component: str, work: Path) -> tuple[Path, dict]:
     model.save_model_to_file(str(out), use_external_data_format=source.stat().st_size > 1 << 30 or
                              source.with_name(source.name + "_data").exists())  # fmt: skip
     return out, stats
+
+
+def _quantize_int8(model_in: Path, work: Path) -> Path:
+    """ONNX Runtime's dynamic quantisation of the MatMuls whose second input is a weight."""
+    out = work / "int8.onnx"
+    root = logging.getLogger()  # its advice to run shape-inference pre-processing does not apply to fused graphs
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        _quantize(model_in, out)
+    finally:
+        root.setLevel(level)
+    return out
+
+
+def _quantize(model_in: Path, out: Path) -> None:
+    from onnx import TensorProto
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(model_in, out, op_types_to_quantize=["MatMul"], weight_type=QuantType.QInt8,
+                     use_external_data_format=True,
+                     # the fused contrib ops have no ONNX shape inference: their outputs are fp32
+                     extra_options={"MatMulConstBOnly": True, "DefaultTensorType": TensorProto.FLOAT})  # fmt: skip
 
 
 def _save_optimized(model_in: Path, out: Path) -> None:
@@ -209,8 +246,9 @@ def _probe_shapes(folder, component: str) -> dict:
 
 
 def optimize_folder(model: str | os.PathLike, components=None, fuse: bool = True, force: bool = False,
-                    tolerance: float = 1e-3) -> dict:  # fmt: skip
-    """Make the CPU variants; returns {component: report}. Written atomically per component."""
+                    int8: bool = False, tolerance: float | None = None) -> dict:  # fmt: skip
+    """Make the CPU variants (``int8``: the int8 ones); returns {component: report}. Written
+    atomically per component."""
     from edgediff.runtime.model_folder import ModelFolder
 
     folder = ModelFolder.open(model)
@@ -218,18 +256,21 @@ def optimize_folder(model: str | os.PathLike, components=None, fuse: bool = True
         import sympy  # noqa: F401
     except ImportError:
         raise OptimizeError("edgediff optimize needs sympy and onnx: pip install 'edgediff[optimize]'") from None
-    components = list(components or [c for c in ("text_encoder", "unet", "vae_decoder") if c in folder.components])
+    precision = "int8" if int8 else "fp32"
+    tolerance = TOLERANCE[precision] if tolerance is None else tolerance
+    default = INT8_COMPONENTS if int8 else ("text_encoder", "unet", "vae_decoder")
+    components = list(components or [c for c in default if c in folder.components])
     unknown = [c for c in components if c not in folder.components]
     if unknown:
         raise ModelFolderError(f"{folder.path} has no component(s) {unknown}; it has {folder.components}")
     reports = {}
     for component in components:
         source = folder.component_path(component)
-        if not force and find_variant(source, component) is not None:
+        if not force and find_variant(source, component, precision) is not None:
             reports[component] = {"skipped": "up to date"}
             continue
-        final = folder.path / VARIANT_DIR / component
-        work = folder.path / VARIANT_DIR / f".{component}.partial-{os.getpid()}"
+        final = folder.path / VARIANT_DIRS[precision] / component
+        work = final.parent / f".{component}.partial-{os.getpid()}"
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir(parents=True)
         t0 = time.time()
@@ -242,14 +283,16 @@ def optimize_folder(model: str | os.PathLike, components=None, fuse: bool = True
                     logger.warning("%s: transformer fusions failed (%s: %s); saving without them",
                                    component, type(e).__name__, e)  # fmt: skip
                     model_in = source
+            if int8:
+                model_in = _quantize_int8(model_in, work)
             stage = work / "stage"
             stage.mkdir()
             _save_optimized(model_in, stage / "model.onnx")
             error = _check_same_outputs(source, stage / "model.onnx", component, _probe_shapes(folder, component))
             if not error <= tolerance:
-                raise OptimizeError(f"{component}: the optimised graph differs from the original by {error:.2e} "
-                                    f"(relative; tolerance {tolerance:g}); nothing was written")  # fmt: skip
-            key = variant_key(source, bool(fused_stats))
+                raise OptimizeError(f"{component}: the {precision} optimised graph differs from the original by "
+                                    f"{error:.2e} (relative; tolerance {tolerance:g}); nothing was written")
+            key = variant_key(source, bool(fused_stats), precision)
             report = {**key, "fusions": fused_stats, "max_relative_difference": error, "seconds": time.time() - t0}
             (stage / KEY_FILE).write_text(json.dumps(report, indent=1) + "\n")
             old = final.with_name(f".{component}.old-{os.getpid()}")

@@ -69,14 +69,19 @@ def export(source: Path, out: Path, fp16: bool, force: bool, opset: int, device:
 @click.option("--scheduler", default=None, help=f"One of: {', '.join(schedulers.known_names())}. Default: the model's own.")
 @click.option("--eta", default=0.0, show_default=True, type=float, help="DDIM's eta (ignored by other schedulers).")
 @click.option("--provider", "providers", multiple=True, help="ONNX Runtime execution provider (repeatable).")
-def generate(prompt, model, output, negative_prompt, steps, guidance, width, height, seed, scheduler, eta, providers):
+@click.option("--low-memory", is_flag=True, help="Load one component at a time and release it after use.")
+@click.option("--int8", is_flag=True,
+              help="Use the int8 UNet of `edgediff optimize --int8` (faster on CPUs; changes the image).")
+def generate(prompt, model, output, negative_prompt, steps, guidance, width, height, seed, scheduler, eta, providers,
+             low_memory, int8):  # fmt: skip
     """Generate an image from PROMPT and write it as a PNG with its parameters."""
     from tqdm import tqdm
 
     from .image import format_parameters, save_png
     from .pipeline import Pipeline
 
-    with Pipeline.load(model, providers=list(providers) or None) as pipe:
+    options = {"optimized": "int8"} if int8 else {}
+    with Pipeline.load(model, providers=list(providers) or None, low_memory=low_memory, **options) as pipe:
         bar = tqdm(total=None, desc="denoising", unit="step", disable=not sys.stderr.isatty(), leave=False)
         result = pipe(
             prompt, negative_prompt=negative_prompt, num_inference_steps=steps, guidance_scale=guidance,
@@ -148,13 +153,15 @@ def info(model: Path, verify: bool, as_json: bool) -> None:
 @click.option("--component", "components", multiple=True, help="Only these components (repeatable).")
 @click.option("--no-fuse", is_flag=True, help="Skip ONNX Runtime's transformer fusions (attention, LayerNorm).")
 @click.option("--force", is_flag=True, help="Redo variants that are up to date.")
-def optimize(model, components, no_fuse, force):
+@click.option("--int8", is_flag=True,
+              help="Make the opt-in int8 variant instead (dynamic int8 MatMuls; default component: unet).")
+def optimize(model, components, no_fuse, force, int8):
     """Make ONNX Runtime CPU variants of MODEL's components (fused attention, saved optimised graph)."""
     try:
         from edgediff.engines.ort_optimize import optimize_folder
     except ImportError as e:
         raise click.ClickException(f"optimize needs onnx and sympy ({e}): pip install 'edgediff[optimize]'") from None
-    reports = optimize_folder(model, components or None, fuse=not no_fuse, force=force)
+    reports = optimize_folder(model, components or None, fuse=not no_fuse, force=force, int8=int8)
     for name, r in reports.items():
         if "skipped" in r:
             click.echo(f"{name}: {r['skipped']}")
@@ -182,10 +189,11 @@ def optimize(model, components, no_fuse, force):
 @click.option("--optimization", default="all", show_default=True,
               type=click.Choice(["disable", "basic", "extended", "all"]), help="ONNX Runtime graph optimisation level.")
 @click.option("--no-prepack", is_flag=True, help="ONNX Runtime: no pre-packed weight copies (less memory, slower).")
+@click.option("--int8", is_flag=True, help="ONNX Runtime: the int8 UNet of `edgediff optimize --int8`.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON instead of a table.")
 @click.option("-o", "--output", default=None, type=click.Path(path_type=Path), help="Also write the JSON report here.")
 def bench(model, prompt, steps, width, height, batch, guidance, scheduler, engine, providers, threads, warmup, runs,
-          low_memory, optimization, no_prepack, as_json, output):  # fmt: skip
+          low_memory, optimization, no_prepack, int8, as_json, output):  # fmt: skip
     """Measure load, cold start and per-stage latency of MODEL (default: the embedded model)."""
     from tqdm import tqdm
 
@@ -195,6 +203,8 @@ def bench(model, prompt, steps, width, height, batch, guidance, scheduler, engin
     options = {}
     if engine == "onnxruntime":
         options = {"optimization": optimization, "prepack": not no_prepack}
+        if int8:
+            options["optimized"] = "int8"
     bar = tqdm(desc="bench", unit="run", disable=not sys.stderr.isatty(), leave=False)
 
     def progress(i, n):

@@ -7,38 +7,16 @@ import subprocess
 import sys
 import textwrap
 
-import numpy as np
 import pytest
 
 from edgediff.runtime import Pipeline, shapes
 
-# 12 training-split captions (scene and wording seed 7), image seed = index. Measured on the shipped
-# model (shapes-v1): colour, background, shape and position all 1.0. A broken tokenizer gives
-# colour 0.08 / background 0.25 / shape 0.17 / position 0.17; swapped guidance 0.08 / 0.0 / 0.17 /
-# 0.33; an epsilon scheduler on this v-prediction model 0.17 / 0.0 / 0.25 / 0.25. The thresholds
-# leave room for float differences between machines, none for a broken runtime.
-_rng = np.random.default_rng(7)
-CHECK = [shapes.caption(scene, _rng) for scene in shapes.sample_scenes(12, seed=7, split="train")]
-MINIMUM = {"colour": 0.9, "background": 0.9, "shape": 0.8, "position": 0.9}
+from shapes_check import fidelity, passes  # tests/ is on sys.path (pytest rootdir import mode)
 
 
 @pytest.fixture(scope="module")
 def pipe():
     return Pipeline.load()
-
-
-def fidelity(pipe, swap=False, **kwargs):
-    images = []
-    for seed, prompt in enumerate(CHECK):
-        # swapped guidance: the prompt in the unconditional slot, the empty prompt in the conditional one
-        text = dict(prompt="", negative_prompt=prompt) if swap else dict(prompt=prompt)
-        result = pipe(**text, num_inference_steps=20, guidance_scale=5.0, seed=seed, **kwargs)
-        images.append(np.asarray(result.images[0]))
-    return shapes.score(CHECK, images)
-
-
-def passes(result) -> bool:
-    return all(result[k] >= v for k, v in MINIMUM.items())
 
 
 def test_embedded_model_matches_prompts(pipe):

@@ -10,7 +10,9 @@ from click.testing import CliRunner
 
 from edgediff.runtime import Pipeline
 from edgediff.runtime.cli import main
+from edgediff.runtime.errors import ModelFolderError
 from edgediff.runtime.pipeline import embedded_model_path
+from shapes_check import MINIMUM, fidelity, passes  # tests/ is on sys.path (pytest rootdir import mode)
 
 pytest.importorskip("onnx", reason="edgediff optimize needs the onnx package (dev extra)")
 
@@ -76,3 +78,41 @@ def test_unknown_component_is_named(tmp_path):
     result = CliRunner().invoke(main, ["optimize", str(folder), "--component", "vae_encoderx"])
     assert result.exit_code == 1 and "vae_encoderx" in result.output
     assert not (folder / "ort-cpu").exists() or not any((folder / "ort-cpu").iterdir())
+
+
+@pytest.fixture(scope="module")
+def int8_copy(optimized_copy):
+    folder, _ = optimized_copy
+    result = CliRunner().invoke(main, ["optimize", str(folder), "--int8"])
+    assert result.exit_code == 0, result.output
+    return folder, result.output
+
+
+def test_int8_variant_is_opt_in_quantised_and_keeps_fidelity(int8_copy):
+    """``--int8`` makes an int8 UNet (dynamic int8 MatMuls) that is used only when asked for; it
+    changes the image, but the trained embedded model still draws what the prompts say."""
+    import onnx
+
+    folder, output = int8_copy
+    assert "unet:" in output and "text_encoder:" not in output, output  # the UNet only, by default
+    graph = onnx.load(str(folder / "ort-cpu-int8" / "unet" / "model.onnx"), load_external_data=False).graph
+    ops = {node.op_type for node in graph.node}
+    assert {"DynamicQuantizeLinear", "MatMulInteger"} & ops or "DynamicQuantizeMatMul" in ops, sorted(ops)
+    assert "MultiHeadAttention" in ops  # quantised after the fusions, not instead of them
+    with Pipeline.load(folder) as pipe:  # not used unless asked for
+        assert "ort-cpu-int8" not in str(pipe.engines["unet"].model_file)
+    with Pipeline.load(folder, optimized="int8") as pipe:
+        assert "ort-cpu-int8" in str(pipe.engines["unet"].model_file)
+        assert "ort-cpu" in str(pipe.engines["vae_decoder"].model_file)  # fp32 variant where no int8 one
+        result = fidelity(pipe)
+    assert passes(result), {k: result[k] for k in MINIMUM}
+
+
+def test_int8_without_the_variant_names_the_command(tmp_path):
+    folder = tmp_path / "m"
+    shutil.copytree(embedded_model_path(), folder)
+    with pytest.raises(ModelFolderError, match="optimize .* --int8"):
+        Pipeline.load(folder, optimized="int8")
+    result = CliRunner().invoke(main, ["generate", "a red circle", "--model", str(folder), "--int8",
+                                       "-o", str(tmp_path / "x.png")])  # fmt: skip
+    assert result.exit_code == 1 and "--int8" in result.output and not (tmp_path / "x.png").exists()
