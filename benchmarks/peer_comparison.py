@@ -44,6 +44,7 @@ def _worker(args) -> dict:
 
     size, steps, guidance, threads = args.size, args.steps, args.guidance, args.threads
     unet_calls: list[float] = []
+    stages: dict[str, float] = {}  # edgediff: the last image's per-stage seconds (host = loop minus UNet calls)
     out_png = Path(args.tmp) / f"{args.worker}-{size}.png"
 
     def timed(fn):
@@ -67,6 +68,8 @@ def _worker(args) -> dict:
             r = pipe(PROMPT, num_inference_steps=steps, guidance_scale=guidance, width=size, height=size, seed=seed,
                      scheduler="dpmpp_2m")  # fmt: skip
             unet_calls.extend(r.unet_calls)
+            stages.clear()
+            stages.update(r.timings)
             return r.images[0]
 
         def save(image):
@@ -128,6 +131,7 @@ def _worker(args) -> dict:
         "unet_call_median_s": float(np.median(calls)),
         "unet_call_p90_s": float(np.percentile(calls, 90)),
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        **({"stages_s": dict(stages)} if stages else {}),
     }
 
 
@@ -180,6 +184,45 @@ def image_difference(a_png: Path, b_png: Path) -> dict | None:
             "psnr_db": float("inf") if mse == 0 else float(10 * np.log10(255**2 / mse))}  # fmt: skip
 
 
+# Issue 5's targets, judged at the largest size measured: (name, what is compared, limit).
+TARGETS = (
+    ("UNet call vs diffusers", "unet_call", "diffusers", 0.40),
+    ("end to end vs diffusers", "end_to_end", "diffusers", 0.45),
+    ("end to end vs optimum", "end_to_end", "optimum", 0.90),
+    ("cold start vs diffusers", "cold_start", "diffusers", 0.50),
+    ("peak memory vs diffusers", "peak_rss", "diffusers", 0.80),
+)
+
+
+def judge_targets(report: dict) -> list[dict]:
+    """Each target against each edgediff configuration at the largest size: the measured value,
+    the limit, met or not, and value / limit (how far off)."""
+    rows = []
+    ratios = report["ratios"]
+    if not ratios:
+        return rows
+    size = max(r["size"] for r in ratios)
+    for name, key, peer, limit in TARGETS:
+        for r in ratios:
+            if r["size"] == size and r["peer"] == peer and r[key] is not None:
+                rows.append({"target": name, "edgediff": r["edgediff"], "value": r[key], "limit": limit})
+    largest = report["settings"].get("largest_component_bytes")
+    for r in report["results"]:
+        if r.get("size") != size or "error" in r:
+            continue
+        stages = r.get("stages_s")
+        if stages and stages.get("denoise"):
+            rows.append({"target": "host time share of the denoising loop", "edgediff": r["contender"],
+                         "value": stages["host"] / stages["denoise"], "limit": 0.01})  # fmt: skip
+        if largest and r.get("options", {}).get("low_memory"):
+            rows.append({"target": "low-memory peak vs largest component + 1 GB", "edgediff": r["contender"],
+                         "value": r["peak_rss_bytes"] / (largest + 1e9), "limit": 1.0})  # fmt: skip
+    for row in rows:
+        row["met"] = row["value"] <= row["limit"]
+        row["of_limit"] = row["value"] / row["limit"]
+    return rows
+
+
 def write_markdown(path: Path, report: dict) -> None:
     m, s = report["machine"], report["settings"]
     lines = [
@@ -225,6 +268,16 @@ def write_markdown(path: Path, report: dict) -> None:
             )
             + " |"
         )
+    targets = judge_targets(report)
+    if targets:
+        size = max(r["size"] for r in report["ratios"])
+        lines += ["", f"Issue 5's targets at {size} px (value / limit > 1: missed by that factor):", "",
+                  "| target | edgediff configuration | measured | limit | met | value / limit |",
+                  "|---|---|---|---|---|---|"]  # fmt: skip
+        lines += [f"| {t['target']} | {t['edgediff']} | {t['value']:.3g} | {t['limit']:g} | "
+                  f"{'yes' if t['met'] else 'no'} | {t['of_limit']:.2f} |" for t in targets]  # fmt: skip
+        if "notes" in report:
+            lines += ["", report["notes"]]
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -276,6 +329,8 @@ def main(argv: list[str] | None = None) -> None:
                         'e.g. \'lowmem={"low_memory": true}\' (repeatable; default: edgediff={})')  # fmt: skip
     p.add_argument("--edgediff-options", default="{}", help=argparse.SUPPRESS)  # worker-only
     p.add_argument("--label", default="", help="suffix of the results files")
+    p.add_argument("--report", type=Path, default=None, metavar="JSON",
+                   help="only re-render the .md and .png of an earlier run's JSON (no benchmarking)")
     p.add_argument("--root", type=Path, default=None, help="where full_size_models.py keeps the models")
     p.add_argument("--model", nargs=2, metavar=("DIFFUSERS_DIR", "EDGEDIFF_DIR"),
                    help="compare on these folders instead of the random-weight --arch model")  # fmt: skip
@@ -290,11 +345,19 @@ def main(argv: list[str] | None = None) -> None:
     if args.worker:
         print(json.dumps(_worker(args)))
         return
-
-    import tempfile
-
     sys.path.insert(0, str(HERE))
     from full_size_models import DEFAULT_ROOT, ensure
+
+    if args.report:
+        report = json.loads(args.report.read_text())
+        report["ratios"] = summarise(report["results"])
+        if "largest_component_bytes" not in report["settings"]:
+            folder = Path(args.model[1]) if args.model else (args.root or DEFAULT_ROOT) / f"{args.arch}-onnx"
+            report["settings"]["largest_component_bytes"] = largest_component_bytes(folder)
+        _write(args.report.with_suffix(""), report)
+        return
+
+    import tempfile
 
     from edgediff.runtime.bench import machine_info
 
@@ -336,12 +399,23 @@ def main(argv: list[str] | None = None) -> None:
             "edgediff_variants": {label: json.loads(options) for label, options in variants},
             "command": "python benchmarks/peer_comparison.py " + " ".join(argv if argv is not None else sys.argv[1:]),
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "largest_component_bytes": largest_component_bytes(folder),
         },  # fmt: skip
         "results": results,
     }
     report["ratios"] = summarise(results)
-    stem = RESULTS / f"peers_{args.arch}{args.label}"
     RESULTS.mkdir(exist_ok=True)
+    _write(RESULTS / f"peers_{args.arch}{args.label}", report)
+
+
+def largest_component_bytes(folder: Path) -> int:
+    """Bytes of the largest exported component (its model.onnx and external data): the UNet."""
+    parts = ("text_encoder", "unet", "vae_decoder")
+    return max(sum(f.stat().st_size for f in (Path(folder) / c).iterdir() if f.is_file()) for c in parts)
+
+
+def _write(stem: Path, report: dict) -> None:
+    report["targets"] = judge_targets(report)
     stem.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
     write_markdown(stem.with_suffix(".md"), report)
     draw_chart(stem.with_suffix(".png"), report)

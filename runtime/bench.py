@@ -312,6 +312,7 @@ def format_table(report: dict[str, Any]) -> str:
             line += (
                 f" = {report['unet_fraction_of_peak'] * 100:.0f} % of the CPU's nominal "
                 f"{report['cpu_peak_gflops']:.0f} GFLOP/s"
+                + (" (at the reported clock; this CPU boosts above it)" if report["unet_fraction_of_peak"] > 1 else "")
             )
         if report.get("sgemm_gflops"):
             line += f", {report['unet_fraction_of_sgemm'] * 100:.0f} % of numpy's SGEMM ({report['sgemm_gflops']:.0f} GFLOP/s)"

@@ -55,6 +55,21 @@ def export(source: Path, out: Path, fp16: bool, force: bool, opset: int, device:
     click.echo(f"exported {source} -> {folder}")
 
 
+_HINT_MIN_BYTES = 200 * 2**20  # UNet files above this size (every real SD model) get the hint
+
+
+def _optimize_hint(pipe, providers) -> None:
+    """One line on stderr when a large model runs on the CPU without `edgediff optimize`'s variants."""
+    if pipe.engine_name != "onnxruntime" or (providers and providers[0] != "CPUExecutionProvider"):
+        return
+    folder = pipe.folder.path
+    unet = pipe.folder.component_path("unet")
+    size = sum(f.stat().st_size for f in unet.parent.iterdir() if f.is_file())
+    if size > _HINT_MIN_BYTES and not (folder / "ort-cpu" / "unet" / "optimized.json").is_file():
+        click.echo(f"tip: `edgediff optimize {folder}` (once) makes CPU runs of this model faster and leaner: "
+                   "fused flash attention, memory-mapped weights", err=True)  # fmt: skip
+
+
 @main.command()
 @click.argument("prompt")
 @click.option("--model", "model", default=None, type=click.Path(path_type=Path),
@@ -82,6 +97,7 @@ def generate(prompt, model, output, negative_prompt, steps, guidance, width, hei
 
     options = {"optimized": "int8"} if int8 else {}
     with Pipeline.load(model, providers=list(providers) or None, low_memory=low_memory, **options) as pipe:
+        _optimize_hint(pipe, providers)
         bar = tqdm(total=None, desc="denoising", unit="step", disable=not sys.stderr.isatty(), leave=False)
         result = pipe(
             prompt, negative_prompt=negative_prompt, num_inference_steps=steps, guidance_scale=guidance,

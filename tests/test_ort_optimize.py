@@ -116,3 +116,17 @@ def test_int8_without_the_variant_names_the_command(tmp_path):
     result = CliRunner().invoke(main, ["generate", "a red circle", "--model", str(folder), "--int8",
                                        "-o", str(tmp_path / "x.png")])  # fmt: skip
     assert result.exit_code == 1 and "--int8" in result.output and not (tmp_path / "x.png").exists()
+
+
+def test_generate_suggests_optimize_until_it_is_done(tmp_path, monkeypatch):
+    import edgediff.runtime.cli as cli
+
+    monkeypatch.setattr(cli, "_HINT_MIN_BYTES", 0)  # the embedded UNet stands in for a real, large one
+    folder = tmp_path / "m"
+    shutil.copytree(embedded_model_path(), folder)
+    args = ["generate", "a red circle", "--model", str(folder), "--steps", "2", "-o", str(tmp_path / "x.png")]
+    first = CliRunner().invoke(main, args)
+    assert first.exit_code == 0 and f"edgediff optimize {folder}" in first.output
+    assert CliRunner().invoke(main, ["optimize", str(folder), "--component", "unet"]).exit_code == 0
+    second = CliRunner().invoke(main, args)
+    assert second.exit_code == 0 and "tip:" not in second.output

@@ -1,0 +1,174 @@
+"""What each ONNX Runtime CPU setting does to one UNet call: time, load, memory, and output.
+
+    python benchmarks/unet_variants.py                  # SD 1.5 architecture, 512 and 256 px
+    python benchmarks/unet_variants.py --sizes 256 --calls 2
+
+Each configuration runs in its own fresh process (so load time and peak memory are its own) on
+the same random inputs (batch 2, as with guidance); the first call is the cold one and is
+reported apart, the median is over the rest. The output of every configuration is compared with
+the exported graph's at ONNX Runtime's default settings: max |difference| / max |reference|.
+Needs `edgediff optimize MODEL` and `edgediff optimize MODEL --int8` run first for the variants
+(configurations whose files are missing are reported as such). Results go to
+``benchmarks/results/unet_variants_<arch>.{md,json}`` with the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+
+CONFIGS = {  # label -> OrtEngine options (threads added from --threads)
+    "exported graph, ORT level all (ORT's default)": {"optimized": "off"},
+    "exported graph, ORT level basic": {"optimized": "off", "optimization": "basic"},
+    "edgediff optimize: fused, flash attention, saved (default)": {},
+    "  + prepack off": {"prepack": False},
+    "  + memory arena off": {"mem_arena": False},
+    "  + I/O binding": {"io_binding": True},
+    "edgediff optimize --int8 (opt-in)": {"optimized": "int8"},
+}
+
+
+def _worker(args) -> dict:
+    import resource
+
+    import numpy as np
+
+    from edgediff.engines.onnxruntime import OrtEngine
+
+    options = json.loads(args.options)
+    t0 = time.perf_counter()
+    engine = OrtEngine(args.unet, "unet", threads=args.threads, **options)
+    load = time.perf_counter() - t0
+    rss_load = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    rng = np.random.default_rng(0)
+    h = args.size // 8
+    hidden = engine.inputs["encoder_hidden_states"].shape[-1]
+    feeds = {
+        "sample": rng.standard_normal((2, engine.inputs["sample"].shape[1], h, h), dtype=np.float32),
+        "timestep": np.array(500.0, np.float32),
+        "encoder_hidden_states": rng.standard_normal((2, 77, hidden), dtype=np.float32),
+    }
+    calls = []
+    for _ in range(args.calls):
+        t = time.perf_counter()
+        out = engine.run(feeds)
+        calls.append(time.perf_counter() - t)
+    np.save(args.out, next(iter(out.values())))
+    return {
+        "file": str(engine.model_file),
+        "load_s": load,
+        "cold_call_s": calls[0],
+        "call_median_s": float(np.median(calls[1:])) if len(calls) > 1 else calls[0],
+        "calls_s": calls,
+        "rss_after_load_bytes": rss_load,
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    }
+
+
+def run(unet: Path, size: int, calls: int, threads: int) -> list[dict]:
+    import numpy as np
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        reference = None
+        for label, options in CONFIGS.items():
+            out = Path(tmp) / f"{len(rows)}.npy"
+            cmd = [sys.executable, __file__, "--worker", "--unet", str(unet), "--size", str(size), "--calls",
+                   str(calls), "--threads", str(threads), "--options", json.dumps(options), "--out", str(out)]  # fmt: skip
+            print(f"{size} px: {label.strip()} ...", file=sys.stderr, flush=True)
+            proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+            row = {"size": size, "config": label, "options": options}
+            if proc.returncode != 0:
+                row["error"] = (proc.stderr.strip().splitlines() or ["?"])[-1]
+            else:
+                row.update(json.loads(proc.stdout.strip().splitlines()[-1]))
+                result = np.load(out)
+                if reference is None:
+                    reference = result
+                row["max_rel_diff_vs_exported"] = float(np.abs(result - reference).max() / np.abs(reference).max())
+            print(json.dumps(row), file=sys.stderr, flush=True)
+            rows.append(row)
+    return rows
+
+
+def write_markdown(path: Path, report: dict) -> None:
+    m, s = report["machine"], report["settings"]
+    lines = [
+        f"# One UNet call per ONNX Runtime CPU setting: {s['arch']} architecture (random weights), batch 2",
+        "",
+        f"Machine: {m['cpu']}, {m['usable_cpus']} CPUs ({', '.join(m['flags'])}); threads {s['threads']}. "
+        "Libraries: " + ", ".join(f"{k} {v}" for k, v in m["libraries"].items()),
+        f"Run: `{s['command']}` on {s['date']}; each configuration in a fresh process, {s['calls']} calls "
+        "(the first is the cold one; the median is over the others).",
+        "",
+        "| size | configuration | call median (s) | cold call (s) | load (s) | RSS after load (GiB) | peak RSS (GiB) "
+        "| output vs exported (max rel.) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in report["results"]:
+        name = r["config"].replace("  + ", "&nbsp;&nbsp;+ ")
+        if "error" in r:
+            lines.append(f"| {r['size']} | {name} | failed: {r['error']} | | | | | |")
+            continue
+        lines.append(
+            f"| {r['size']} | {name} | {r['call_median_s']:.2f} | {r['cold_call_s']:.2f} | {r['load_s']:.2f} | "
+            f"{r['rss_after_load_bytes'] / 2**30:.2f} | {r['peak_rss_bytes'] / 2**30:.2f} | "
+            f"{r['max_rel_diff_vs_exported']:.1e} |"
+        )
+    path.write_text("\n".join(lines) + "\n")
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--arch", default="sd15", choices=("sd15", "sd21-base"))
+    p.add_argument("--model", type=Path, default=None, help="an edgediff model folder instead of --arch's")
+    p.add_argument("--sizes", type=int, nargs="+", default=[512, 256])
+    p.add_argument("--calls", type=int, default=3)
+    p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--unet", help=argparse.SUPPRESS)
+    p.add_argument("--size", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--options", help=argparse.SUPPRESS)
+    p.add_argument("--out", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker:
+        print(json.dumps(_worker(args)))
+        return
+
+    sys.path.insert(0, str(HERE))
+    from full_size_models import DEFAULT_ROOT, ensure
+
+    from edgediff.runtime.bench import machine_info
+
+    folder = args.model or ensure(args.arch, DEFAULT_ROOT)[1]
+    results = [row for size in args.sizes for row in run(Path(folder) / "unet" / "model.onnx", size, args.calls,
+                                                          args.threads)]  # fmt: skip
+    report = {
+        "machine": machine_info(),
+        "settings": {
+            "arch": "given folder" if args.model else args.arch,
+            "threads": args.threads,
+            "calls": args.calls,
+            "command": "python benchmarks/unet_variants.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        },
+        "results": results,
+    }
+    stem = RESULTS / f"unet_variants_{args.arch if not args.model else Path(args.model).name}"
+    RESULTS.mkdir(exist_ok=True)
+    stem.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
+    write_markdown(stem.with_suffix(".md"), report)
+    print(stem.with_suffix(".md").read_text())
+
+
+if __name__ == "__main__":
+    main()
