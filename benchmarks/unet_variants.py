@@ -43,17 +43,19 @@ def _worker(args) -> dict:
     import numpy as np
 
     from edgediff.engines.onnxruntime import OrtEngine
+    from edgediff.runtime.model_folder import ModelFolder
 
     options = json.loads(args.options)
     t0 = time.perf_counter()
     engine = OrtEngine(args.unet, "unet", threads=args.threads, **options)
     load = time.perf_counter() - t0
     rss_load = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    folder = ModelFolder.open(Path(args.unet).parent.parent)
     rng = np.random.default_rng(0)
-    h = args.size // 8
-    hidden = engine.inputs["encoder_hidden_states"].shape[-1]
+    h = args.size // folder.vae_downscale
+    hidden = folder.text_embedding_dim
     feeds = {
-        "sample": rng.standard_normal((2, engine.inputs["sample"].shape[1], h, h), dtype=np.float32),
+        "sample": rng.standard_normal((2, folder.latent_channels, h, h), dtype=np.float32),
         "timestep": np.array(500.0, np.float32),
         "encoder_hidden_states": rng.standard_normal((2, 77, hidden), dtype=np.float32),
     }

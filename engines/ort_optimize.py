@@ -233,10 +233,7 @@ def _probe_shapes(folder, component: str) -> dict:
     f = folder.vae_downscale
     h, w = (s // f for s in folder.native_size)
     c = folder.latent_channels
-    hidden = None
-    cfg = folder.path / "unet" / "config.json"
-    if cfg.exists():
-        hidden = json.loads(cfg.read_text()).get("cross_attention_dim")
+    hidden = folder.text_embedding_dim
     return {
         "text_encoder": {"input_ids": [2, 77]},
         "unet": {"sample": [2, c, h, w], "timestep": [], "encoder_hidden_states": [2, 77, hidden or 768]},

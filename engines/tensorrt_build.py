@@ -63,16 +63,8 @@ def model_facts(mf: ModelFolder) -> plans.ModelFacts:
         cfg = mf.path / "tokenizer" / "tokenizer_config.json"
         value = json.loads(cfg.read_text(encoding="utf-8")).get("model_max_length") if cfg.is_file() else None
         text_length = value if isinstance(value, int) and 0 < value <= 4096 else 77
-    text_dim = m.get("text_embedding_dim")
-    if not text_dim:
-        for rel, key in (("text_encoder/config.json", "hidden_size"), ("unet/config.json", "cross_attention_dim")):
-            p = mf.path / rel
-            if p.is_file():
-                value = json.loads(p.read_text(encoding="utf-8")).get(key)
-                if isinstance(value, int):
-                    text_dim = value
-                    break
-    return plans.ModelFacts(mf.native_size, mf.vae_downscale, mf.latent_channels, int(text_length), text_dim)
+    return plans.ModelFacts(mf.native_size, mf.vae_downscale, mf.latent_channels, int(text_length),
+                            mf.text_embedding_dim)  # fmt: skip
 
 
 def _folder_is_fp16(mf: ModelFolder) -> bool:

@@ -190,7 +190,8 @@ def run_bench(
         unet_flops = unet_input_shapes = None
         if flops:
             unet_input_shapes = _unet_shapes(pipe, params, batch, guidance)
-            unet_flops = _count_flops(pipe.folder.component_path("unet"), unet_input_shapes)
+            if unet_input_shapes is not None:
+                unet_flops = _count_flops(pipe.folder.component_path("unet"), unet_input_shapes)
         files = {name: str(getattr(eng, "model_file", "")) for name, eng in pipe.engines.items()}
         device = {}
         for name, eng in pipe.engines.items():
@@ -244,16 +245,15 @@ def run_bench(
     return report
 
 
-def _unet_shapes(pipe, params: dict, batch: int, guidance: float) -> dict[str, list[int]]:
-    import json
-
+def _unet_shapes(pipe, params: dict, batch: int, guidance: float) -> dict[str, list[int]] | None:
     f = pipe.folder.vae_downscale
     b = batch * (2 if guidance > 1 else 1)
-    config = json.loads((pipe.folder.path / "unet" / "config.json").read_text())
+    if pipe.folder.text_embedding_dim is None:
+        return None
     return {
         "sample": [b, pipe.folder.latent_channels, params["height"] // f, params["width"] // f],
         "timestep": [],
-        "encoder_hidden_states": [b, 77, int(config["cross_attention_dim"])],
+        "encoder_hidden_states": [b, 77, pipe.folder.text_embedding_dim],
     }
 
 

@@ -72,6 +72,18 @@ class ModelFolder:
     def prediction_type(self) -> str:
         return self.manifest["prediction_type"]
 
+    @property
+    def text_embedding_dim(self) -> int | None:
+        """Width of the prompt embeddings the UNet takes (768 for SD 1.x, 1024 for SD 2.x): the
+        manifest's, else the text encoder's or UNet's config (optimum folders), else None."""
+        value = self.manifest.get("text_embedding_dim")
+        for rel, key in (("text_encoder/config.json", "hidden_size"), ("unet/config.json", "cross_attention_dim")):
+            if isinstance(value, int) and value > 0:
+                break
+            p = self.path / rel
+            value = json.loads(p.read_text(encoding="utf-8")).get(key) if p.is_file() else None
+        return int(value) if isinstance(value, int) and value > 0 else None
+
     def component_path(self, name: str) -> Path:
         return self.path / name / ONNX_FILE
 
