@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> None:
         }
     report = {
         "machine": machine_info(),
-        "command": "python benchmarks/int8_difference.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": " ".join(["python benchmarks/int8_difference.py", *(argv if argv is not None else sys.argv[1:])]),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "n_per_split": args.n,
         "steps": args.steps,
