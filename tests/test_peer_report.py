@@ -96,3 +96,32 @@ def test_markdown_holds_the_table_image_differences_and_targets(tmp_path):
     assert "512 px, int8: mean 3.40, max 59 (0-255), PSNR 30.5 dB" in text
     assert "| UNet call vs diffusers | int8 | 0.4 | 0.4 | yes | 1.00 |" in text
     assert "| end to end vs diffusers | edgediff | 0.75 | 0.45 | no | 1.67 |" in text
+
+
+def test_one_command_optimizes_first_and_compares_configurations(tmp_path, monkeypatch):
+    """The documented command's edgediff side end to end, on a copy of the embedded model: it
+    runs `edgediff optimize` (and `--int8`, asked for by a configuration) before measuring, each
+    configuration runs in its own process, and the report holds the int8 image difference."""
+    import json
+    import shutil
+
+    import pytest
+
+    pytest.importorskip("onnx", reason="edgediff optimize needs onnx (dev extra)")
+    pytest.importorskip("sympy", reason="edgediff optimize needs sympy (dev extra)")
+    from edgediff.runtime.pipeline import embedded_model_path
+
+    folder = tmp_path / "shapes"
+    shutil.copytree(embedded_model_path(), folder)
+    monkeypatch.setattr(peers, "RESULTS", tmp_path / "results")
+    peers.main(["--model", str(tmp_path / "no-diffusers-source"), str(folder), "--contenders", "edgediff",
+                "--sizes", "64", "--steps", "3", "--edgediff", "edgediff={}", "--edgediff",
+                'int8={"optimized": "int8"}', "--label", "_t"])  # fmt: skip
+    assert (folder / "ort-cpu" / "unet" / "optimized.json").is_file()
+    assert (folder / "ort-cpu-int8" / "unet" / "optimized.json").is_file()
+    report = json.loads((tmp_path / "results" / "peers_sd15_t.json").read_text())
+    rows = {r["contender"]: r for r in report["results"]}
+    assert set(rows) == {"edgediff", "int8"} and not any("error" in r for r in rows.values()), rows
+    assert rows["edgediff"]["unet_calls_per_image"] == 3  # one batched (cond + uncond) call per step
+    assert rows["int8"]["image_vs_edgediff"]["mean_abs"] > 0  # int8 changes the image
+    assert (tmp_path / "results" / "peers_sd15_t.png").is_file()
