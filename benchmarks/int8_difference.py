@@ -35,6 +35,7 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
 
     sys.path.insert(0, str(HERE))
+    from provenance import command_and_date
     from shapes_fidelity import prompts_for
 
     from edgediff.engines.ort_optimize import optimize_folder
@@ -79,8 +80,7 @@ def main(argv: list[str] | None = None) -> None:
         }
     report = {
         "machine": machine_info(),
-        "command": " ".join(["python benchmarks/int8_difference.py", *(argv if argv is not None else sys.argv[1:])]),
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        **command_and_date(__file__, argv),
         "n_per_split": args.n,
         "steps": args.steps,
         "guidance": args.guidance,

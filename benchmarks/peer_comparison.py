@@ -12,8 +12,8 @@ thread count, on this machine, in one run:
 
 The model is the random-weight SD 1.5-architecture model of ``full_size_models.py`` (built and
 exported first if missing; ``edgediff optimize`` is run on it, as users run it on a CPU, and
-``--int8`` when an ``--edgediff`` configuration asks for the int8 variant). Every contender runs in its own fresh process, one after the other,
-so cold start (process start to first PNG written) and peak memory (the process's peak RSS) are
+``--int8`` when an ``--edgediff`` configuration asks for the int8 variant). Every contender runs
+in its own fresh process, one after the other, so cold start (process start to first PNG written) and peak memory (the process's peak RSS) are
 its own. Per contender and size: one cold image, ``--warmup`` untimed images, ``--runs`` timed
 images; every UNet call is timed by wrapping the pipeline's UNet. Results (with the machine) go to
 ``benchmarks/results/peers_<arch>.{json,md}`` and a chart ``peers_<arch>.png``; ratios are edgediff
@@ -139,11 +139,11 @@ def _worker(args) -> dict:
 
 
 # ----------------------------------------------------------------------------------------- parent
-def _run_contender(name, size, args, source, folder, tmp) -> dict:
+def _run_contender(name, size, options: dict, args, source, folder, tmp) -> dict:
     cmd = [sys.executable, __file__, "--worker", name, "--size", str(size), "--steps", str(args.steps),
            "--guidance", str(args.guidance), "--threads", str(args.threads), "--warmup", str(args.warmup),
            "--runs", str(args.runs), "--source", str(source), "--folder", str(folder), "--tmp", str(tmp),
-           "--edgediff-options", args.edgediff_options]  # fmt: skip
+           "--edgediff-options", json.dumps(options)]  # fmt: skip
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
     cmd += ["--spawn-time", repr(time.time())]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
@@ -350,10 +350,10 @@ def main(argv: list[str] | None = None) -> None:
         return
     sys.path.insert(0, str(HERE))
     from full_size_models import DEFAULT_ROOT, ensure
+    from provenance import command_and_date
 
     if args.report:
         report = json.loads(args.report.read_text())
-        report["ratios"] = summarise(report["results"])
         if "largest_component_bytes" not in report["settings"]:
             folder = Path(args.model[1]) if args.model else (args.root or DEFAULT_ROOT) / f"{args.arch}-onnx"
             report["settings"]["largest_component_bytes"] = largest_component_bytes(folder)
@@ -364,36 +364,33 @@ def main(argv: list[str] | None = None) -> None:
 
     from edgediff.runtime.bench import machine_info
 
-    variants = [v.split("=", 1) for v in (args.variants or ["edgediff={}"])]
-    for label, options in variants:
-        json.loads(options)  # fail before hours of benchmarking, not after
+    # label -> Pipeline.load options; parsed here so a typo fails before hours of benchmarking
+    variants = {label: json.loads(options) for label, options in (v.split("=", 1) for v in args.variants or
+                                                                  ["edgediff={}"])}  # fmt: skip
     source, folder = args.model or ensure(args.arch, args.root or DEFAULT_ROOT)
     if "edgediff" in args.contenders:  # edgediff as users run it on a CPU: after `edgediff optimize`
         from edgediff.engines.ort_optimize import optimize_folder
 
         optimize_folder(folder)  # skipped when up to date
-        if any(json.loads(options).get("optimized") == "int8" for _, options in variants):
+        if any(options.get("optimized") == "int8" for options in variants.values()):
             optimize_folder(folder, int8=True)
+    runs = [(size, name, label, options) for size in args.sizes for name in args.contenders
+            for label, options in (variants.items() if name == "edgediff" else [(name, {})])]  # fmt: skip
     results = []
     with tempfile.TemporaryDirectory() as tmp:
-        for size in args.sizes:
-            for name in args.contenders:
-                for label, options in variants if name == "edgediff" else [(name, "{}")]:
-                    print(f"{label} {size}x{size} ...", file=sys.stderr, flush=True)
-                    args.edgediff_options = options
-                    r = _run_contender(name, size, args, source, folder, tmp)
-                    r["contender"] = label
-                    r["options"] = json.loads(options)
-                    png = Path(tmp) / f"{name}-{size}.png"  # the first image, seed 0, same for every contender
-                    if png.is_file():
-                        png.rename(Path(tmp) / f"image-{label}-{size}.png")
-                    r["image_vs_diffusers"] = image_difference(Path(tmp) / f"image-diffusers-{size}.png",
-                                                               Path(tmp) / f"image-{label}-{size}.png")  # fmt: skip
-                    if name == "edgediff" and label != "edgediff":
-                        r["image_vs_edgediff"] = image_difference(Path(tmp) / f"image-edgediff-{size}.png",
-                                                                  Path(tmp) / f"image-{label}-{size}.png")  # fmt: skip
-                    print(json.dumps(r), file=sys.stderr, flush=True)
-                    results.append(r)
+        for size, name, label, options in runs:
+            print(f"{label} {size}x{size} ...", file=sys.stderr, flush=True)
+            r = _run_contender(name, size, options, args, source, folder, tmp)
+            r.update(contender=label, options=options)
+            # every contender's first image (seed 0), kept under its label to compare with the others'
+            image = Path(tmp) / f"image-{label}-{size}.png"
+            if (Path(tmp) / f"{name}-{size}.png").is_file():
+                (Path(tmp) / f"{name}-{size}.png").rename(image)
+            r["image_vs_diffusers"] = image_difference(Path(tmp) / f"image-diffusers-{size}.png", image)
+            if name == "edgediff" and label != "edgediff":
+                r["image_vs_edgediff"] = image_difference(Path(tmp) / f"image-edgediff-{size}.png", image)
+            print(json.dumps(r), file=sys.stderr, flush=True)
+            results.append(r)
     report = {
         "machine": machine_info(),
         "settings": {
@@ -405,25 +402,27 @@ def main(argv: list[str] | None = None) -> None:
             "runs": args.runs,
             "scheduler": "DPM++ 2M",
             "prompt": PROMPT,
-            "edgediff_variants": {label: json.loads(options) for label, options in variants},
-            "command": "python benchmarks/peer_comparison.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "edgediff_variants": variants,
+            **command_and_date(__file__, argv),
             "largest_component_bytes": largest_component_bytes(folder),
         },  # fmt: skip
         "results": results,
     }
-    report["ratios"] = summarise(results)
     RESULTS.mkdir(exist_ok=True)
     _write(RESULTS / f"peers_{args.arch}{args.label}", report)
 
 
 def largest_component_bytes(folder: Path) -> int:
     """Bytes of the largest exported component (its model.onnx and external data): the UNet."""
-    parts = ("text_encoder", "unet", "vae_decoder")
-    return max(sum(f.stat().st_size for f in (Path(folder) / c).iterdir() if f.is_file()) for c in parts)
+    from edgediff.runtime.model_folder import ModelFolder
+
+    mf = ModelFolder.open(folder)
+    return max(mf.component_bytes(c) for c in ("text_encoder", "unet", "vae_decoder"))
 
 
 def _write(stem: Path, report: dict) -> None:
+    """The derived tables (ratios, targets) are computed here from the results, then written."""
+    report["ratios"] = summarise(report["results"])
     report["targets"] = judge_targets(report)
     stem.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
     write_markdown(stem.with_suffix(".md"), report)

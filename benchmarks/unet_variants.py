@@ -148,6 +148,7 @@ def main(argv: list[str] | None = None) -> None:
 
     sys.path.insert(0, str(HERE))
     from full_size_models import DEFAULT_ROOT, ensure
+    from provenance import command_and_date
 
     from edgediff.runtime.bench import machine_info
 
@@ -160,8 +161,7 @@ def main(argv: list[str] | None = None) -> None:
             "arch": "given folder" if args.model else args.arch,
             "threads": args.threads,
             "calls": args.calls,
-            "command": "python benchmarks/unet_variants.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            **command_and_date(__file__, argv),
         },
         "results": results,
     }

@@ -155,8 +155,10 @@ class OrtEngine:
         cpu_only = providers == ["CPUExecutionProvider"] and session_options is None
         variant = None
         if optimized == "int8":
+            from .ort_optimize import INT8_COMPONENTS
+
             variant = _optimized_variant(path, component, "int8") if cpu_only else None
-            if variant is None and component == "unet":
+            if variant is None and component in INT8_COMPONENTS:  # the ones `optimize --int8` makes
                 raise ModelFolderError(
                     f"no int8 variant of {path} for this CPU and ONNX Runtime version"
                     + ("" if cpu_only else " (int8 variants run on the CPU provider only)")

@@ -177,25 +177,21 @@ def _fuse(source: Path, component: str, work: Path) -> tuple[Path, dict]:
 
 def _quantize_int8(model_in: Path, work: Path) -> Path:
     """ONNX Runtime's dynamic quantisation of the MatMuls whose second input is a weight."""
+    from onnx import TensorProto
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
     out = work / "int8.onnx"
     root = logging.getLogger()  # its advice to run shape-inference pre-processing does not apply to fused graphs
     level = root.level
     root.setLevel(logging.ERROR)
     try:
-        _quantize(model_in, out)
+        quantize_dynamic(model_in, out, op_types_to_quantize=["MatMul"], weight_type=QuantType.QInt8,
+                         use_external_data_format=True,
+                         # the fused contrib ops have no ONNX shape inference: their outputs are fp32
+                         extra_options={"MatMulConstBOnly": True, "DefaultTensorType": TensorProto.FLOAT})  # fmt: skip
     finally:
         root.setLevel(level)
     return out
-
-
-def _quantize(model_in: Path, out: Path) -> None:
-    from onnx import TensorProto
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    quantize_dynamic(model_in, out, op_types_to_quantize=["MatMul"], weight_type=QuantType.QInt8,
-                     use_external_data_format=True,
-                     # the fused contrib ops have no ONNX shape inference: their outputs are fp32
-                     extra_options={"MatMulConstBOnly": True, "DefaultTensorType": TensorProto.FLOAT})  # fmt: skip
 
 
 def _save_optimized(model_in: Path, out: Path) -> None:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 from edgediff.runtime.errors import BuildError, EngineUnavailableError, PlanError
+from edgediff.runtime.image import write_atomic
 from edgediff.runtime.model_folder import ModelFolder
 from edgediff.runtime.specs import REQUIRED_COMPONENTS, TensorSpec
 
@@ -232,7 +233,7 @@ def build_component(
         )
     data = bytes(memoryview(serialized))
     if timing_cache:
-        plans.write_bytes_atomic(cache_file, bytes(memoryview(config.get_timing_cache().serialize())))
+        write_atomic(cache_file, bytes(memoryview(config.get_timing_cache().serialize())))
 
     # read the I/O and scratch size back from the plan itself, never from assumptions
     runtime = trt.Runtime(log)

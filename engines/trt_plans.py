@@ -349,12 +349,7 @@ def timing_cache_path(model_dir: Path, env: Environment) -> Path:
 
 
 def write_json_atomic(path: Path, data: dict) -> None:
-    write_bytes_atomic(path, (json.dumps(data, indent=2) + "\n").encode())
-
-
-def write_bytes_atomic(path: Path, data: bytes) -> None:
-    """Write beside the target, then rename: a reader never sees half a file."""
-    write_atomic(path, data)
+    write_atomic(path, (json.dumps(data, indent=2) + "\n").encode())
 
 
 def write_build_json(folder: Path, record: BuildRecord) -> None:

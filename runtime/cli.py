@@ -62,12 +62,13 @@ def _optimize_hint(pipe, providers) -> None:
     """One line on stderr when a large model runs on the CPU without `edgediff optimize`'s variants."""
     if pipe.engine_name != "onnxruntime" or (providers and providers[0] != "CPUExecutionProvider"):
         return
-    folder = pipe.folder.path
-    unet = pipe.folder.component_path("unet")
-    size = sum(f.stat().st_size for f in unet.parent.iterdir() if f.is_file())
-    if size > _HINT_MIN_BYTES and not (folder / "ort-cpu" / "unet" / "optimized.json").is_file():
-        click.echo(f"tip: `edgediff optimize {folder}` (once) makes CPU runs of this model faster and leaner: "
-                   "fused flash attention, memory-mapped weights", err=True)  # fmt: skip
+    if pipe.folder.component_bytes("unet") <= _HINT_MIN_BYTES:
+        return
+    from edgediff.engines.ort_optimize import find_variant  # the engine's own test of a usable variant
+
+    if find_variant(pipe.folder.component_path("unet"), "unet") is None:
+        click.echo(f"tip: `edgediff optimize {pipe.folder.path}` (once) makes CPU runs of this model faster and "
+                   "leaner: fused flash attention, memory-mapped weights", err=True)  # fmt: skip
 
 
 @main.command()

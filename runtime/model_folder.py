@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -72,17 +73,24 @@ class ModelFolder:
     def prediction_type(self) -> str:
         return self.manifest["prediction_type"]
 
-    @property
+    @cached_property
     def text_embedding_dim(self) -> int | None:
         """Width of the prompt embeddings the UNet takes (768 for SD 1.x, 1024 for SD 2.x): the
         manifest's, else the text encoder's or UNet's config (optimum folders), else None."""
         value = self.manifest.get("text_embedding_dim")
-        for rel, key in (("text_encoder/config.json", "hidden_size"), ("unet/config.json", "cross_attention_dim")):
-            if isinstance(value, int) and value > 0:
-                break
-            p = self.path / rel
-            value = json.loads(p.read_text(encoding="utf-8")).get(key) if p.is_file() else None
-        return int(value) if isinstance(value, int) and value > 0 else None
+        if not (isinstance(value, int) and value > 0):
+            value = self._config_value("text_encoder/config.json", "hidden_size")
+        if not (isinstance(value, int) and value > 0):
+            value = self._config_value("unet/config.json", "cross_attention_dim")
+        return value if isinstance(value, int) and value > 0 else None
+
+    def _config_value(self, rel: str, key: str):
+        path = self.path / rel
+        return json.loads(path.read_text(encoding="utf-8")).get(key) if path.is_file() else None
+
+    def component_bytes(self, name: str) -> int:
+        """Size on disk of a component's graph and weights (its folder's files, configs excluded)."""
+        return sum(p.stat().st_size for p in (self.path / name).iterdir() if p.is_file() and p.suffix != ".json")
 
     def component_path(self, name: str) -> Path:
         return self.path / name / ONNX_FILE
