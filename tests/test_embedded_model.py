@@ -27,7 +27,7 @@ def test_embedded_model_matches_prompts(pipe):
 
 def test_broken_tokenizer_fails_the_check(pipe, monkeypatch):
     real = pipe.tokenizer.encode
-    monkeypatch.setattr(pipe.tokenizer, "encode", lambda prompts: real([""] * len(prompts)))
+    monkeypatch.setattr(pipe.tokenizer, "encode", lambda prompts, **kw: real([""] * len(prompts), **kw))
     assert not passes(fidelity(pipe))
 
 

@@ -17,6 +17,11 @@ PROMPTS = [
     "e\u0301 composed vs é, tab\there\u00a0nbsp",
     "numbers 1234567890 and 3.14159",
     "x" * 300,
+    # special tokens typed in another case are the special token (transformers' AddedTokens are
+    # normalized=True, matched after lowercasing); SD2's pad "!" is never merged
+    "<|ENDOFTEXT|> cat",
+    "a<|endoftext|>b <|StartOfText|>",
+    "!!cat! !",
 ]
 # transformers' slow CLIPTokenizer without ftfy splits CJK ideographs and drops control characters
 # (BERT BasicTokenizer fallback); its fast tokenizer and OpenAI CLIP do not. We match the fast one.
@@ -71,14 +76,24 @@ def test_pad_token_follows_model(tiny_export):
 
 
 @needs_torch
-def test_truncation_warns_with_dropped_text(tiny_export, caplog):
-    tok = ClipTokenizer(tiny_export("sd1") / "tokenizer")
-    prompt = " ".join(["cat"] * 80) + " zebra tail"
-    with caplog.at_level(logging.WARNING, logger="edgediff.runtime.tokenizer"):
-        ids = tok.encode([prompt])
-    assert ids.shape == (1, 77) and ids[0, -1] == tok.eos_id
-    assert "dropped" in caplog.text and "zebra" in caplog.text
-    caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="edgediff.runtime.tokenizer"):
-        tok.encode(["a short prompt"])
-    assert caplog.text == ""
+def test_truncation_warns_with_dropped_text(tokenizer_dirs, caplog):
+    from transformers import CLIPTokenizerFast
+
+    _, folder, slow_only = tokenizer_dirs
+    prompt = " ".join(["cat"] * 75) + " Zebra Tail, and more"  # 75 content tokens fill 77 with start and end
+    total = len(CLIPTokenizerFast.from_pretrained(folder)(prompt).input_ids)  # transformers' count, untruncated
+    for path in (folder, slow_only):
+        tok = ClipTokenizer(path)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="edgediff.runtime.tokenizer"):
+            ids = tok.encode([prompt])
+        assert ids.shape == (1, 77) and ids[0, -1] == tok.eos_id
+        (record,) = caplog.records
+        assert record.getMessage() == (
+            f"prompt 1 is longer than the model's 77 tokens: {total - 77} tokens dropped, starting at "
+            '"Zebra Tail, and more" (shorten the prompt or move what matters to its start)'
+        )
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="edgediff.runtime.tokenizer"):
+            tok.encode(["a short prompt"])
+        assert caplog.text == ""
