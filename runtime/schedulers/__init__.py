@@ -22,6 +22,7 @@ from .lcm import LCM
 from .lms import LMSDiscrete
 from .pndm import PNDM
 from .unipc_multistep import UniPCMultistep
+from .validation import config_problems
 
 # diffusers class name -> implementation (explicit, STYLE E2)
 SCHEDULERS: dict[str, type[Scheduler]] = {
@@ -109,4 +110,7 @@ def resolve(spec: str | dict | Scheduler | None, base_config: dict[str, Any], **
     return cls(**config)
 
 
-__all__ = ["SCHEDULERS", "SHORT_NAMES", "Plan", "Scheduler", "known_names", "resolve", "apply_pipeline_corrections"]
+__all__ = [
+    "SCHEDULERS", "SHORT_NAMES", "Plan", "Scheduler", "known_names", "resolve", "apply_pipeline_corrections",
+    "config_problems",
+]  # fmt: skip

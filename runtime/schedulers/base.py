@@ -20,6 +20,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from ..errors import InvalidArgumentError
+from .validation import config_problems, sigmas_problem, timesteps_problem
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +61,7 @@ class Scheduler:
     supported: ClassVar[dict[str, tuple]] = {}
 
     def __init__(self, **config: Any):
+        config = self.normalize_config(config)
         unknown = sorted(k for k in config if k not in self.defaults and k not in _META_KEYS)
         # Keys of other schedulers are normal when switching classes (diffusers ignores them too);
         # only keys no scheduler knows deserve a warning.
@@ -69,13 +71,22 @@ class Scheduler:
         if strange:
             logger.warning("%s: ignoring unknown scheduler config keys %s", self.class_name, strange)
         self.config = {k: config.get(k, v) for k, v in self.defaults.items()}
-        for key, allowed in self.supported.items():
-            if self.config.get(key) not in allowed:
-                raise InvalidArgumentError(
-                    f"{self.class_name}: {key}={self.config.get(key)!r} is not supported by edgediff "
-                    f"(supported: {list(allowed)})"
-                )
+        options = {k: config[k] for k in self.step_options if k in config}
+        problems = config_problems({**self.config, **options}, self.class_name)
+        if problems:
+            raise InvalidArgumentError(f"{self.class_name} config: {'; '.join(problems)}")
         self.alphas_cumprod = alphas_cumprod_from_config(self.config, self.zero_snr_floor)
+
+    @classmethod
+    def normalize_config(cls, config: dict[str, Any]) -> dict[str, Any]:
+        """The renames diffusers' constructor makes before anything reads the config (none by default)."""
+        return config
+
+    @classmethod
+    def class_problems(cls, config: dict[str, Any]) -> list[str]:
+        """Problems of this class's option combinations, for ``config_problems`` (the config has every
+        key of ``defaults``; single keys are already checked)."""
+        return []
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.config})"
@@ -93,8 +104,18 @@ class Scheduler:
         ``timesteps`` / ``sigmas`` where the diffusers class accepts one."""
         raise NotImplementedError
 
+    # Whether custom timesteps are truncated to integers (as diffusers does for this class).
+    int_timesteps: ClassVar[bool] = False
+
+    def max_inference_steps(self) -> int | None:
+        """The most steps whose schedule repeats no timestep (a repeat is a zero-length step: wasted UNet
+        calls at best, NaN or noise at worst); None when any number works. Default: one per training
+        timestep, as diffusers' DDIM enforces."""
+        return self.config["num_train_timesteps"]
+
     def _check_plan_args(self, num_inference_steps, timesteps=None, sigmas=None) -> None:
-        """diffusers' rules: exactly one of the three; custom lists only where the class takes them."""
+        """diffusers' rules: exactly one of the three; custom lists only where the class takes them;
+        plus what diffusers lets through into NaN or noise: too many steps, bad custom values."""
         given = [n for n, v in (("num_inference_steps", num_inference_steps), ("timesteps", timesteps),
                                 ("sigmas", sigmas)) if v is not None]  # fmt: skip
         if len(given) != 1:
@@ -105,14 +126,37 @@ class Scheduler:
             raise InvalidArgumentError(f"{self.class_name} does not accept custom timesteps (as in diffusers)")
         if sigmas is not None and not self.accepts_sigmas:
             raise InvalidArgumentError(f"{self.class_name} does not accept custom sigmas (as in diffusers)")
-        if num_inference_steps is not None and (
-            isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, (int, np.integer))
-            or num_inference_steps < 1
-        ):  # fmt: skip
-            raise InvalidArgumentError(f"num_inference_steps must be an integer >= 1, got {num_inference_steps!r}")
-        for name, values in (("timesteps", timesteps), ("sigmas", sigmas)):
-            if values is not None and len(values) < (2 if name == "sigmas" else 1):
-                raise InvalidArgumentError(f"custom {name} must not be empty")
+        big_t = self.config["num_train_timesteps"]
+        if num_inference_steps is not None:
+            n = num_inference_steps
+            if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+                raise InvalidArgumentError(f"num_inference_steps must be an integer >= 1, got {n!r}")
+            limit = self.max_inference_steps()
+            if limit is not None and n > limit:
+                spacing = self.config.get("timestep_spacing")
+                head = (f"num_inference_steps={n} exceeds the model's {big_t} training timesteps" if n > big_t
+                        else f"num_inference_steps={n} repeats a timestep (a zero-length step)")  # fmt: skip
+                where = "" if limit == big_t else f" with timestep_spacing={spacing!r}"
+                raise InvalidArgumentError(f"{head}; {self.class_name}{where} needs num_inference_steps <= {limit}")
+        problem = None
+        if timesteps is not None:
+            problem = timesteps_problem(timesteps, big_t, self.int_timesteps)
+        elif sigmas is not None:
+            problem = sigmas_problem(sigmas)
+        if problem:
+            raise InvalidArgumentError(f"{self.class_name}: {problem}")
+
+    def _check_timestep_range(self, n: int, t: np.ndarray) -> None:
+        """A spaced schedule inside the training timesteps: a ``leading`` one's steps_offset can push the
+        first timestep past T − 1 (diffusers then indexes past its tables, or clamps σ silently)."""
+        big_t = self.config["num_train_timesteps"]
+        if t.max() > big_t - 1 or t.min() < 0:
+            cfg = self.config
+            raise InvalidArgumentError(
+                f"{self.class_name}: num_inference_steps={n} with timestep_spacing={cfg['timestep_spacing']!r} and "
+                f"steps_offset={cfg['steps_offset']} puts a timestep at {t.max():g}, past the model's last training "
+                f"timestep {big_t - 1}; use fewer steps or a smaller steps_offset"
+            )
 
     def scale_model_input(self, plan: Plan, i: int, sample: np.ndarray) -> np.ndarray:
         return sample
@@ -157,23 +201,27 @@ def _rescale_zero_terminal_snr(betas: np.ndarray) -> np.ndarray:
     return (1 - alphas).astype(np.float32)
 
 
-def alphas_cumprod_from_config(config: dict, zero_snr_floor: bool = False) -> np.ndarray:
-    """ᾱ_t for t = 0..T-1 (float32) from the training-schedule keys of a scheduler config."""
+def betas_from_config(config: dict) -> np.ndarray:
+    """β_t for t = 0..T-1 (float32, as diffusers' torch tensor) from the training-schedule keys."""
     n = int(config.get("num_train_timesteps", 1000))
     trained = config.get("trained_betas")
     schedule = config.get("beta_schedule", "linear")
     if trained is not None:
-        betas = np.asarray(trained, dtype=np.float32)
-    elif schedule == "linear":
-        betas = _linspace_f32(config["beta_start"], config["beta_end"], n)
-    elif schedule == "scaled_linear":
-        betas = _linspace_f32(config["beta_start"] ** 0.5, config["beta_end"] ** 0.5, n) ** 2
-    elif schedule == "squaredcos_cap_v2":
-        betas = _betas_for_alpha_bar(n)
-    else:
-        raise InvalidArgumentError(
-            f"beta_schedule={schedule!r} is not supported (supported: linear, scaled_linear, squaredcos_cap_v2)"
-        )
+        return np.asarray(trained, dtype=np.float32)
+    if schedule == "linear":
+        return _linspace_f32(config["beta_start"], config["beta_end"], n)
+    if schedule == "scaled_linear":
+        return _linspace_f32(config["beta_start"] ** 0.5, config["beta_end"] ** 0.5, n) ** 2
+    if schedule == "squaredcos_cap_v2":
+        return _betas_for_alpha_bar(n)
+    raise InvalidArgumentError(
+        f"beta_schedule={schedule!r} is not supported (supported: linear, scaled_linear, squaredcos_cap_v2)"
+    )
+
+
+def alphas_cumprod_from_config(config: dict, zero_snr_floor: bool = False) -> np.ndarray:
+    """ᾱ_t for t = 0..T-1 (float32) from the training-schedule keys of a scheduler config."""
+    betas = betas_from_config(config)
     if config.get("rescale_betas_zero_snr"):
         betas = _rescale_zero_terminal_snr(betas)
     alphas_cumprod = np.cumprod((1.0 - betas).astype(np.float64)).astype(np.float32)

@@ -54,7 +54,7 @@ class DDIM(Scheduler):
     step_options = ("eta",)
 
     def __init__(self, eta: float = 0.0, **config):
-        super().__init__(**config)
+        super().__init__(eta=eta, **config)  # the base checks eta with the config (config_problems)
         self.eta = float(eta)
         self.final_alpha_cumprod = np.float32(1.0) if self.config["set_alpha_to_one"] else self.alphas_cumprod[0]
 
@@ -62,6 +62,7 @@ class DDIM(Scheduler):
         self._check_plan_args(num_inference_steps, timesteps, sigmas)
         n, big_t = num_inference_steps, self.config["num_train_timesteps"]
         t = _spaced_int_timesteps(self.config, n)
+        self._check_timestep_range(n, t)
         return DDIMPlan(t.astype(np.float32), 1.0, t, big_t // n)
 
     def step(self, plan: DDIMPlan, i, model_output, sample, state=None, generator=None):

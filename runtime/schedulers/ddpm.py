@@ -40,8 +40,8 @@ def _previous_timesteps(t: np.ndarray) -> np.ndarray:
 
 class DDPM(Scheduler):
     """Allowed values: ``prediction_type`` in {epsilon, v_prediction, sample};
-    ``variance_type`` in {fixed_small, fixed_small_log, fixed_large}; ``timestep_spacing`` in
-    {leading, linspace, trailing}; ``thresholding`` false.
+    ``variance_type`` in {fixed_small, fixed_small_log, fixed_large} (None acts as fixed_small, as in
+    diffusers); ``timestep_spacing`` in {leading, linspace, trailing}; ``thresholding`` false.
 
     Not supported: ``learned`` / ``learned_range`` (need a UNet that also predicts the variance,
     2×C output channels; Stable Diffusion UNets do not), ``fixed_large_log`` (diffusers takes the
@@ -58,33 +58,22 @@ class DDPM(Scheduler):
     )  # fmt: skip
     supported = {
         "prediction_type": ("epsilon", "v_prediction", "sample"),
-        "variance_type": ("fixed_small", "fixed_small_log", "fixed_large"),
+        # None: a DPM-Solver config's value (diffusers writes it); diffusers' DDPM then falls through to fixed_small
+        "variance_type": ("fixed_small", "fixed_small_log", "fixed_large", None),
         "timestep_spacing": ("leading", "linspace", "trailing"),
         "thresholding": (False,),
     }
 
     accepts_timesteps = True
+    int_timesteps = True
 
     def plan(self, num_inference_steps=None, timesteps=None, sigmas=None) -> DDPMPlan:
         self._check_plan_args(num_inference_steps, timesteps, sigmas)
-        big_t = self.config["num_train_timesteps"]
         if timesteps is not None:
-            values = [float(v) for v in timesteps]
-            if any(b >= a for a, b in zip(values, values[1:])):
-                raise InvalidArgumentError("custom timesteps must be in strictly descending order (as in diffusers)")
-            if values[0] >= big_t:
-                raise InvalidArgumentError(f"custom timesteps must start below num_train_timesteps={big_t}")
-            if values[-1] < 0:
-                raise InvalidArgumentError("custom timesteps must not be negative")
-            t = np.array(timesteps, dtype=np.int64)  # diffusers truncates fractional values
+            t = np.array(timesteps, dtype=np.float64).astype(np.int64)  # diffusers truncates fractional values
         else:
-            n = num_inference_steps
-            if n > big_t:
-                raise InvalidArgumentError(f"num_inference_steps={n} cannot exceed num_train_timesteps={big_t}")
-            t = _spaced_int_timesteps(self.config, n)
-            if t.max() >= big_t:
-                offset = self.config["steps_offset"]
-                raise InvalidArgumentError(f"steps_offset={offset} puts a timestep past {big_t - 1}")
+            t = _spaced_int_timesteps(self.config, num_inference_steps)
+            self._check_timestep_range(num_inference_steps, t)
         return DDPMPlan(t.astype(np.float32), 1.0, t, _previous_timesteps(t))
 
     def step(self, plan: DDPMPlan, i, model_output, sample, state=None, generator=None):

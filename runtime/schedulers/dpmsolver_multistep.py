@@ -35,7 +35,7 @@ import numpy as np
 
 from ..errors import InvalidArgumentError
 from .base import Plan, Scheduler
-from .euler import _check_one_sigma_schedule, _exponential_sigmas, _karras_sigmas, _sigma_to_t
+from .euler import _exponential_sigmas, _karras_sigmas, _one_sigma_schedule_problems, _sigma_to_t, _uses_sigma_ramp
 
 
 @dataclass(frozen=True)
@@ -47,6 +47,30 @@ class DPMPlan(Plan):
 class DPMState:
     x0_history: tuple = ()  # last `solver_order` converted model outputs, oldest first
     lower_order_nums: int = 0
+
+
+def _multistep_timesteps(config: dict, n: int) -> np.ndarray:
+    """DPM-Solver++'s and UniPC's int64 timesteps for ``timestep_spacing`` (n + 1 points, the last dropped)."""
+    big_t = config["num_train_timesteps"]
+    if config["timestep_spacing"] == "linspace":
+        return np.linspace(0, big_t - 1, n + 1).round()[::-1][:-1].astype(np.int64)
+    if config["timestep_spacing"] == "leading":
+        ratio = big_t // (n + 1)
+        return (np.arange(0, n + 1) * ratio).round()[::-1][:-1].astype(np.int64) + config["steps_offset"]
+    return np.arange(big_t, 0, -big_t / n).round().astype(np.int64) - 1  # trailing
+
+
+def _multistep_max_steps(self) -> int | None:
+    """DPM-Solver++ and UniPC interpolate σ at integer timesteps: one repeated timestep is a step with
+    h = 0, and the next multistep update divides by it (NaN in diffusers from num_inference_steps=1000 with
+    linspace, an index error with leading). Their n + 1-point linspace / leading grids repeat from n = T,
+    trailing from n = T + 1. Karras / Lu / exponential σ come from a ramp over the table's ends and stay
+    distinct for any n (the rounded timesteps the UNet sees then repeat, as they already do in diffusers
+    at 25 steps), so no limit there."""
+    cfg, big_t = self.config, self.config["num_train_timesteps"]
+    if _uses_sigma_ramp(cfg):
+        return None
+    return big_t if cfg["timestep_spacing"] == "trailing" else big_t - 1
 
 
 def _alpha_sigma(sigma):
@@ -98,14 +122,26 @@ class DPMSolverMultistep(Scheduler):
         "use_flow_sigmas": (False,),
         "final_sigmas_type": ("zero", "sigma_min"),
         "lambda_min_clipped": (-float("inf"),),
-        "variance_type": (None,),
+        # diffusers acts on learned / learned_range only (a 2×C UNet output); a DDPM config's others are no-ops
+        "variance_type": (None, "fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log"),
     }
 
     accepts_timesteps = True
+    int_timesteps = True
+    max_inference_steps = _multistep_max_steps
 
-    def __init__(self, **config):
-        super().__init__(**config)
-        _check_one_sigma_schedule(self.class_name, self.config)
+    @classmethod
+    def normalize_config(cls, config):
+        # diffusers' constructor renames a UniPC config's solver types and the DEIS algorithm
+        if config.get("solver_type") in ("logrho", "bh1", "bh2"):
+            config = dict(config, solver_type="midpoint")
+        if config.get("algorithm_type") == "deis":
+            config = dict(config, algorithm_type="dpmsolver++")
+        return config
+
+    @classmethod
+    def class_problems(cls, config):
+        return _one_sigma_schedule_problems(config)
 
     @property
     def stochastic(self) -> bool:
@@ -113,20 +149,17 @@ class DPMSolverMultistep(Scheduler):
 
     def plan(self, num_inference_steps=None, timesteps=None, sigmas=None) -> DPMPlan:
         self._check_plan_args(num_inference_steps, timesteps, sigmas)
-        big_t, cfg = self.config["num_train_timesteps"], self.config
+        cfg = self.config
         for key in ("use_karras_sigmas", "use_lu_lambdas", "use_exponential_sigmas"):
             if timesteps is not None and cfg[key]:
                 raise InvalidArgumentError(f"custom timesteps cannot be combined with {key} (as in diffusers)")
         n = num_inference_steps
         if timesteps is not None:
-            t = np.asarray(timesteps).astype(np.int64)
-        elif cfg["timestep_spacing"] == "linspace":
-            t = np.linspace(0, big_t - 1, n + 1).round()[::-1][:-1].astype(np.int64)
-        elif cfg["timestep_spacing"] == "leading":
-            ratio = big_t // (n + 1)
-            t = (np.arange(0, n + 1) * ratio).round()[::-1][:-1].astype(np.int64) + cfg["steps_offset"]
-        else:  # trailing
-            t = np.arange(big_t, 0, -big_t / n).round().astype(np.int64) - 1
+            t = np.asarray(timesteps, dtype=np.float64).astype(np.int64)
+        else:
+            t = _multistep_timesteps(cfg, n)
+            if not _uses_sigma_ramp(cfg):
+                self._check_timestep_range(n, t)
         ac = self.alphas_cumprod
         table = ((1 - ac) / ac) ** 0.5  # float32
         log_table = np.log(table)  # float32, as diffusers' np.log of the torch table

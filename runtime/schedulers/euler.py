@@ -69,11 +69,27 @@ def _exponential_sigmas(sigma_min: float, sigma_max: float, n: int) -> np.ndarra
     return np.exp(np.linspace(math.log(sigma_max), math.log(sigma_min), n))
 
 
-def _check_one_sigma_schedule(cls_name: str, config: dict) -> None:
+def _one_sigma_schedule_problems(config: dict) -> list[str]:
     """diffusers allows at most one of the Karras / exponential / beta σ schedules."""
-    chosen = [k for k in ("use_beta_sigmas", "use_exponential_sigmas", "use_karras_sigmas") if config.get(k)]
-    if len(chosen) > 1:
-        raise InvalidArgumentError(f"{cls_name}: only one of {chosen} can be used (as in diffusers)")
+    chosen = [k for k in ("use_beta_sigmas", "use_exponential_sigmas", "use_karras_sigmas") if config.get(k) is True]
+    return [f"only one of {chosen} can be true (as in diffusers)"] if len(chosen) > 1 else []
+
+
+def _sigma_family_max_steps(self) -> int | None:
+    """Euler, Euler a, LMS and Heun: ``linspace`` timesteps are fractional, so any number of steps gives
+    distinct σ's (checked sane at 1500 steps in diffusers). ``leading`` and ``trailing`` ones are rounded
+    to integers: past T steps they repeat (zero-length steps; LMS's Lagrange weights divide by zero).
+    A Karras / exponential ramp only takes its ends from that schedule: fine for ``trailing``, but
+    ``leading`` collapses to a single timestep past T steps (diffusers' Euler then fails on an index)."""
+    cfg = self.config
+    if cfg["timestep_spacing"] == "linspace" or (cfg["timestep_spacing"] == "trailing" and _uses_sigma_ramp(cfg)):
+        return None
+    return cfg["num_train_timesteps"]
+
+
+def _uses_sigma_ramp(config: dict) -> bool:
+    """Whether σ's come from a Karras / exponential / Lu ramp rather than from the spaced timesteps."""
+    return any(config.get(k) for k in ("use_karras_sigmas", "use_exponential_sigmas", "use_lu_lambdas"))
 
 
 class EulerDiscrete(Scheduler):
@@ -103,10 +119,11 @@ class EulerDiscrete(Scheduler):
 
     accepts_timesteps = True
     accepts_sigmas = True
+    max_inference_steps = _sigma_family_max_steps
 
-    def __init__(self, **config):
-        super().__init__(**config)
-        _check_one_sigma_schedule(self.class_name, self.config)
+    @classmethod
+    def class_problems(cls, config):
+        return _one_sigma_schedule_problems(config)
 
     def plan(self, num_inference_steps=None, timesteps=None, sigmas=None) -> EulerPlan:
         self._check_plan_args(num_inference_steps, timesteps, sigmas)
@@ -126,6 +143,8 @@ class EulerDiscrete(Scheduler):
             timesteps = np.asarray(timesteps, dtype=np.float32)
         else:
             timesteps = _spaced_timesteps(cfg, n)
+            if not _uses_sigma_ramp(cfg):
+                self._check_timestep_range(n, timesteps)
         sigmas = np.interp(timesteps, np.arange(0, len(table)), table)
         if cfg["use_karras_sigmas"] or cfg["use_exponential_sigmas"]:
             s_min = cfg["sigma_min"] if cfg["sigma_min"] is not None else float(sigmas[-1])

@@ -23,7 +23,7 @@ import numpy as np
 
 from ..errors import InvalidArgumentError
 from .base import Plan, Scheduler
-from .euler import _sigma_table, _spaced_timesteps
+from .euler import _sigma_family_max_steps, _sigma_table, _spaced_timesteps
 
 
 @dataclass(frozen=True)
@@ -47,10 +47,13 @@ class EulerAncestralDiscrete(Scheduler):
         "timestep_spacing": ("linspace", "leading", "trailing"),
     }
 
+    max_inference_steps = _sigma_family_max_steps
+
     def plan(self, num_inference_steps=None, timesteps=None, sigmas=None) -> EulerAncestralPlan:
         self._check_plan_args(num_inference_steps, timesteps, sigmas)
         cfg, n = self.config, num_inference_steps
         timesteps = _spaced_timesteps(cfg, n)
+        self._check_timestep_range(n, timesteps)
         ac = self.alphas_cumprod
         table = _sigma_table(ac)
         sigmas = np.concatenate([np.interp(timesteps, np.arange(0, len(table)), table), [0.0]]).astype(np.float32)

@@ -29,7 +29,7 @@ import numpy as np
 
 from ..errors import InvalidArgumentError
 from .base import Plan, Scheduler
-from .euler import _karras_sigmas, _sigma_table, _sigma_to_t, _spaced_timesteps
+from .euler import _karras_sigmas, _sigma_family_max_steps, _sigma_table, _sigma_to_t, _spaced_timesteps
 
 
 @dataclass(frozen=True)
@@ -74,6 +74,7 @@ class HeunDiscrete(Scheduler):
     # diffusers' HeunDiscreteScheduler.set_timesteps takes custom timesteps, not custom sigmas.
     accepts_timesteps = True
     accepts_sigmas = False
+    max_inference_steps = _sigma_family_max_steps
 
     def plan(self, num_inference_steps=None, timesteps=None, sigmas=None) -> HeunPlan:
         self._check_plan_args(num_inference_steps, timesteps, sigmas)
@@ -88,6 +89,8 @@ class HeunDiscrete(Scheduler):
             timesteps = np.asarray(timesteps, dtype=np.float32)
         else:
             timesteps = _spaced_timesteps(cfg, n)
+            if not cfg["use_karras_sigmas"]:
+                self._check_timestep_range(n, timesteps)
         sigmas = np.interp(timesteps, np.arange(0, len(table)), table)
         if cfg["use_karras_sigmas"]:
             sigmas = _karras_sigmas(float(sigmas[-1]), float(sigmas[0]), n)

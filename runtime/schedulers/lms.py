@@ -30,7 +30,7 @@ import numpy as np
 from numpy.polynomial import Polynomial
 
 from .base import Plan, Scheduler
-from .euler import _karras_sigmas, _sigma_table, _sigma_to_t, _spaced_timesteps
+from .euler import _karras_sigmas, _sigma_family_max_steps, _sigma_table, _sigma_to_t, _spaced_timesteps
 
 LMS_ORDER = 4  # diffusers' LMSDiscreteScheduler.step(order=4) default
 
@@ -79,6 +79,7 @@ class LMSDiscrete(Scheduler):
     # diffusers' LMSDiscreteScheduler.set_timesteps takes neither custom timesteps nor sigmas.
     accepts_timesteps = False
     accepts_sigmas = False
+    max_inference_steps = _sigma_family_max_steps
 
     def plan(self, num_inference_steps=None, timesteps=None, sigmas=None) -> LMSPlan:
         self._check_plan_args(num_inference_steps, timesteps, sigmas)
@@ -87,6 +88,8 @@ class LMSDiscrete(Scheduler):
         table = _sigma_table(ac)
         log_table = np.log(table)
         timesteps = _spaced_timesteps(cfg, n)
+        if not cfg["use_karras_sigmas"]:
+            self._check_timestep_range(n, timesteps)
         sigmas = np.interp(timesteps, np.arange(0, len(table)), table)
         if cfg["use_karras_sigmas"]:  # LMS takes σ_min/σ_max from the schedule ends, never from config
             sigmas = _karras_sigmas(float(sigmas[-1]), float(sigmas[0]), n)

@@ -81,6 +81,7 @@ class PNDM(Scheduler):
             t = (np.arange(0, n) * (big_t // n)).round().astype(np.int64) + self.config["steps_offset"]
         else:  # trailing
             t = np.round(np.arange(big_t, 0, -big_t / n))[::-1].astype(np.int64) - 1
+        self._check_timestep_range(n, t)
         if self.config["skip_prk_steps"]:
             calls = np.concatenate([t[:-1], t[-2:-1], t[-1:]])[::-1].astype(np.int64)
         else:

@@ -28,6 +28,7 @@ import numpy as np
 
 from ..errors import InvalidArgumentError
 from .base import Plan, Scheduler
+from .dpmsolver_multistep import _multistep_max_steps, _multistep_timesteps
 from .euler import _karras_sigmas, _sigma_to_t
 
 _F32 = np.float32
@@ -96,17 +97,21 @@ class UniPCMultistep(Scheduler):
         "final_sigmas_type": ("zero", "sigma_min"),
     }
 
-    def __init__(self, **config):
+    max_inference_steps = _multistep_max_steps
+
+    @classmethod
+    def normalize_config(cls, config):
         # diffusers' constructor renames DPM-Solver solver types (a DPM config switched to UniPC)
         if config.get("solver_type") in ("midpoint", "heun", "logrho"):
             config = dict(config, solver_type="bh2")
-        super().__init__(**config)
-        cfg = self.config
+        return config
+
+    @classmethod
+    def class_problems(cls, cfg):
         if cfg["final_sigmas_type"] == "zero" and (cfg["solver_type"] != "bh2" or not cfg["predict_x0"]):
-            raise InvalidArgumentError(
-                f"{self.class_name}: final_sigmas_type='zero' needs solver_type='bh2' and predict_x0=True "
-                "(diffusers' last step returns NaN otherwise); use final_sigmas_type='sigma_min'"
-            )
+            return ["final_sigmas_type='zero' needs solver_type='bh2' and predict_x0=true (diffusers' last step "
+                    "returns NaN otherwise); use final_sigmas_type='sigma_min'"]  # fmt: skip
+        return []
 
     def _check_last_step(self, n: int) -> None:
         """Refuse the schedules whose last predictor step diffusers turns into NaN or a singular
@@ -129,15 +134,11 @@ class UniPCMultistep(Scheduler):
 
     def plan(self, num_inference_steps=None, timesteps=None, sigmas=None) -> UniPCPlan:
         self._check_plan_args(num_inference_steps, timesteps, sigmas)
-        big_t, cfg, n = self.config["num_train_timesteps"], self.config, num_inference_steps
+        cfg, n = self.config, num_inference_steps
         self._check_last_step(n)
-        if cfg["timestep_spacing"] == "linspace":
-            t = np.linspace(0, big_t - 1, n + 1).round()[::-1][:-1].astype(np.int64)
-        elif cfg["timestep_spacing"] == "leading":
-            ratio = big_t // (n + 1)
-            t = (np.arange(0, n + 1) * ratio).round()[::-1][:-1].astype(np.int64) + cfg["steps_offset"]
-        else:  # trailing
-            t = np.arange(big_t, 0, -big_t / n).round().astype(np.int64) - 1
+        t = _multistep_timesteps(cfg, n)
+        if not cfg["use_karras_sigmas"]:
+            self._check_timestep_range(n, t)
         ac = self.alphas_cumprod
         table = ((1 - ac) / ac) ** 0.5  # float32, as diffusers' torch table
         if cfg["use_karras_sigmas"]:
