@@ -94,7 +94,9 @@ def test_force_replaces_and_interrupt_leaves_nothing(tiny_source, tmp_path, monk
     from edgediff.export import validate
 
     out = tmp_path / "model"
-    out.mkdir()
+    (out / "unet").mkdir(parents=True)  # an (old) ONNX model folder: what --force may replace
+    (out / "unet" / "model.onnx").write_bytes(b"old")
+    (out / "model_index.json").write_text("{}")
     (out / "old.txt").write_text("old")
     with pytest.raises(ExportError, match="already exists"):
         export_model(tiny_source("sd1"), out)
