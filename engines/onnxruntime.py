@@ -28,12 +28,19 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 from edgediff.runtime.engine import check_feed
-from edgediff.runtime.errors import EngineUnavailableError, InvalidArgumentError, ModelFolderError
+from edgediff.runtime.errors import (
+    EngineRunError,
+    EngineUnavailableError,
+    InvalidArgumentError,
+    ModelFolderError,
+    ResourceError,
+)
 from edgediff.runtime.specs import TensorSpec
 
 try:
@@ -105,6 +112,9 @@ def make_session_options(
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise InvalidArgumentError(f"threads must be a positive integer, got {threads!r}")
     so = ort.SessionOptions()
+    # ONNX Runtime logs every failed node to stderr itself; the engine raises it as one EdgediffError
+    # line instead, so its own log shows only with debug logging (edgediff -v)
+    so.log_severity_level = 2 if logging.getLogger("edgediff").isEnabledFor(logging.DEBUG) else 4
     so.graph_optimization_level = _LEVELS[optimization]
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.inter_op_num_threads = 1
@@ -123,6 +133,27 @@ def _optimized_variant(path: Path, component: str, precision: str = "fp32") -> P
     if not (path.parent.parent / VARIANT_DIRS[precision] / component / KEY_FILE).is_file():
         return None  # the common case costs one stat
     return find_variant(path, component, precision)
+
+
+_ALLOCATION_FAILURES = ("bad_alloc", "failed to allocate", "out of memory", "bfcarena", "cannot allocate")
+
+
+def _is_allocation_failure(e: BaseException) -> bool:
+    return isinstance(e, MemoryError) or any(m in str(e).lower() for m in _ALLOCATION_FAILURES)
+
+
+def _first_line(e: BaseException, limit: int = 300) -> str:
+    """ONNX Runtime's message in one short line: the node and the status without the C++ source
+    location and signature ("… running Softmax node. Name:'x' Status Message: /src/bfc_arena.cc:360
+    void* …(size_t, …) Failed to allocate memory …" -> "Softmax node 'x': Failed to allocate memory …")."""
+    line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    m = re.search(r"running (\S+) node\. Name:'([^']*)' Status Message: (.*)$", line)
+    if m:
+        status = m.group(3)
+        if re.match(r"\S+\.(cc|h|cpp):\d+ ", status):  # "file.cc:360 <C++ signature or function> message"
+            status = status[status.rindex(") ") + 2 :] if ") " in status else status.split(" ", 2)[-1]
+        line = f"{m.group(1)} node {m.group(2)!r}: {status}"
+    return line if len(line) <= limit else line[:limit] + "..."
 
 
 def _device_of(provider: str) -> str:
@@ -181,8 +212,17 @@ class OrtEngine:
         try:
             self.session = ort.InferenceSession(str(path), sess_options=session_options, providers=providers)
         except Exception as e:  # onnxruntime raises its own Fail/InvalidProtobuf types
+            reason = f"{type(e).__name__}: {_first_line(e)}"
+            if _is_allocation_failure(e):
+                raise ResourceError(f"{component}: not enough memory to load {path} ({reason}); close other "
+                                    "programs, or use low_memory=True (--low-memory)") from e  # fmt: skip
+            if variant is not None:  # the derived file is damaged, not the export
+                raise ModelFolderError(
+                    f"{component}: ONNX Runtime cannot load the CPU variant {path} ({reason}); remake it with "
+                    f"`edgediff optimize {path.parent.parent.parent} --force`, or pass optimized='off'"
+                ) from e
             raise ModelFolderError(
-                f"{component}: ONNX Runtime cannot load {path} ({type(e).__name__}: {str(e).splitlines()[0]}); "
+                f"{component}: ONNX Runtime cannot load {path} ({reason}); "
                 "the file is damaged or incomplete: re-export the model"
             ) from e
         self.providers = self.session.get_providers()
@@ -194,6 +234,20 @@ class OrtEngine:
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         checked = check_feed(self.component, self.inputs, feeds)
+        try:
+            return self._run(feeds, checked)
+        except Exception as e:  # onnxruntime's Fail / RuntimeException / bad_alloc, as one line
+            if self.session is None:
+                raise
+            shapes = ", ".join(f"{k} {list(np.shape(v))}" for k, v in checked.items())
+            if _is_allocation_failure(e):
+                raise ResourceError(
+                    f"{self.component} ran out of memory on inputs {shapes} ({_first_line(e)}); reduce the width/"
+                    "height or the number of images, or use low_memory=True (--low-memory)"
+                ) from e
+            raise EngineRunError(f"{self.component} failed in ONNX Runtime on inputs {shapes}: {_first_line(e)}") from e
+
+    def _run(self, feeds, checked) -> dict[str, np.ndarray]:
         if not self.io_binding:
             values = self.session.run(None, checked)
             return dict(zip(self.outputs, values))

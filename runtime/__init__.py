@@ -3,12 +3,17 @@
 from .errors import (
     EdgediffError,
     EngineInputError,
+    EngineRunError,
     EngineUnavailableError,
     ExportError,
     ExportValidationError,
     InvalidArgumentError,
     ManifestError,
+    ModelConfigError,
     ModelFolderError,
+    NonFiniteError,
+    OutputPathError,
+    ResourceError,
     UnknownSchedulerError,
 )
 from .model_folder import ModelFolder
@@ -18,6 +23,7 @@ from .rng import TorchCPUGenerator
 __all__ = [
     "EdgediffError",
     "EngineInputError",
+    "EngineRunError",
     "EngineUnavailableError",
     "ExportError",
     "ExportValidationError",
@@ -25,9 +31,13 @@ __all__ = [
     "GenerationResult",
     "InvalidArgumentError",
     "ManifestError",
+    "ModelConfigError",
     "ModelFolder",
     "ModelFolderError",
+    "NonFiniteError",
+    "OutputPathError",
     "Pipeline",
+    "ResourceError",
     "TorchCPUGenerator",
     "UnknownSchedulerError",
 ]

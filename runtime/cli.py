@@ -22,6 +22,7 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except EdgediffError as e:
+            logger.debug("the error in full (with its cause):", exc_info=e)  # shown with -v only
             click.echo(f"error: {e}", err=True)
             sys.exit(1)
         except KeyboardInterrupt:
@@ -40,8 +41,8 @@ def main(verbose: bool) -> None:
 @click.argument("source", type=click.Path(path_type=Path))
 @click.argument("out", type=click.Path(path_type=Path))
 @click.option("--fp16", is_flag=True, help="Write fp16 components (timestep stays fp32; VAE decoder kept fp32 if needed).")
-@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
-@click.option("--opset", default=17, show_default=True, help="ONNX opset.")
+@click.option("--force", is_flag=True, help="Replace OUT if it is an ONNX model folder (never SOURCE or other files).")
+@click.option("--opset", default=17, show_default=True, type=int, help="ONNX opset (14 to 20).")
 @click.option("--device", default="cpu", show_default=True, help="Trace and validate on this torch device (cpu, cuda).")
 def export(source: Path, out: Path, fp16: bool, force: bool, opset: int, device: str) -> None:
     """Export the diffusers Stable Diffusion folder SOURCE to the ONNX model folder OUT."""
@@ -71,6 +72,20 @@ def _optimize_hint(pipe, providers) -> None:
                    "leaner: fused flash attention, memory-mapped weights", err=True)  # fmt: skip
 
 
+def _memory_limit(ctx, param, value: str):
+    """--memory-limit: 'auto', 'off' or GiB -> Pipeline.load's memory_limit."""
+    text = str(value).strip().lower()
+    if text in ("auto", "off"):
+        return "auto" if text == "auto" else None
+    try:
+        gib = float(text)
+    except ValueError:
+        gib = float("nan")
+    if not (gib > 0 and gib != float("inf")):
+        raise EdgediffError(f"--memory-limit must be 'auto', 'off' or a positive number of GiB, got {value!r}")
+    return int(gib * 2**30)
+
+
 @main.command()
 @click.argument("prompt")
 @click.option("--model", "model", default=None, type=click.Path(path_type=Path),
@@ -88,16 +103,20 @@ def _optimize_hint(pipe, providers) -> None:
 @click.option("--low-memory", is_flag=True, help="Load one component at a time and release it after use.")
 @click.option("--int8", is_flag=True,
               help="Use the int8 UNet of `edgediff optimize --int8` (faster on CPUs; changes the image).")
+@click.option("--memory-limit", default="auto", show_default=True, callback=_memory_limit,
+              help="GiB a call may use (estimated before it runs), 'auto' (what is available) or 'off'.")
 def generate(prompt, model, output, negative_prompt, steps, guidance, width, height, seed, scheduler, eta, providers,
-             low_memory, int8):  # fmt: skip
+             low_memory, int8, memory_limit):  # fmt: skip
     """Generate an image from PROMPT and write it as a PNG with its parameters."""
     from tqdm import tqdm
 
-    from .image import format_parameters, save_png
+    from .image import check_output_path, format_parameters, save_png
     from .pipeline import Pipeline
 
+    output = check_output_path(output)  # before the model loads and the image is made
     options = {"optimized": "int8"} if int8 else {}
-    with Pipeline.load(model, providers=list(providers) or None, low_memory=low_memory, **options) as pipe:
+    with Pipeline.load(model, providers=list(providers) or None, low_memory=low_memory, memory_limit=memory_limit,
+                       **options) as pipe:  # fmt: skip
         _optimize_hint(pipe, providers)
         bar = tqdm(total=None, desc="denoising", unit="step", disable=not sys.stderr.isatty(), leave=False)
         result = pipe(
@@ -114,24 +133,38 @@ def generate(prompt, model, output, negative_prompt, steps, guidance, width, hei
 @click.option("--verify/--no-verify", default=True, help="Recompute file hashes and load every component.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def info(model: Path, verify: bool, as_json: bool) -> None:
-    """Show what the model folder MODEL holds and whether it validates."""
-    from .engine import create_engine
+    """Show what the model folder MODEL holds and whether it can generate.
+
+    Opening validates every config file; --verify (default) also re-hashes every file, loads the
+    tokenizer and the model's scheduler, and loads every component in ONNX Runtime."""
+    from .engine import create_engine, engine_class
     from .model_folder import ModelFolder
+    from .tokenizer import ClipTokenizer
 
     mf = ModelFolder.open(model)
     problems = mf.verify() if verify else []
     loaded = {}
     if verify:
-        for name in mf.components:
-            try:
-                eng = create_engine("onnxruntime", mf.component_path(name), component=name)
-                loaded[name] = {
-                    "inputs": {k: [v.dtype.name, list(v.shape)] for k, v in eng.inputs.items()},
-                    "outputs": {k: [v.dtype.name, list(v.shape)] for k, v in eng.outputs.items()},
-                }
-                eng.close()
-            except EdgediffError as e:
-                problems.append(str(e))
+        try:
+            ClipTokenizer(mf.path / "tokenizer").encode(["a photo of a cat"])
+            schedulers.resolve(None, mf.scheduler_config).plan(20)
+        except EdgediffError as e:
+            problems.append(str(e))
+        try:
+            engine_class("onnxruntime")  # once: a missing library is one problem, not one per component
+        except EdgediffError as e:
+            problems.append(str(e))
+        else:
+            for name in mf.components:
+                try:
+                    eng = create_engine("onnxruntime", mf.component_path(name), component=name)
+                    loaded[name] = {
+                        "inputs": {k: [v.dtype.name, list(v.shape)] for k, v in eng.inputs.items()},
+                        "outputs": {k: [v.dtype.name, list(v.shape)] for k, v in eng.outputs.items()},
+                    }
+                    eng.close()
+                except EdgediffError as e:
+                    problems.append(str(e))
     m = mf.manifest
     report = {
         "folder": str(mf.path),
@@ -145,6 +178,8 @@ def info(model: Path, verify: bool, as_json: bool) -> None:
         "scheduler": mf.scheduler_config.get("_class_name"),
         "components": {k: v.get("precision") for k, v in m["components"].items()},
         "schedulers_available": schedulers.known_names(),
+        "size_multiple": mf.size_multiple,
+        "edited_since_export": list(mf.edited),
         "valid": not problems,
         "problems": problems,
     }
@@ -157,8 +192,10 @@ def info(model: Path, verify: bool, as_json: bool) -> None:
             if k == "io":
                 for comp, io in v.items():
                     click.echo(f"  {comp}: in {io['inputs']} out {io['outputs']}")
-            elif k != "problems":
+            elif k not in ("problems", "edited_since_export"):
                 click.echo(f"{k}: {', '.join(v) if k == 'schedulers_available' else v}")
+        for rel in mf.edited:
+            click.echo(f"note: {rel} was edited since export (accepted: the folder validates)")
         for p in problems:
             click.echo(f"problem: {p}")
     if problems:
@@ -215,7 +252,10 @@ def bench(model, prompt, steps, width, height, batch, guidance, scheduler, engin
     from tqdm import tqdm
 
     from .bench import format_table, run_bench
-    from .image import write_atomic
+    from .image import check_output_path, write_atomic
+
+    if output is not None:
+        output = check_output_path(output)  # before the benchmark runs
 
     options = {}
     if engine == "onnxruntime":

@@ -15,7 +15,12 @@ class ModelFolderError(EdgediffError, FileNotFoundError):
     """The model folder is missing, incomplete, truncated or does not match its manifest."""
 
 
-class ManifestError(EdgediffError, ValueError):
+class ModelConfigError(ModelFolderError, ValueError):
+    """A model folder's own config files (manifest, scheduler, tokenizer, component configs) hold
+    values that cannot work; the message lists every problem found, each with its file."""
+
+
+class ManifestError(ModelConfigError):
     """``edgediff.json`` cannot be read or is not a valid manifest."""
 
 
@@ -29,6 +34,24 @@ class UnknownSchedulerError(EdgediffError, ValueError):
 
 class EngineInputError(EdgediffError, ValueError):
     """A feed given to an engine has a wrong name, dtype or rank."""
+
+
+class ResourceError(EdgediffError, MemoryError):
+    """A request needs more memory than this machine has (estimated before running, or an
+    allocation that failed inside an engine); the message says what to reduce."""
+
+
+class EngineRunError(EdgediffError, RuntimeError):
+    """An engine failed while running a component (the library's own message, in one line)."""
+
+
+class NonFiniteError(EdgediffError, FloatingPointError):
+    """Latents, embeddings or the decoded image stopped being finite (NaN or infinity): the
+    result would be a black or noise image, so nothing is written."""
+
+
+class OutputPathError(EdgediffError, OSError):
+    """An output file cannot be written there (a folder, an empty name, no permission, disk full)."""
 
 
 class EngineUnavailableError(EdgediffError, RuntimeError):

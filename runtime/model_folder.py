@@ -10,18 +10,22 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import math
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from .errors import ManifestError, ModelFolderError
+from .errors import ManifestError, ModelConfigError, ModelFolderError
 from .schedulers import apply_pipeline_corrections
 from .specs import REQUIRED_COMPONENTS, SUBMODELS
 
 MANIFEST = "edgediff.json"
 MANIFEST_FORMAT = 1
 ONNX_FILE = "model.onnx"
+
+logger = logging.getLogger(__name__)
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -38,10 +42,46 @@ def _load_json(path: Path, what: str) -> dict:
     except FileNotFoundError:
         raise ModelFolderError(f"{path} is missing ({what}); re-export the model") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ModelFolderError(f"{path} is not valid JSON ({what}: {e}); re-export the model") from e
+        raise ModelConfigError(f"{path} is not valid JSON ({what}: {e}); fix the file or re-export the model") from e
     if not isinstance(data, dict):
-        raise ModelFolderError(f"{path} must hold a JSON object ({what}); re-export the model")
+        raise ModelConfigError(f"{path} must hold a JSON object ({what}); fix the file or re-export the model")
     return data
+
+
+# Files a person may edit by hand (configs, tokenizer data): a changed size or hash means "edited
+# since export", accepted when the folder still validates. Everything else is weights, checked strictly.
+CONFIG_SUFFIXES = (".json", ".txt")
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+FAMILIES = ("sd1", "sd2")
+# UNet down-sampling when a folder has no unet/config.json to read it from: every SD 1.x/2.x UNet's.
+DEFAULT_UNET_DOWNSCALE = 8
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _describe_folder(path: Path) -> str | None:
+    """Why ``path`` is not a model folder edgediff can open, when we can tell; None otherwise."""
+    if path.is_file():
+        if path.name == ONNX_FILE and (path.parent.parent / "model_index.json").is_file():
+            return f"--model {path} is a component file; pass the model folder {path.parent.parent}"
+        return f"{path} is a file, not a model folder; pass the folder `edgediff export` wrote"
+    index = path / "model_index.json"
+    try:
+        cls_name = json.loads(index.read_text(encoding="utf-8")).get("_class_name") if index.is_file() else None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        return None
+    pytorch = (path / "unet").is_dir() and not (path / "unet" / ONNX_FILE).is_file() and (path / "vae").is_dir()
+    if pytorch or (isinstance(cls_name, str) and cls_name.endswith("Pipeline") and not cls_name.startswith(("Onnx", "ORT"))
+                   and not (path / "unet" / ONNX_FILE).is_file()):  # fmt: skip
+        return (f"{path} is a diffusers (PyTorch) model folder that has not been exported; run "
+                f"`edgediff export {path} OUT` first (needs the export extra), then pass OUT")  # fmt: skip
+    return None
 
 
 @dataclass
@@ -50,6 +90,8 @@ class ModelFolder:
     manifest: dict[str, Any]
     inferred: bool  # True for optimum folders without edgediff.json
     scheduler_config: dict[str, Any] = field(default_factory=dict)
+    # config files whose size differs from the manifest's record (edited by hand since export)
+    edited: list[str] = field(default_factory=list)
 
     # -- facts the pipeline needs -----------------------------------------------------------
     @property
@@ -74,6 +116,18 @@ class ModelFolder:
         return self.manifest["prediction_type"]
 
     @cached_property
+    def unet_downscale(self) -> int:
+        """How many times the UNet halves the latent (2^(levels-1)): the latent's sides must be
+        multiples of it, or the skip connections' Concat fails inside the engine."""
+        blocks = self._config_value("unet/config.json", "block_out_channels")
+        return 2 ** (len(blocks) - 1) if isinstance(blocks, list) and blocks else DEFAULT_UNET_DOWNSCALE
+
+    @property
+    def size_multiple(self) -> int:
+        """Image sides must be multiples of this: the VAE's factor times the UNet's down-sampling."""
+        return self.vae_downscale * self.unet_downscale
+
+    @cached_property
     def text_embedding_dim(self) -> int | None:
         """Width of the prompt embeddings the UNet takes (768 for SD 1.x, 1024 for SD 2.x): the
         manifest's, else the text encoder's or UNet's config (optimum folders), else None."""
@@ -86,7 +140,11 @@ class ModelFolder:
 
     def _config_value(self, rel: str, key: str):
         path = self.path / rel
-        return json.loads(path.read_text(encoding="utf-8")).get(key) if path.is_file() else None
+        try:
+            data = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            return None  # reported by open()'s validation
+        return data.get(key) if isinstance(data, dict) else None
 
     def component_bytes(self, name: str) -> int:
         """Size on disk of a component's graph and weights (its folder's files, configs excluded)."""
@@ -102,26 +160,48 @@ class ModelFolder:
     # -- loading ----------------------------------------------------------------------------
     @classmethod
     def open(cls, path: str | Path) -> ModelFolder:
+        """Open and validate a model folder. Every problem found in its files and config values is
+        collected and raised as one error that names each file: ``ModelFolderError`` for missing or
+        truncated files, ``ModelConfigError`` (``ManifestError`` when only edgediff.json) for values."""
         path = Path(path)
-        if not path.is_dir():
+        if not path.exists():
             raise ModelFolderError(f"model folder {path} does not exist; pass the folder `edgediff export` wrote")
+        reason = _describe_folder(path)
+        if reason:
+            raise ModelFolderError(reason)
         if not (path / "model_index.json").is_file():
             # export writes model_index.json last, so an interrupted export never passes here
             raise ModelFolderError(
                 f"{path} is not a complete model folder (no model_index.json); pass the folder "
                 "`edgediff export` wrote (re-export if an export was interrupted)"
             )
+        problems: list[str] = []  # "file: what is wrong"
         if (path / MANIFEST).exists():
             manifest, inferred = read_manifest(path), False
         else:
             manifest, inferred = infer_manifest(path), True
-        scheduler_config = _load_json(path / "scheduler" / "scheduler_config.json", "scheduler config")
-        folder = cls(path, manifest, inferred, apply_pipeline_corrections(scheduler_config))
-        folder.check_files()
+        problems += [f"{MANIFEST if not inferred else '(inferred manifest)'}: {p}" for p in manifest_problems(manifest)]
+        raw_scheduler = _load_json(path / "scheduler" / "scheduler_config.json", "scheduler config")
+        folder = cls(path, manifest, inferred, apply_pipeline_corrections(raw_scheduler))
+        missing = folder._file_problems()
+        problems += folder._config_problems(raw_scheduler, manifest_ok=not problems)
+        if missing and not problems:
+            raise ModelFolderError(f"model folder {path} is damaged: {'; '.join(missing)}; re-export the model")
+        if problems:
+            only_manifest = all(p.startswith(MANIFEST) for p in problems)
+            kind = ManifestError if only_manifest else ModelConfigError
+            raise kind(
+                f"model folder {path} has {len(problems)} problem(s): {'; '.join(problems + missing)}; "
+                "fix the file(s) named or re-export the model"
+            )
+        for rel in folder.edited:
+            logger.warning("%s was edited since export (its size differs from the manifest's); using it as it is",
+                           path / rel)  # fmt: skip
         return folder
 
-    def check_files(self) -> None:
-        """Every required component present; every listed file present with its recorded size."""
+    def _file_problems(self) -> list[str]:
+        """Required components present; every weight file the manifest lists present with its
+        recorded size (strict); config files that changed size are noted in ``edited``."""
         problems = []
         for name in REQUIRED_COMPONENTS:
             if not self.component_path(name).is_file():
@@ -131,20 +211,77 @@ class ModelFolder:
             if not p.is_file():
                 if not any(rel == f"{c}/{ONNX_FILE}" for c in REQUIRED_COMPONENTS):
                     problems.append(f"{rel} is missing")
+            elif not (isinstance(info, dict) and _is_int(info.get("size"))):
+                continue  # a malformed entry: reported by manifest_problems
             elif p.stat().st_size != info["size"]:
-                problems.append(f"{rel} is {p.stat().st_size} bytes, the manifest says {info['size']} (truncated?)")
+                if rel.endswith(CONFIG_SUFFIXES):
+                    self.edited.append(rel)
+                else:
+                    problems.append(
+                        f"{rel} is {p.stat().st_size} bytes, the manifest says {info['size']} (truncated or damaged)"
+                    )
+        return problems
+
+    def _config_problems(self, raw_scheduler: dict, manifest_ok: bool = True) -> list[str]:
+        """Values in the scheduler, tokenizer and component configs that cannot work, each with its file."""
+        from . import schedulers
+        from .tokenizer import tokenizer_problems
+
+        problems = [f"scheduler/scheduler_config.json: {p}" for p in schedulers.config_problems(raw_scheduler)]
+        max_positions = self._config_value("text_encoder/config.json", "max_position_embeddings")
+        problems += tokenizer_problems(self.path / "tokenizer", max_positions if _is_int(max_positions) else None)
+        for rel in ("unet/config.json", "vae_decoder/config.json", "text_encoder/config.json"):
+            p = self.path / rel
+            if p.is_file():
+                try:
+                    data = json.loads(p.read_text(encoding="utf-8"))
+                except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+                    problems.append(f"{rel}: not valid JSON ({e})")
+                    continue
+                if not isinstance(data, dict):
+                    problems.append(f"{rel}: must hold a JSON object")
+        channels = self.manifest.get("latent_channels")
+        unet_out = self._config_value("unet/config.json", "out_channels")
+        if _is_int(channels) and unet_out is not None and unet_out != channels:
+            problems.append(f"unet/config.json: out_channels {unet_out!r} disagrees with latent_channels {channels} "
+                            f"in {MANIFEST} (the UNet predicts one value per latent channel)")  # fmt: skip
+        vae_channels = self._config_value("vae_decoder/config.json", "latent_channels")
+        if _is_int(channels) and vae_channels is not None and vae_channels != channels:
+            problems.append(f"vae_decoder/config.json: latent_channels {vae_channels!r} disagrees with "
+                            f"latent_channels {channels} in {MANIFEST}")  # fmt: skip
+        blocks = self._config_value("unet/config.json", "block_out_channels")
+        if blocks is not None and not (isinstance(blocks, list) and blocks and all(_is_int(b) and b > 0 for b in blocks)):
+            problems.append(f"unet/config.json: block_out_channels must be a list of positive integers, got {blocks!r}")
+        elif manifest_ok and not problems:
+            native = self.manifest["native_size"]
+            m = self.size_multiple
+            if any(side % m for side in native):
+                problems.append(f"{MANIFEST if not self.inferred else 'unet/config.json'}: native_size {native} is "
+                                f"not a multiple of {m} (the VAE's factor {self.vae_downscale} x the UNet's "
+                                f"down-sampling {self.unet_downscale})")  # fmt: skip
+        return problems
+
+    def check_files(self) -> None:
+        """Raise ModelFolderError when a required or listed weight file is missing or truncated."""
+        problems = self._file_problems()
         if problems:
             raise ModelFolderError(f"model folder {self.path} is damaged: {'; '.join(problems)}; re-export the model")
 
     def verify(self) -> list[str]:
-        """Recompute every file's sha256; return the problems found (empty when all match)."""
+        """Recompute every file's sha256; return the problems found (empty when all match). A config
+        file whose hash changed is not a problem (it was edited, and open() validated it): it is
+        added to ``edited`` instead."""
         problems = []
         for rel, info in self.manifest.get("files", {}).items():
             p = self.path / rel
             if not p.is_file():
                 problems.append(f"{rel} is missing")
-            elif sha256_file(p) != info["sha256"]:
-                problems.append(f"{rel} does not match its sha256")
+            elif not isinstance(info, dict) or sha256_file(p) != info.get("sha256"):
+                if rel.endswith(CONFIG_SUFFIXES):
+                    if rel not in self.edited:
+                        self.edited.append(rel)
+                else:
+                    problems.append(f"{rel} does not match its sha256 (damaged); re-export the model")
         return problems
 
 
@@ -162,6 +299,8 @@ _REQUIRED_KEYS = {
 
 
 def read_manifest(path: Path) -> dict:
+    """The manifest as JSON; raises ManifestError when it cannot be read at all, or when a key
+    the rest of the check relies on is missing or of the wrong type."""
     file = path / MANIFEST
     try:
         manifest = json.loads(file.read_text(encoding="utf-8"))
@@ -169,7 +308,7 @@ def read_manifest(path: Path) -> dict:
         raise ManifestError(f"{file} is corrupted ({e}); re-export the model or delete {MANIFEST}") from e
     if not isinstance(manifest, dict):
         raise ManifestError(f"{file} is corrupted (not a JSON object); re-export the model")
-    bad = [k for k, t in _REQUIRED_KEYS.items() if not isinstance(manifest.get(k), t)]
+    bad = [k for k, t in _REQUIRED_KEYS.items() if not isinstance(manifest.get(k), t) or isinstance(manifest.get(k), bool)]
     if bad:
         raise ManifestError(f"{file} is corrupted: missing or invalid keys {bad}; re-export the model")
     if manifest["format"] > MANIFEST_FORMAT:
@@ -180,6 +319,43 @@ def read_manifest(path: Path) -> dict:
     return manifest
 
 
+def manifest_problems(m: dict) -> list[str]:
+    """Every value in a manifest (read or inferred) that cannot work, described with the fix."""
+    problems = []
+    if m.get("family") not in FAMILIES:
+        problems.append(f"family {m.get('family')!r} is not one this edgediff runs ({', '.join(FAMILIES)})")
+    if m.get("prediction_type") not in PREDICTION_TYPES:
+        problems.append(f"prediction_type must be one of {', '.join(PREDICTION_TYPES)}, got {m.get('prediction_type')!r}")
+    f = m.get("vae_scaling_factor")
+    if not (_is_number(f) and f > 0):
+        problems.append(f"vae_scaling_factor must be a positive finite number (SD: 0.18215), got {f!r}")
+    c = m.get("latent_channels")
+    if not (_is_int(c) and c >= 1):
+        problems.append(f"latent_channels must be a positive integer (SD: 4), got {c!r}")
+    d = m.get("vae_downscale")
+    if not (_is_int(d) and d >= 1 and d & (d - 1) == 0):
+        problems.append(f"vae_downscale must be a power of two (SD: 8), got {d!r}")
+    size = m.get("native_size")
+    if not (isinstance(size, list) and len(size) == 2 and all(_is_int(v) and v > 0 for v in size)):
+        problems.append(f"native_size must be [height, width] in pixels, two positive integers, got {size!r}")
+    e = m.get("text_embedding_dim")
+    if e is not None and not (_is_int(e) and e > 0):
+        problems.append(f"text_embedding_dim must be a positive integer, got {e!r}")
+    components = m.get("components")
+    if isinstance(components, dict):
+        for name, comp in components.items():
+            if not (isinstance(comp, dict) and isinstance(comp.get("file", ""), str)):
+                problems.append(f"components.{name} must be an object like {{\"file\": \"{name}/{ONNX_FILE}\", ...}}, "
+                                f"got {comp!r}")  # fmt: skip
+    files = m.get("files")
+    if isinstance(files, dict):
+        for rel, info in files.items():
+            if not (isinstance(info, dict) and _is_int(info.get("size")) and info["size"] >= 0
+                    and isinstance(info.get("sha256"), str)):  # fmt: skip
+                problems.append(f"files entry {rel!r} must have an integer size and a sha256, got {info!r}")
+    return problems
+
+
 def infer_manifest(path: Path) -> dict:
     """What our manifest would hold, inferred from a diffusers/optimum folder's config files."""
     vae_cfg = _load_json(path / "vae_decoder" / "config.json", "VAE decoder config")
@@ -187,21 +363,24 @@ def infer_manifest(path: Path) -> dict:
     sched = _load_json(path / "scheduler" / "scheduler_config.json", "scheduler config")
     te_path = path / "text_encoder" / "config.json"
     te_cfg = _load_json(te_path, "text encoder config") if te_path.is_file() else {}
-    downscale = 2 ** (len(vae_cfg.get("block_out_channels", [0, 0, 0, 0])) - 1)
+    blocks = vae_cfg.get("block_out_channels", [0, 0, 0, 0])
+    downscale = 2 ** (len(blocks) - 1) if isinstance(blocks, list) and blocks else None
     sample = unet_cfg.get("sample_size", 64)
     sample = sample if isinstance(sample, list) else [sample, sample]
+    native = ([s * downscale for s in sample] if downscale and all(_is_int(s) for s in sample) else sample)
     components = {}
     for name, spec in SUBMODELS.items():
         if (path / name / ONNX_FILE).is_file():
             components[name] = {"file": f"{name}/{ONNX_FILE}", "precision": "unknown", "spec": spec.name}
+    scaling = vae_cfg.get("scaling_factor", 0.18215)
     return {
         "format": MANIFEST_FORMAT,
         "family": "sd2" if te_cfg.get("hidden_act") == "gelu" else "sd1",
         "prediction_type": sched.get("prediction_type", "epsilon"),
-        "vae_scaling_factor": float(vae_cfg.get("scaling_factor", 0.18215)),
-        "latent_channels": int(vae_cfg.get("latent_channels", unet_cfg.get("in_channels", 4))),
+        "vae_scaling_factor": float(scaling) if _is_number(scaling) else scaling,
+        "latent_channels": vae_cfg.get("latent_channels", unet_cfg.get("in_channels", 4)),
         "vae_downscale": downscale,
-        "native_size": [sample[0] * downscale, sample[1] * downscale],
+        "native_size": native,
         "components": components,
         "files": {},
         "source": "inferred from an optimum/diffusers ONNX folder (no edgediff.json)",

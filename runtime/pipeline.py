@@ -13,6 +13,7 @@ object serves concurrent calls from several threads.
 from __future__ import annotations
 
 import gc
+import json
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -25,12 +26,12 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from . import schedulers
+from . import resources, schedulers
 from .engine import Engine, create_engine, engine_class
-from .errors import EdgediffError, InvalidArgumentError, ModelFolderError
+from .errors import EdgediffError, InvalidArgumentError, ModelFolderError, NonFiniteError, ResourceError
 from .image import to_pil, to_uint8
 from .model_folder import ModelFolder
-from .rng import Generator, make_generator
+from .rng import Generator, check_seed, make_generator
 from .tokenizer import ClipTokenizer
 
 logger = logging.getLogger(__name__)
@@ -95,6 +96,7 @@ class Pipeline:
         self.engines = engines
         self._engine_options: dict[str, Any] = {}
         self.low_memory = False
+        self.memory_limit: int | str | None = "auto"
         self.load_times: dict[str, float] = {}  # seconds to create each engine (empty in low-memory mode)
         self.tokenizer = tokenizer
         self.engine_name = engine_name
@@ -107,6 +109,7 @@ class Pipeline:
         engine: str = "onnxruntime",
         providers: Sequence[str] | None = None,
         low_memory: bool = False,
+        memory_limit: int | str | None = "auto",
         **engine_options,
     ) -> Pipeline:
         """Open a model folder and create one engine per component (text encoder, UNet, VAE decoder).
@@ -119,8 +122,16 @@ class Pipeline:
         ``low_memory``: keep no engine loaded between calls; each call loads the text encoder,
         the UNet and the VAE decoder one at a time and releases each before the next, so peak
         memory is that of the largest component (slower: every call pays the load time).
+        ``memory_limit``: on the CPU, each call first estimates the memory it needs
+        (``edgediff.runtime.resources``) and refuses with ``ResourceError`` what does not fit:
+        ``"auto"`` (default) compares with the memory available at that moment, a number of bytes
+        with that number, ``None`` turns the check off.
         Other keyword arguments go to the engine (ONNX Runtime: ``threads``, ``optimization``, …).
         """
+        if not (memory_limit in ("auto", None) or (isinstance(memory_limit, (int, float))
+                                                    and not isinstance(memory_limit, bool) and memory_limit > 0)):
+            raise InvalidArgumentError(f"memory_limit must be 'auto', None or a positive number of bytes, got "
+                                       f"{memory_limit!r}")  # fmt: skip
         mf = ModelFolder.open(embedded_model_path() if folder is None else folder)
         tokenizer = ClipTokenizer(mf.path / "tokenizer")
         options = dict(engine_options)
@@ -129,6 +140,7 @@ class Pipeline:
         pipe = cls(mf, {}, tokenizer, engine)
         pipe._engine_options = options
         pipe.low_memory = bool(low_memory)
+        pipe.memory_limit = memory_limit
         pipe.load_times = {}
         if low_memory:
             engine_class(engine)  # a missing engine library fails here, not in the middle of a call
@@ -163,6 +175,55 @@ class Pipeline:
             eng.close()
             del eng
             gc.collect()  # release the session's memory before the next component loads
+
+    def _check_memory(self, images: int, guidance: bool, height: int, width: int) -> None:
+        """Refuse a request whose estimated working memory exceeds the limit (CPU engines only:
+        a GPU's memory is the engine's to report)."""
+        providers = self._engine_options.get("providers")
+        if self.memory_limit is None or self.engine_name != "onnxruntime" or (
+            providers and providers[0] != "CPUExecutionProvider"
+        ):
+            return
+        limit = resources.available_memory_bytes() if self.memory_limit == "auto" else int(self.memory_limit)
+        if limit is None:
+            return
+        fused = self._unet_attention_fused()
+        weights = 0
+        if self.low_memory:  # nothing is resident between calls: the component's weights come on top
+            weights = max(self.folder.component_bytes("unet"), self.folder.component_bytes("vae_decoder"))
+        kw = dict(images=images, guidance=guidance, vae_downscale=self.folder.vae_downscale, fused_attention=fused,
+                  weights=weights)  # fmt: skip
+        need = resources.estimate(self.folder.path, height=height, width=width, **kw)
+        if need.bytes <= limit:
+            return
+        side = resources.largest_square(self.folder.path, limit, self.folder.size_multiple, **kw)
+        gib = resources.GIB
+        what = "available now" if self.memory_limit == "auto" else "allowed by memory_limit"
+        fixes = [f"a smaller width/height (about {side}x{side} fits)" if side else "a smaller width/height"]
+        if images > 1:
+            fixes.append("fewer images per call")
+        if need.stage == "unet" and not fused:
+            fixes.append(f"`edgediff optimize {self.folder.path}` (flash attention needs far less memory)")
+        raise ResourceError(
+            f"{width}x{height} x {images} image(s) needs about {need.bytes / gib:.1f} GiB in the {need.stage} "
+            f"({need.what}), more than the {limit / gib:.1f} GiB {what}; use {', or '.join(fixes)}. To run it "
+            "anyway: memory_limit=None (CLI: --memory-limit off)"
+        )
+
+    def _unet_attention_fused(self) -> bool:
+        """Whether the UNet runs the fused (flash) attention of `edgediff optimize`'s variant."""
+        eng = self.engines.get("unet")
+        model_file = getattr(eng, "model_file", None) if eng is not None else None
+        if eng is None and self.engine_name == "onnxruntime":  # low-memory mode: the variant it would load
+            from edgediff.engines.onnxruntime import _optimized_variant
+
+            model_file = _optimized_variant(self.folder.component_path("unet"), "unet")
+        if model_file is None or Path(model_file).parent.parent.name not in ("ort-cpu", "ort-cpu-int8"):
+            return False
+        try:
+            return bool(json.loads((Path(model_file).parent / "optimized.json").read_text()).get("fused"))
+        except (OSError, ValueError):
+            return False
 
     def close(self) -> None:
         for e in self.engines.values():
@@ -221,11 +282,17 @@ class Pipeline:
         width = native_w if width is None else width
         f = self.folder.vae_downscale
         for name, v in (("width", width), ("height", height)):
-            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v <= 0 or v % f:
-                raise InvalidArgumentError(
-                    f"{name} must be a positive multiple of {f} (the VAE downscale factor), got {v!r}"
-                )
-        guidance_scale = float(guidance_scale)
+            _check_side(name, v, self.folder)
+        guidance_scale = _check_finite("guidance_scale", guidance_scale, "diffusers' default is 7.5; 1 or less "
+                                       "turns guidance off")  # fmt: skip
+        eta = _check_finite("eta", eta, "DDIM's eta is between 0 (deterministic) and 1", minimum=0.0)
+        if generator is not None and seed is not None:
+            raise InvalidArgumentError(
+                "pass seed or generator, not both: the generator draws the noise, so the seed would be recorded "
+                "for an image it did not make"
+            )
+        if seed is not None:
+            seed = check_seed(seed)
         if scheduler is None and not eta:
             sched = self.default_scheduler
         else:
@@ -233,19 +300,37 @@ class Pipeline:
         batch = len(prompts) * per_prompt
         shape = (batch, self.folder.latent_channels, height // f, width // f)
         if latents is not None:
-            latents = np.asarray(latents, dtype=np.float32)
+            with np.errstate(over="ignore"):  # 1e39 becomes inf in float32: refused just below
+                latents = np.asarray(latents, dtype=np.float32)
             if latents.shape != shape:
                 raise InvalidArgumentError(f"latents must have shape {list(shape)}, got {list(latents.shape)}")
+            if not np.isfinite(latents).all():
+                raise InvalidArgumentError(
+                    "latents contain NaN or infinite values (or values beyond float32's range, about 3.4e38); "
+                    "pass finite starting latents"
+                )
         do_cfg = guidance_scale > 1.0
+        self._check_memory(batch, do_cfg, height, width)
 
         # 2. Encode the prompt: uncond ‖ cond in one text-encoder batch
         t0 = time.perf_counter()
-        ids = self.tokenizer.encode((negatives + prompts) if do_cfg else prompts)
+        def labels(name: str, n: int) -> list[str]:
+            return [name] if n == 1 else [f"{name} {i + 1}" for i in range(n)]
+
+        texts, names = prompts, labels("prompt", len(prompts))
+        if do_cfg:
+            texts, names = negatives + prompts, labels("negative_prompt", len(negatives)) + names
+        ids = self.tokenizer.encode(texts, labels=names)
         timings["tokenize"] = time.perf_counter() - t0
         with self._component("text_encoder", timings) as text_encoder:
             t0 = time.perf_counter()
             emb = text_encoder.run({"input_ids": ids})["last_hidden_state"].astype(np.float32)
             timings["text_encoder"] = time.perf_counter() - t0
+        if not np.isfinite(emb).all():
+            raise NonFiniteError(
+                "the text encoder produced NaN or infinite embeddings: its weights are damaged or overflow in this "
+                "precision; re-export the model (without --fp16 if it was fp16)"
+            )
         emb = np.repeat(emb, per_prompt, axis=0)  # each prompt's embedding n times in a row, as diffusers
         emb.flags.writeable = False  # the same array every step: GPU engines keep their device copy
 
@@ -259,7 +344,7 @@ class Pipeline:
         # 4. Starting noise, scaled by the scheduler's init_noise_sigma
         if generator is None:
             generator = make_generator(seed)
-        seed = getattr(generator, "seed", seed)
+        seed = getattr(generator, "seed", None)  # what actually draws the noise; None for a foreign generator
         if latents is None:
             latents = generator.randn(shape).astype(np.float32)
         latents = latents * np.float32(plan.init_noise_sigma)
@@ -278,10 +363,17 @@ class Pipeline:
                 noise = unet.run(feeds)["out_sample"]
                 unet_calls.append(time.perf_counter() - u0)
                 noise = noise.astype(np.float32, copy=False)
-                if do_cfg:
-                    uncond, cond = np.split(noise, 2)
-                    noise = uncond + np.float32(guidance_scale) * (cond - uncond)
-                latents, state = sched.step(plan, i, noise, latents, state, generator)
+                with np.errstate(invalid="ignore", over="ignore"):  # a NaN is reported below, in words
+                    if do_cfg:
+                        uncond, cond = np.split(noise, 2)
+                        noise = uncond + np.float32(guidance_scale) * (cond - uncond)
+                    latents, state = sched.step(plan, i, noise, latents, state, generator)
+                if not np.isfinite(latents).all():
+                    raise NonFiniteError(
+                        f"the latents stopped being finite (NaN or infinity) at step {i + 1} of {len(plan.timesteps)} "
+                        f"(timestep {float(t):g}) with {sched.class_name} and guidance_scale {guidance_scale:g}; "
+                        "nothing was written. Try another scheduler or scheduler settings, or a lower guidance_scale"
+                    )
                 if callback is not None and callback(i, float(t), latents) is False:
                     raise GenerationCancelled(f"cancelled by the callback at step {i + 1} of {len(plan.timesteps)}")
             timings["denoise"] = time.perf_counter() - t0
@@ -293,6 +385,11 @@ class Pipeline:
             t0 = time.perf_counter()
             decoded = vae_decoder.run({"latent_sample": latents / np.float32(self.folder.vae_scaling_factor)})
             timings["vae_decoder"] = time.perf_counter() - t0
+        if not np.isfinite(decoded["sample"]).all():
+            raise NonFiniteError(
+                "the VAE decoder produced NaN or infinite pixels (an fp16 VAE overflows this way); re-export the "
+                "model without --fp16, or check the manifest's vae_scaling_factor"
+            )
         t0 = time.perf_counter()
         images = to_pil(to_uint8(decoded["sample"]))
         timings["postprocess"] = time.perf_counter() - t0
@@ -315,6 +412,31 @@ class Pipeline:
             "edgediff_version": __version__,
         }
         return GenerationResult(images, params, timings, unet_calls)
+
+
+def _check_finite(name: str, value, hint: str, minimum: float | None = None) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise InvalidArgumentError(f"{name} must be a number ({hint}), got {value!r}")
+    value = float(value)
+    if not np.isfinite(value) or (minimum is not None and value < minimum):
+        at_least = f" >= {minimum:g}" if minimum is not None else ""
+        raise InvalidArgumentError(f"{name} must be a finite number{at_least} ({hint}), got {value!r}")
+    return value
+
+
+def _check_side(name: str, value, folder: ModelFolder) -> None:
+    """Sides must be multiples of the VAE's factor times the UNet's own down-sampling, or the
+    UNet's skip connections do not line up (ONNX Runtime fails in a Concat)."""
+    m = folder.size_multiple
+    why = f"the VAE's factor {folder.vae_downscale} x the UNet's down-sampling {folder.unet_downscale}"
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise InvalidArgumentError(f"{name} must be a positive multiple of {m} ({why}), got {value!r}")
+    if value <= 0 or value % m:
+        below, above = value // m * m, value // m * m + m
+        nearest = f"{below} or {above}" if below > 0 else f"{above}"
+        raise InvalidArgumentError(
+            f"{name} must be a positive multiple of {m} ({why}), got {value}; nearest valid: {nearest}"
+        )
 
 
 def _timestep(spec, t: float, batch: int) -> np.ndarray:

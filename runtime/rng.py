@@ -25,18 +25,35 @@ from typing import Protocol
 
 import numpy as np
 
+from .errors import InvalidArgumentError
+
 
 class Generator(Protocol):
     def randn(self, shape: tuple[int, ...]) -> np.ndarray: ...
+
+
+# torch.Generator.manual_seed's range: negative seeds wrap to 2^64 + seed; anything outside raises.
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
+
+
+def check_seed(seed) -> int:
+    """``seed`` as an int if torch would accept it for ``manual_seed`` (so that it reproduces
+    diffusers' image); InvalidArgumentError otherwise."""
+    if not isinstance(seed, (int, np.integer)) or isinstance(seed, (bool, np.bool_)):
+        raise InvalidArgumentError(f"seed must be an integer, got {seed!r}")
+    if not SEED_MIN <= int(seed) <= SEED_MAX:
+        raise InvalidArgumentError(
+            f"seed {int(seed)} is outside the range torch accepts ({SEED_MIN} to {SEED_MAX}), so no diffusers "
+            "image has it; use a smaller seed"
+        )
+    return int(seed)
 
 
 class TorchCPUGenerator:
     """numpy emulation of ``torch.Generator("cpu").manual_seed(seed)`` for ``randn``."""
 
     def __init__(self, seed: int):
-        if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool):
-            raise TypeError(f"seed must be an int, got {type(seed).__name__}")
-        self.seed = int(seed)
+        self.seed = check_seed(seed)
         # RandomState's integer seeding is MT19937's init_genrand, exactly as torch's mt19937.
         self._mt = np.random.RandomState(self.seed & 0xFFFFFFFF)
         self._cached_normal: float | None = None

@@ -81,7 +81,7 @@ def test_damaged_component_detected_by_hash(model_copy):
     assert code == 1 and "text_encoder/model.onnx does not match its sha256" in output
 
 
-@pytest.mark.parametrize("content", ["{not json", "[]", json.dumps({"format": 1})])
+@pytest.mark.parametrize("content", ["{not json", "[]", json.dumps({"format": 1})])  # unreadable: no further check
 def test_corrupted_manifest(model_copy, content):
     (model_copy / "edgediff.json").write_text(content)
     with pytest.raises(ManifestError, match="edgediff.json is corrupted"):
@@ -98,8 +98,8 @@ def pipe(tiny_export):
 @pytest.mark.parametrize(
     "kwargs,match",
     [
-        (dict(width=33), "width must be a positive multiple of 2"),
-        (dict(height=0), "height must be a positive multiple of 2"),
+        (dict(width=33), r"width must be a positive multiple of 4 \(the VAE's factor 2 x the UNet's down-sampling 2\)"),
+        (dict(height=0), "height must be a positive multiple of 4"),
         (dict(width=-32), "width must be a positive multiple"),
         (dict(num_inference_steps=0), "num_inference_steps must be an integer >= 1"),
         (dict(num_inference_steps=-3), "num_inference_steps must be an integer >= 1"),

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 from conftest import needs_torch
 
+from edgediff.runtime.errors import InvalidArgumentError
 from edgediff.runtime.rng import TorchCPUGenerator
 
 SHAPES = [(1, 4, 8, 8), (3,), (1,), (5,), (15,), (16,), (17,), (33,), (2, 3), (2, 4, 64, 64), (7, 5), (1, 4, 9, 7)]
@@ -35,5 +36,22 @@ def test_is_deterministic_and_seed_sensitive():
 
 
 def test_rejects_non_integer_seed():
-    with pytest.raises(TypeError, match="seed must be an int"):
+    with pytest.raises(InvalidArgumentError, match="seed must be an integer"):
         TorchCPUGenerator(1.5)
+    with pytest.raises(InvalidArgumentError, match="seed must be an integer"):
+        TorchCPUGenerator(True)
+
+
+@pytest.mark.parametrize("seed", [2**64, -(2**63) - 1, 2**70])
+def test_rejects_seeds_torch_refuses(seed):
+    """torch.Generator.manual_seed raises outside [-2^63, 2^64 - 1]: such a seed has no diffusers image."""
+    with pytest.raises(InvalidArgumentError, match=f"seed {seed} is outside the range torch accepts"):
+        TorchCPUGenerator(seed)
+
+
+def test_negative_and_large_seeds_follow_torch():
+    """torch wraps a negative seed to 2^64 + seed; both ends of its range reproduce torch's stream."""
+    torch = pytest.importorskip("torch")
+    for seed in (-1, -(2**63), 2**64 - 1, 2**40 + 3):
+        want = torch.randn(40, generator=torch.Generator().manual_seed(seed)).numpy()
+        np.testing.assert_allclose(TorchCPUGenerator(seed).randn((40,)), want, rtol=1e-5, atol=1e-6)
