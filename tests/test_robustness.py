@@ -408,3 +408,57 @@ def test_info_without_onnxruntime_says_it_once(model, monkeypatch):
     monkeypatch.setattr(engine, "engine_class", missing)
     code, output = _cli("info", model)
     assert code == 1 and output.count("cannot be imported") == 1, output
+
+
+# ---- the folder's other config files, through the folder check ------------------------------
+@pytest.mark.parametrize(
+    "rel,changes,needle",
+    [
+        ("scheduler/scheduler_config.json", dict(num_train_timesteps=0), "num_train_timesteps=0"),
+        ("scheduler/scheduler_config.json", dict(beta_start=-1), "beta_start=-1"),
+        ("scheduler/scheduler_config.json", dict(beta_end="0.012"), "beta_end='0.012'"),
+        ("scheduler/scheduler_config.json", dict(beta_end=1.5), "beta_end=1.5"),
+        ("scheduler/scheduler_config.json", dict(trained_betas=[0.1, 0.2]), "trained_betas"),
+        ("scheduler/scheduler_config.json", dict(steps_offset="1"), "steps_offset='1'"),
+        ("tokenizer/tokenizer_config.json", dict(model_max_length=0), "model_max_length"),
+        ("tokenizer/tokenizer_config.json", dict(model_max_length=200), "model_max_length"),
+        ("tokenizer/tokenizer_config.json", dict(model_max_length="abc"), "model_max_length"),
+    ],
+)
+def test_config_files_validated_with_the_folder(model, rel, changes, needle):
+    _edit_json(model / rel, **changes)
+    with pytest.raises(ModelConfigError) as info:
+        Pipeline.load(model)
+    assert f"{rel}: " in str(info.value) and needle in str(info.value)
+    _one_line_error(*_cli("info", model), rel, needle)
+
+
+def test_special_tokens_map_that_is_a_list(model):
+    (model / "tokenizer" / "special_tokens_map.json").write_text("[]")
+    with pytest.raises(ModelConfigError, match="tokenizer/special_tokens_map.json"):
+        Pipeline.load(model)
+
+
+def test_too_many_steps_from_the_cli(tmp_path):
+    out = tmp_path / "o.png"
+    _one_line_error(*_cli("generate", "x", "--model", MICRO, "--steps", "1500", "--scheduler", "ddim", "-o", out),
+                    "exceeds the model's 1000 training timesteps")  # fmt: skip
+    assert not out.exists()
+
+
+def test_optimum_layout_folder_generates_without_torch(model, tmp_path):
+    """Item 3: an optimum-style folder (no edgediff.json, no tokenizer.json) on the lean install's
+    tokenizers: `info` loads its tokenizer and scheduler, and generate writes the image."""
+    (model / "edgediff.json").unlink()
+    (model / "tokenizer" / "tokenizer.json").unlink()
+    code, output = _cli("info", model, "--json")
+    assert code == 0, output
+    report = json.loads(output)
+    assert report["valid"] and report["manifest"].startswith("inferred") and report["size_multiple"] == 4
+    out = tmp_path / "o.png"
+    code, output = _cli("generate", "a red circle", "--model", model, "--steps", "2", "-o", out, "--seed", "1")
+    assert code == 0 and out.is_file(), output
+    ref = Pipeline.load(MICRO)("a red circle", num_inference_steps=2, seed=1).images[0]
+    from PIL import Image
+
+    assert np.array_equal(np.asarray(Image.open(out).convert("RGB")), np.asarray(ref))
