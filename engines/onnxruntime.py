@@ -245,7 +245,9 @@ class OrtEngine:
                     f"{self.component} ran out of memory on inputs {shapes} ({_first_line(e)}); reduce the width/"
                     "height or the number of images, or use low_memory=True (--low-memory)"
                 ) from e
-            raise EngineRunError(f"{self.component} failed in ONNX Runtime on inputs {shapes}: {_first_line(e)}") from e
+            raise EngineRunError(
+                f"{self.component} failed in ONNX Runtime on inputs {shapes}: {_first_line(e)}"
+            ) from e
 
     def _run(self, feeds, checked) -> dict[str, np.ndarray]:
         if not self.io_binding:

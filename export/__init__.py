@@ -101,8 +101,7 @@ def _check_source(source: Path) -> dict:
 def _check_opset(opset) -> None:
     if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= MAX_OPSET:
         raise ExportError(
-            f"--opset {opset!r} is not supported; edgediff exports opsets {MIN_OPSET} to {MAX_OPSET} "
-            "(default 17)"
+            f"--opset {opset!r} is not supported; edgediff exports opsets {MIN_OPSET} to {MAX_OPSET} (default 17)"
         )
 
 

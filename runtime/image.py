@@ -49,7 +49,9 @@ def check_output_path(path: str | os.PathLike) -> Path:
     if not text.strip() or path.name in ("", ".", ".."):
         raise OutputPathError(f"the output path {text!r} names no file; give a file name such as out.png")
     if path.is_dir():
-        raise OutputPathError(f"the output path {path} is an existing folder; give a file name such as {path / 'out.png'}")
+        raise OutputPathError(
+            f"the output path {path} is an existing folder; give a file name such as {path / 'out.png'}"
+        )
     ancestor = path.parent
     while not ancestor.exists():
         ancestor = ancestor.parent

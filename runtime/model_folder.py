@@ -76,9 +76,12 @@ def _describe_folder(path: Path) -> str | None:
         cls_name = json.loads(index.read_text(encoding="utf-8")).get("_class_name") if index.is_file() else None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
         return None
-    pytorch = (path / "unet").is_dir() and not (path / "unet" / ONNX_FILE).is_file() and (path / "vae").is_dir()
-    if pytorch or (isinstance(cls_name, str) and cls_name.endswith("Pipeline") and not cls_name.startswith(("Onnx", "ORT"))
-                   and not (path / "unet" / ONNX_FILE).is_file()):  # fmt: skip
+    has_onnx_unet = (path / "unet" / ONNX_FILE).is_file()
+    pytorch = (path / "unet").is_dir() and not has_onnx_unet and (path / "vae").is_dir()
+    torch_class = (
+        isinstance(cls_name, str) and cls_name.endswith("Pipeline") and not cls_name.startswith(("Onnx", "ORT"))
+    )
+    if pytorch or (torch_class and not has_onnx_unet):
         return (f"{path} is a diffusers (PyTorch) model folder that has not been exported; run "
                 f"`edgediff export {path} OUT` first (needs the export extra), then pass OUT")  # fmt: skip
     return None
@@ -180,7 +183,9 @@ class ModelFolder:
             manifest, inferred = read_manifest(path), False
         else:
             manifest, inferred = infer_manifest(path), True
-        problems += [f"{MANIFEST if not inferred else '(inferred manifest)'}: {p}" for p in manifest_problems(manifest)]
+        problems += [
+            f"{MANIFEST if not inferred else '(inferred manifest)'}: {p}" for p in manifest_problems(manifest)
+        ]
         raw_scheduler = _load_json(path / "scheduler" / "scheduler_config.json", "scheduler config")
         folder = cls(path, manifest, inferred, apply_pipeline_corrections(raw_scheduler))
         missing = folder._file_problems()
@@ -250,8 +255,12 @@ class ModelFolder:
             problems.append(f"vae_decoder/config.json: latent_channels {vae_channels!r} disagrees with "
                             f"latent_channels {channels} in {MANIFEST}")  # fmt: skip
         blocks = self._config_value("unet/config.json", "block_out_channels")
-        if blocks is not None and not (isinstance(blocks, list) and blocks and all(_is_int(b) and b > 0 for b in blocks)):
-            problems.append(f"unet/config.json: block_out_channels must be a list of positive integers, got {blocks!r}")
+        if blocks is not None and not (
+            isinstance(blocks, list) and blocks and all(_is_int(b) and b > 0 for b in blocks)
+        ):
+            problems.append(
+                f"unet/config.json: block_out_channels must be a list of positive integers, got {blocks!r}"
+            )
         elif manifest_ok and not problems:
             native = self.manifest["native_size"]
             m = self.size_multiple
@@ -308,7 +317,9 @@ def read_manifest(path: Path) -> dict:
         raise ManifestError(f"{file} is corrupted ({e}); re-export the model or delete {MANIFEST}") from e
     if not isinstance(manifest, dict):
         raise ManifestError(f"{file} is corrupted (not a JSON object); re-export the model")
-    bad = [k for k, t in _REQUIRED_KEYS.items() if not isinstance(manifest.get(k), t) or isinstance(manifest.get(k), bool)]
+    bad = [
+        k for k, t in _REQUIRED_KEYS.items() if not isinstance(manifest.get(k), t) or isinstance(manifest.get(k), bool)
+    ]
     if bad:
         raise ManifestError(f"{file} is corrupted: missing or invalid keys {bad}; re-export the model")
     if manifest["format"] > MANIFEST_FORMAT:
@@ -325,7 +336,9 @@ def manifest_problems(m: dict) -> list[str]:
     if m.get("family") not in FAMILIES:
         problems.append(f"family {m.get('family')!r} is not one this edgediff runs ({', '.join(FAMILIES)})")
     if m.get("prediction_type") not in PREDICTION_TYPES:
-        problems.append(f"prediction_type must be one of {', '.join(PREDICTION_TYPES)}, got {m.get('prediction_type')!r}")
+        problems.append(
+            f"prediction_type must be one of {', '.join(PREDICTION_TYPES)}, got {m.get('prediction_type')!r}"
+        )
     f = m.get("vae_scaling_factor")
     if not (_is_number(f) and f > 0):
         problems.append(f"vae_scaling_factor must be a positive finite number (SD: 0.18215), got {f!r}")
@@ -367,7 +380,7 @@ def infer_manifest(path: Path) -> dict:
     downscale = 2 ** (len(blocks) - 1) if isinstance(blocks, list) and blocks else None
     sample = unet_cfg.get("sample_size", 64)
     sample = sample if isinstance(sample, list) else [sample, sample]
-    native = ([s * downscale for s in sample] if downscale and all(_is_int(s) for s in sample) else sample)
+    native = [s * downscale for s in sample] if downscale and all(_is_int(s) for s in sample) else sample
     components = {}
     for name, spec in SUBMODELS.items():
         if (path / name / ONNX_FILE).is_file():

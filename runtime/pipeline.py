@@ -128,8 +128,10 @@ class Pipeline:
         with that number, ``None`` turns the check off.
         Other keyword arguments go to the engine (ONNX Runtime: ``threads``, ``optimization``, …).
         """
-        if not (memory_limit in ("auto", None) or (isinstance(memory_limit, (int, float))
-                                                    and not isinstance(memory_limit, bool) and memory_limit > 0)):
+        if not (
+            memory_limit in ("auto", None)
+            or (isinstance(memory_limit, (int, float)) and not isinstance(memory_limit, bool) and memory_limit > 0)
+        ):
             raise InvalidArgumentError(f"memory_limit must be 'auto', None or a positive number of bytes, got "
                                        f"{memory_limit!r}")  # fmt: skip
         mf = ModelFolder.open(embedded_model_path() if folder is None else folder)
@@ -180,8 +182,10 @@ class Pipeline:
         """Refuse a request whose estimated working memory exceeds the limit (CPU engines only:
         a GPU's memory is the engine's to report)."""
         providers = self._engine_options.get("providers")
-        if self.memory_limit is None or self.engine_name != "onnxruntime" or (
-            providers and providers[0] != "CPUExecutionProvider"
+        if (
+            self.memory_limit is None
+            or self.engine_name != "onnxruntime"
+            or (providers and providers[0] != "CPUExecutionProvider")
         ):
             return
         limit = resources.available_memory_bytes() if self.memory_limit == "auto" else int(self.memory_limit)
@@ -314,6 +318,7 @@ class Pipeline:
 
         # 2. Encode the prompt: uncond ‖ cond in one text-encoder batch
         t0 = time.perf_counter()
+
         def labels(name: str, n: int) -> list[str]:
             return [name] if n == 1 else [f"{name} {i + 1}" for i in range(n)]
 

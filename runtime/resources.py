@@ -112,7 +112,9 @@ def vae_decoder_bytes(folder: Path, batch: int, latent_h: int, latent_w: int) ->
         tokens = latent_h * latent_w
         attention = _SCORE_COPIES * batch * tokens * tokens * _F32
     total = conv + attention
-    return total, (f"its mid-block attention over {latent_h}x{latent_w} latents" if attention > conv else "activations")
+    return total, (
+        f"its mid-block attention over {latent_h}x{latent_w} latents" if attention > conv else "activations"
+    )
 
 
 def estimate(folder: Path, *, images: int, guidance: bool, height: int, width: int, vae_downscale: int,

@@ -324,7 +324,7 @@ class ClipTokenizer:
                 raise InvalidArgumentError(_text_problem(label, prompt))
             try:
                 enc = self._tok.encode(prompt)
-            except (TypeError, UnicodeError) as e:  # tokenizers: "TextInputSequence must be str"
+            except (TypeError, UnicodeError):  # tokenizers: "TextInputSequence must be str"
                 problem = _text_problem(label, prompt)
                 if problem is None:
                     raise

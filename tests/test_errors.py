@@ -7,9 +7,8 @@ import sys
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
+from cli_check import assert_one_line_error, run_cli
 from conftest import needs_torch
-
 from edgediff.runtime import (
     EngineInputError,
     ExportError,
@@ -19,7 +18,6 @@ from edgediff.runtime import (
     Pipeline,
     UnknownSchedulerError,
 )
-from edgediff.runtime.cli import main
 
 pytestmark = needs_torch
 
@@ -31,25 +29,14 @@ def model_copy(tiny_export, tmp_path):
     return dst
 
 
-def _cli(*args):
-    result = CliRunner().invoke(main, [str(a) for a in args])
-    return result.exit_code, result.output
 
-
-def _assert_one_line_error(code, output, *needles):
-    assert code == 1, output
-    lines = [line for line in output.strip().splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), output
-    assert "Traceback" not in output
-    for n in needles:
-        assert n in lines[0], (n, lines[0])
 
 
 # ---- model folder ---------------------------------------------------------------------------
 def test_missing_folder(tmp_path):
     with pytest.raises(ModelFolderError, match="does not exist"):
         Pipeline.load(tmp_path / "nope")
-    _assert_one_line_error(*_cli("generate", "x", "--model", tmp_path / "nope"), "does not exist")
+    assert_one_line_error(*run_cli("generate", "x", "--model", tmp_path / "nope"), "does not exist")
 
 
 def test_not_a_model_folder(tmp_path):
@@ -61,7 +48,7 @@ def test_missing_component(model_copy):
     (model_copy / "unet" / "model.onnx").unlink()
     with pytest.raises(ModelFolderError, match=r"unet/model.onnx is missing.*re-export"):
         Pipeline.load(model_copy)
-    _assert_one_line_error(*_cli("generate", "x", "--model", model_copy), "unet/model.onnx is missing")
+    assert_one_line_error(*run_cli("generate", "x", "--model", model_copy), "unet/model.onnx is missing")
 
 
 def test_truncated_component(model_copy):
@@ -77,7 +64,7 @@ def test_damaged_component_detected_by_hash(model_copy):
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0xFF  # same size, different bytes
     path.write_bytes(bytes(data))
-    code, output = _cli("info", model_copy)
+    code, output = run_cli("info", model_copy)
     assert code == 1 and "text_encoder/model.onnx does not match its sha256" in output
 
 
@@ -86,7 +73,7 @@ def test_corrupted_manifest(model_copy, content):
     (model_copy / "edgediff.json").write_text(content)
     with pytest.raises(ManifestError, match="edgediff.json is corrupted"):
         Pipeline.load(model_copy)
-    _assert_one_line_error(*_cli("generate", "x", "--model", model_copy), "edgediff.json is corrupted")
+    assert_one_line_error(*run_cli("generate", "x", "--model", model_copy), "edgediff.json is corrupted")
 
 
 # ---- generation arguments -------------------------------------------------------------------
@@ -98,7 +85,7 @@ def pipe(tiny_export):
 @pytest.mark.parametrize(
     "kwargs,match",
     [
-        (dict(width=33), r"width must be a positive multiple of 4 \(the VAE's factor 2 x the UNet's down-sampling 2\)"),
+        (dict(width=33), r"width must be a positive multiple of 4 \(the VAE's factor 2 x the UNet's down-sampling 2"),
         (dict(height=0), "height must be a positive multiple of 4"),
         (dict(width=-32), "width must be a positive multiple"),
         (dict(num_inference_steps=0), "num_inference_steps must be an integer >= 1"),
@@ -119,13 +106,13 @@ def test_bad_generation_arguments(pipe, kwargs, match):
 def test_unknown_scheduler(pipe, tiny_export):
     with pytest.raises(UnknownSchedulerError, match="unknown scheduler 'warp'; known: pndm, ddim"):
         pipe("a cat", scheduler="warp")
-    _assert_one_line_error(*_cli("generate", "x", "--model", tiny_export("sd1"), "--scheduler", "warp"), "warp")
+    assert_one_line_error(*run_cli("generate", "x", "--model", tiny_export("sd1"), "--scheduler", "warp"), "warp")
 
 
 @pytest.mark.parametrize("args,needle", [(["--width", "31"], "width must be"), (["--steps", "0"], "num_inference_steps")])
 def test_cli_bad_arguments(tiny_export, tmp_path, args, needle):
     out = tmp_path / "o.png"
-    _assert_one_line_error(*_cli("generate", "x", "--model", tiny_export("sd1"), "-o", out, *args), needle)
+    assert_one_line_error(*run_cli("generate", "x", "--model", tiny_export("sd1"), "-o", out, *args), needle)
     assert not out.exists()
 
 
@@ -145,7 +132,7 @@ def test_export_missing_source(tmp_path):
 
     with pytest.raises(ExportError, match="does not exist"):
         export_model(tmp_path / "nope", tmp_path / "out")
-    _assert_one_line_error(*_cli("export", tmp_path / "nope", tmp_path / "out"), "does not exist")
+    assert_one_line_error(*run_cli("export", tmp_path / "nope", tmp_path / "out"), "does not exist")
 
 
 def test_export_unsupported_source(tmp_path):
@@ -162,7 +149,7 @@ def test_export_unsupported_source(tmp_path):
 def test_export_refuses_existing_out(tiny_source, tmp_path):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "keep.txt").write_text("mine")
-    _assert_one_line_error(*_cli("export", tiny_source("sd1"), tmp_path / "out"), "already exists", "--force")
+    assert_one_line_error(*run_cli("export", tiny_source("sd1"), tmp_path / "out"), "already exists", "--force")
     assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
 
 

@@ -11,11 +11,9 @@ import sys
 from importlib import metadata
 
 import pytest
-from click.testing import CliRunner
+from cli_check import assert_one_line_error, run_cli
 from conftest import needs_torch
-
 from edgediff.runtime import ExportError
-from edgediff.runtime.cli import main
 from edgediff.runtime.model_folder import sha256_file
 
 pytestmark = needs_torch
@@ -77,18 +75,7 @@ def _leftovers(folder):
     return sorted(p.name for p in folder.iterdir() if any(t in p.name for t in (".partial-", ".old-", ".lock")))
 
 
-def _cli(*args):
-    result = CliRunner().invoke(main, [str(a) for a in args])
-    return result.exit_code, result.output
 
-
-def _assert_one_line_error(code, output, *needles):
-    assert code == 1, output
-    lines = [line for line in output.strip().splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), output
-    assert "Traceback" not in output
-    for n in needles:
-        assert n in lines[0], (n, lines[0])
 
 
 def _refused(src, out, force, *needles):
@@ -101,7 +88,7 @@ def _refused(src, out, force, *needles):
         export_model(src, out, force=force)
     for n in needles:
         assert n in str(info.value), (n, str(info.value))
-    _assert_one_line_error(*_cli("export", src, out, *(["--force"] if force else [])), *needles)
+    assert_one_line_error(*run_cli("export", src, out, *(["--force"] if force else [])), *needles)
     assert _hashes(top) == before
     assert _leftovers(top) == [] and _leftovers(src) == []
 
@@ -205,7 +192,7 @@ def test_opset_out_of_range(src, tmp_path, no_load, opset):
 
     with pytest.raises(ExportError, match=f"--opset {opset} is not supported; edgediff exports opsets 14 to 20"):
         export_model(src, tmp_path / "out", opset=opset)
-    _assert_one_line_error(*_cli("export", src, tmp_path / "out", "--opset", opset), "opsets 14 to 20")
+    assert_one_line_error(*run_cli("export", src, tmp_path / "out", "--opset", opset), "opsets 14 to 20")
     assert not (tmp_path / "out").exists() and _leftovers(tmp_path) == []
 
 
@@ -255,7 +242,7 @@ def test_second_export_to_the_same_out_refuses(src, tmp_path, no_load, sleeper):
         with pytest.raises(ExportError) as info:
             export_model(src, out)
         assert str(info.value) == msg
-        _assert_one_line_error(*_cli("export", src, out), msg)
+        assert_one_line_error(*run_cli("export", src, out), msg)
         assert _hashes(tmp_path) == before  # the holder's lock file and partial folder are untouched
     finally:
         holder.stdin.close()

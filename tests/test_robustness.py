@@ -14,8 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
-
+from cli_check import assert_one_line_error, run_cli
 from edgediff.runtime import (
     EngineUnavailableError,
     InvalidArgumentError,
@@ -27,25 +26,9 @@ from edgediff.runtime import (
     Pipeline,
     ResourceError,
 )
-from edgediff.runtime.cli import main
 from edgediff.runtime.rng import TorchCPUGenerator
 
 MICRO = Path(__file__).parent / "fixtures" / "micro-sd1"
-
-
-def _cli(*args):
-    result = CliRunner().invoke(main, [str(a) for a in args])
-    return result.exit_code, result.output
-
-
-def _one_line_error(code, output, *needles):
-    assert code == 1, output
-    lines = [line for line in output.strip().splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), output
-    assert "Traceback" not in output
-    for n in needles:
-        assert n in lines[0], (n, lines[0])
-    return lines[0]
 
 
 @pytest.fixture()
@@ -86,8 +69,11 @@ _DELETE = object()
 # ---- 4. sizes the UNet cannot take ----------------------------------------------------------
 def test_size_rule_is_vae_factor_times_unet_downsampling(embedded, micro):
     assert embedded.folder.size_multiple == 16  # VAE 4 x UNet 4 (three levels)
-    with pytest.raises(InvalidArgumentError, match=r"width must be a positive multiple of 16 \(the VAE's factor 4 "
-                                                   r"x the UNet's down-sampling 4\), got 68; nearest valid: 64 or 80"):
+    with pytest.raises(
+        InvalidArgumentError,
+        match=r"width must be a positive multiple of 16 \(the VAE's factor 4 "
+        r"x the UNet's down-sampling 4\), got 68; nearest valid: 64 or 80",
+    ):
         embedded("x", width=68, height=64, num_inference_steps=1)
     assert micro.folder.size_multiple == 4
     with pytest.raises(InvalidArgumentError, match="got 34; nearest valid: 32 or 36"):
@@ -99,7 +85,9 @@ def test_size_rule_is_vae_factor_times_unet_downsampling(embedded, micro):
 
 def test_cli_size_rule(tmp_path):
     out = tmp_path / "o.png"
-    _one_line_error(*_cli("generate", "x", "--width", "68", "--height", "64", "-o", out), "nearest valid: 64 or 80")
+    assert_one_line_error(
+        *run_cli("generate", "x", "--width", "68", "--height", "64", "-o", out), "nearest valid: 64 or 80"
+    )
     assert not out.exists()
 
 
@@ -113,16 +101,20 @@ def test_huge_request_refused_before_allocating(embedded):
 
 def test_memory_limit_is_the_users(tmp_path):
     pipe = Pipeline.load(memory_limit=2**30)  # 1 GiB
-    with pytest.raises(ResourceError, match=r"512x512 x 1 image\(s\) needs about .* GiB in the vae_decoder .* "
-                                            r"more than the 1.0 GiB allowed by memory_limit"):
+    with pytest.raises(
+        ResourceError,
+        match=r"512x512 x 1 image\(s\) needs about .* GiB in the vae_decoder .* "
+        r"more than the 1.0 GiB allowed by memory_limit",
+    ):
         pipe("x", width=512, height=512, num_inference_steps=1)
     pipe("x", width=64, height=64, num_inference_steps=1)  # what fits still runs
     with pytest.raises(InvalidArgumentError, match="memory_limit must be"):
         Pipeline.load(memory_limit=-3)
     out = tmp_path / "o.png"
-    _one_line_error(*_cli("generate", "x", "--width", "512", "--height", "512", "--memory-limit", "1", "-o", out),
+    args = ("generate", "x", "--width", "512", "--height", "512", "--memory-limit", "1", "-o", out)
+    assert_one_line_error(*run_cli(*args),
                     "allowed by memory_limit", "--memory-limit off")  # fmt: skip
-    _one_line_error(*_cli("generate", "x", "--memory-limit", "lots", "-o", out), "--memory-limit must be")
+    assert_one_line_error(*run_cli("generate", "x", "--memory-limit", "lots", "-o", out), "--memory-limit must be")
     assert not out.exists()
 
 
@@ -188,7 +180,7 @@ def test_non_finite_arguments_refused(micro, kwargs, match):
 @pytest.mark.parametrize("flag,value", [("--guidance", "nan"), ("--guidance", "inf"), ("--eta", "nan")])
 def test_cli_non_finite_arguments(tmp_path, flag, value):
     out = tmp_path / "o.png"
-    _one_line_error(*_cli("generate", "x", "--model", MICRO, flag, value, "-o", out), "finite number")
+    assert_one_line_error(*run_cli("generate", "x", "--model", MICRO, flag, value, "-o", out), "finite number")
     assert not out.exists()
 
 
@@ -221,7 +213,9 @@ def test_seed_outside_torchs_range(micro, tmp_path):
     with pytest.raises(InvalidArgumentError, match="outside the range torch accepts"):
         micro("x", num_inference_steps=1, seed=2**70)
     out = tmp_path / "o.png"
-    _one_line_error(*_cli("generate", "x", "--model", MICRO, "--seed", str(2**70), "-o", out), "outside the range")
+    assert_one_line_error(
+        *run_cli("generate", "x", "--model", MICRO, "--seed", str(2**70), "-o", out), "outside the range"
+    )
     assert not out.exists()
 
 
@@ -244,6 +238,7 @@ def test_seed_and_generator_together_refused_and_generator_recorded(micro):
 @pytest.fixture()
 def no_generation(monkeypatch):
     """Fails the test if a model is loaded: the path check must come first."""
+
     def boom(*a, **k):
         raise AssertionError("the model was loaded before the output path was checked")
 
@@ -259,8 +254,8 @@ def test_output_path_checked_first(tmp_path, no_generation):
         ("/proc/edgediff-test/o.png", "is not writable"),
     ]
     for path, needle in cases:
-        _one_line_error(*_cli("generate", "x", "-o", path), needle)
-        _one_line_error(*_cli("bench", "-o", path), needle)
+        assert_one_line_error(*run_cli("generate", "x", "-o", path), needle)
+        assert_one_line_error(*run_cli("bench", "-o", path), needle)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
 
 
@@ -274,7 +269,7 @@ def test_write_failure_is_one_line_and_leaves_nothing(tmp_path, monkeypatch):
 
     monkeypatch.setattr(Image.Image, "save", full)
     out = tmp_path / "sub" / "o.png"
-    _one_line_error(*_cli("generate", "x", "--model", MICRO, "--steps", "1", "-o", out),
+    assert_one_line_error(*run_cli("generate", "x", "--model", MICRO, "--steps", "1", "-o", out),
                     f"cannot write {out}: No space left on device")  # fmt: skip
     assert not out.exists() and not [p for p in (tmp_path / "sub").iterdir()]
 
@@ -302,8 +297,10 @@ def test_check_output_path_accepts_new_folders(tmp_path):
         (dict(prediction_type="noise"), "prediction_type must be one of"),
         (dict(family="flux"), "family 'flux' is not one"),
         (dict(**{"components.unet": "x"}), "components.unet must be an object"),
-        (dict(**{"files.unet/model.onnx": {"sha256": "0" * 64}}), "files entry 'unet/model.onnx' must have an "
-                                                                  "integer size"),
+        (
+            dict(**{"files.unet/model.onnx": {"sha256": "0" * 64}}),
+            "files entry 'unet/model.onnx' must have an integer size",
+        ),
     ],
 )
 def test_manifest_values_validated(model, changes, needle):
@@ -311,8 +308,8 @@ def test_manifest_values_validated(model, changes, needle):
     with pytest.raises(ModelConfigError) as info:
         Pipeline.load(model)
     assert needle in str(info.value) and "edgediff.json" in str(info.value)
-    _one_line_error(*_cli("generate", "x", "--model", model, "-o", model / "o.png"), needle)
-    _one_line_error(*_cli("info", model), needle)
+    assert_one_line_error(*run_cli("generate", "x", "--model", model, "-o", model / "o.png"), needle)
+    assert_one_line_error(*run_cli("info", model), needle)
 
 
 def test_every_problem_in_one_error(model):
@@ -339,7 +336,7 @@ def test_edited_scheduler_config_is_accepted(model, caplog):
         pipe = Pipeline.load(model)
     assert "scheduler/scheduler_config.json was edited since export" in caplog.text
     pipe("x", num_inference_steps=2, seed=0)
-    code, output = _cli("info", model)
+    code, output = run_cli("info", model)
     assert code == 0, output
     assert "note: scheduler/scheduler_config.json was edited since export" in output and "valid: True" in output
 
@@ -347,7 +344,7 @@ def test_edited_scheduler_config_is_accepted(model, caplog):
 def test_same_size_edit_is_noted_by_verify(model):
     path = model / "scheduler" / "scheduler_config.json"
     path.write_text(path.read_text().replace('"beta_end": 0.012', '"beta_end": 0.013'))
-    code, output = _cli("info", model, "--json")
+    code, output = run_cli("info", model, "--json")
     report = json.loads(output)
     assert code == 0 and report["valid"] and report["edited_since_export"] == ["scheduler/scheduler_config.json"]
 
@@ -361,7 +358,7 @@ def test_weights_are_checked_strictly(model):
     data = bytearray((model / "text_encoder" / "model.onnx").read_bytes())
     data[len(data) // 2] ^= 0xFF  # same size, other bytes: only the hash sees it
     (model / "text_encoder" / "model.onnx").write_bytes(bytes(data))
-    code, output = _cli("info", model)
+    code, output = run_cli("info", model)
     assert code == 1 and "problem: text_encoder/model.onnx does not match its sha256 (damaged)" in output
 
 
@@ -372,17 +369,18 @@ def test_unexported_diffusers_folder_says_export_first(tmp_path):
     (src / "vae").mkdir()
     (src / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"")
     (src / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
-    line = _one_line_error(*_cli("info", src), "has not been exported", f"edgediff export {src} OUT")
+    line = assert_one_line_error(*run_cli("info", src), "has not been exported", f"edgediff export {src} OUT")
     assert "re-export" not in line
     with pytest.raises(ModelFolderError, match="run `edgediff export"):
         Pipeline.load(src)
 
 
 def test_component_file_passed_as_model(tmp_path):
-    _one_line_error(*_cli("generate", "x", "--model", MICRO / "unet" / "model.onnx", "-o", tmp_path / "o.png"),
+    args = ("generate", "x", "--model", MICRO / "unet" / "model.onnx", "-o", tmp_path / "o.png")
+    assert_one_line_error(*run_cli(*args),
                     "is a component file; pass the model folder", str(MICRO))  # fmt: skip
     (tmp_path / "notes.txt").write_text("x")
-    _one_line_error(*_cli("info", tmp_path / "notes.txt"), "is a file, not a model folder")
+    assert_one_line_error(*run_cli("info", tmp_path / "notes.txt"), "is a file, not a model folder")
 
 
 def test_damaged_cpu_variant_names_optimize(model):
@@ -406,7 +404,7 @@ def test_info_without_onnxruntime_says_it_once(model, monkeypatch):
                                      "install its extra")  # fmt: skip
 
     monkeypatch.setattr(engine, "engine_class", missing)
-    code, output = _cli("info", model)
+    code, output = run_cli("info", model)
     assert code == 1 and output.count("cannot be imported") == 1, output
 
 
@@ -430,7 +428,7 @@ def test_config_files_validated_with_the_folder(model, rel, changes, needle):
     with pytest.raises(ModelConfigError) as info:
         Pipeline.load(model)
     assert f"{rel}: " in str(info.value) and needle in str(info.value)
-    _one_line_error(*_cli("info", model), rel, needle)
+    assert_one_line_error(*run_cli("info", model), rel, needle)
 
 
 def test_special_tokens_map_that_is_a_list(model):
@@ -441,7 +439,8 @@ def test_special_tokens_map_that_is_a_list(model):
 
 def test_too_many_steps_from_the_cli(tmp_path):
     out = tmp_path / "o.png"
-    _one_line_error(*_cli("generate", "x", "--model", MICRO, "--steps", "1500", "--scheduler", "ddim", "-o", out),
+    args = ("generate", "x", "--model", MICRO, "--steps", "1500", "--scheduler", "ddim", "-o", out)
+    assert_one_line_error(*run_cli(*args),
                     "exceeds the model's 1000 training timesteps")  # fmt: skip
     assert not out.exists()
 
@@ -451,12 +450,12 @@ def test_optimum_layout_folder_generates_without_torch(model, tmp_path):
     tokenizers: `info` loads its tokenizer and scheduler, and generate writes the image."""
     (model / "edgediff.json").unlink()
     (model / "tokenizer" / "tokenizer.json").unlink()
-    code, output = _cli("info", model, "--json")
+    code, output = run_cli("info", model, "--json")
     assert code == 0, output
     report = json.loads(output)
     assert report["valid"] and report["manifest"].startswith("inferred") and report["size_multiple"] == 4
     out = tmp_path / "o.png"
-    code, output = _cli("generate", "a red circle", "--model", model, "--steps", "2", "-o", out, "--seed", "1")
+    code, output = run_cli("generate", "a red circle", "--model", model, "--steps", "2", "-o", out, "--seed", "1")
     assert code == 0 and out.is_file(), output
     ref = Pipeline.load(MICRO)("a red circle", num_inference_steps=2, seed=1).images[0]
     from PIL import Image

@@ -346,7 +346,7 @@ def test_steps_offset_past_the_last_timestep_refused(name):
     # SD 1.x's corrected config (steps_offset=1, leading) at num_inference_steps=T: timestep T
     sched = SCHEDULERS[name](**{**SD_CFG, "timestep_spacing": "leading"})
     limit = 999 if name in MULTISTEP else 1000
-    with pytest.raises(InvalidArgumentError, match=f"steps_offset=1 puts a timestep at 1000, past the model's last "
+    with pytest.raises(InvalidArgumentError, match="steps_offset=1 puts a timestep at 1000, past the model's last "
                                                    "training timestep 999"):  # fmt: skip
         sched.plan(limit)
     sched.plan(limit // 2)

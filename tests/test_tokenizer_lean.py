@@ -61,11 +61,16 @@ def test_sd2_pads_with_its_own_token_in_optimum_layout(tmp_path):
 @pytest.mark.parametrize(
     "prompts, fragment",
     [
-        (["cat \udcff"], "prompt 1 contains a character that is not valid Unicode text (lone surrogate U+DCFF at "
-         "position 4); remove it or re-encode the text as UTF-8"),
+        (
+            ["cat \udcff"],
+            "prompt 1 contains a character that is not valid Unicode text (lone surrogate U+DCFF at "
+            "position 4); remove it or re-encode the text as UTF-8",
+        ),
         # what Python makes of invalid UTF-8 bytes in argv / files read with errors="surrogateescape"
-        (["ok", b"a \xfe cat".decode("utf-8", "surrogateescape")], "prompt 2 contains a character that is not valid "
-         "Unicode text (lone surrogate U+DCFE at position 2)"),
+        (
+            ["ok", b"a \xfe cat".decode("utf-8", "surrogateescape")],
+            "prompt 2 contains a character that is not valid Unicode text (lone surrogate U+DCFE at position 2)",
+        ),
         (["\ud83d\ude00 cat"], "lone surrogate U+D83D at position 0"),  # a UTF-16 pair split into code points
         ([b"a cat"], "prompt 1 is bytes, not text; decode it first"),
         (["a", 7], "prompt 2 must be a string, got int"),
@@ -150,45 +155,119 @@ def _delete(*names):
 CFG, MAP = "tokenizer_config.json", "special_tokens_map.json"
 # (id, optimum layout, edit, fragments the problem names: the file and the value)
 BROKEN = [
-    ("config-not-utf8", False, _write(CFG, b'{"model_max_length": 77, "x": "\xff"}'),
-     ["tokenizer/tokenizer_config.json: not UTF-8 text (byte 0xff at offset 31)"]),
-    ("config-not-json", False, _write(CFG, '{"model_max_length": 77,'),
-     ["tokenizer/tokenizer_config.json: not valid JSON (Expecting property name enclosed in double quotes at line 1"]),
-    ("map-is-list", False, _write(MAP, ["<|endoftext|>"]),
-     ["tokenizer/special_tokens_map.json: must hold a JSON object, got an array"]),
-    ("config-is-list", True, _write(CFG, [1, 2]),
-     ["tokenizer/tokenizer_config.json: must hold a JSON object, got an array"]),
-    ("length-string", False, lambda f: _edit_json(f, CFG, model_max_length="77"),
-     ['tokenizer/tokenizer_config.json: model_max_length must be an integer, got "77"']),
-    ("length-200", True, lambda f: _edit_json(f, CFG, model_max_length=200),
-     ["tokenizer/tokenizer_config.json: model_max_length must be between 2 and 77 for CLIP", "got 200"]),
+    (
+        "config-not-utf8",
+        False,
+        _write(CFG, b'{"model_max_length": 77, "x": "\xff"}'),
+        ["tokenizer/tokenizer_config.json: not UTF-8 text (byte 0xff at offset 31)"],
+    ),
+    (
+        "config-not-json",
+        False,
+        _write(CFG, '{"model_max_length": 77,'),
+        [
+            "tokenizer/tokenizer_config.json: not valid JSON (Expecting property name enclosed in double quotes at line 1"
+        ],
+    ),
+    (
+        "map-is-list",
+        False,
+        _write(MAP, ["<|endoftext|>"]),
+        ["tokenizer/special_tokens_map.json: must hold a JSON object, got an array"],
+    ),
+    (
+        "config-is-list",
+        True,
+        _write(CFG, [1, 2]),
+        ["tokenizer/tokenizer_config.json: must hold a JSON object, got an array"],
+    ),
+    (
+        "length-string",
+        False,
+        lambda f: _edit_json(f, CFG, model_max_length="77"),
+        ['tokenizer/tokenizer_config.json: model_max_length must be an integer, got "77"'],
+    ),
+    (
+        "length-200",
+        True,
+        lambda f: _edit_json(f, CFG, model_max_length=200),
+        ["tokenizer/tokenizer_config.json: model_max_length must be between 2 and 77 for CLIP", "got 200"],
+    ),
     ("length-1", False, lambda f: _edit_json(f, CFG, model_max_length=1), ["between 2 and 77", "got 1"]),
     ("length-bool", False, lambda f: _edit_json(f, CFG, model_max_length=True), ["must be an integer, got true"]),
-    ("pad-not-string", False, lambda f: _edit_json(f, MAP, pad_token=5),
-     ["tokenizer/special_tokens_map.json: pad_token must be a non-empty string or an AddedToken object", "got 5"]),
-    ("eos-dict-no-content", True, lambda f: _edit_json(f, CFG, eos_token={"lstrip": False}),
-     ['tokenizer/tokenizer_config.json: eos_token must be', 'got {"lstrip": false}']),
-    ("pad-not-in-vocab", False, lambda f: _edit_json(f, MAP, pad_token="<|pad|>"),
-     ["tokenizer/tokenizer.json: has no pad_token '<|pad|>' (set by tokenizer/special_tokens_map.json)"]),
-    ("pad-not-in-vocab-optimum", True, lambda f: _edit_json(f, MAP, pad_token={"content": "<|pad|>"}),
-     ["tokenizer/vocab.json: has no pad_token '<|pad|>' (set by tokenizer/special_tokens_map.json)"]),
-    ("eos-not-in-vocab", True, lambda f: _edit_json(f, CFG, eos_token="<|end|>") or _edit_json(f, MAP, eos_token=None),
-     ["tokenizer/vocab.json: has no eos_token '<|end|>' (set by tokenizer/tokenizer_config.json)"]),
-    ("no-model-files", True, _delete("vocab.json"),
-     ["tokenizer/ has neither tokenizer.json nor vocab.json + merges.txt"]),
-    ("tokenizer-json-unloadable", False, _write("tokenizer.json", {"version": "1.0", "model": {"vocab": 3}}),
-     ["tokenizer/tokenizer.json: tokenizers ", " cannot load it ("]),
+    (
+        "pad-not-string",
+        False,
+        lambda f: _edit_json(f, MAP, pad_token=5),
+        ["tokenizer/special_tokens_map.json: pad_token must be a non-empty string or an AddedToken object", "got 5"],
+    ),
+    (
+        "eos-dict-no-content",
+        True,
+        lambda f: _edit_json(f, CFG, eos_token={"lstrip": False}),
+        ["tokenizer/tokenizer_config.json: eos_token must be", 'got {"lstrip": false}'],
+    ),
+    (
+        "pad-not-in-vocab",
+        False,
+        lambda f: _edit_json(f, MAP, pad_token="<|pad|>"),
+        ["tokenizer/tokenizer.json: has no pad_token '<|pad|>' (set by tokenizer/special_tokens_map.json)"],
+    ),
+    (
+        "pad-not-in-vocab-optimum",
+        True,
+        lambda f: _edit_json(f, MAP, pad_token={"content": "<|pad|>"}),
+        ["tokenizer/vocab.json: has no pad_token '<|pad|>' (set by tokenizer/special_tokens_map.json)"],
+    ),
+    (
+        "eos-not-in-vocab",
+        True,
+        lambda f: _edit_json(f, CFG, eos_token="<|end|>") or _edit_json(f, MAP, eos_token=None),
+        ["tokenizer/vocab.json: has no eos_token '<|end|>' (set by tokenizer/tokenizer_config.json)"],
+    ),
+    (
+        "no-model-files",
+        True,
+        _delete("vocab.json"),
+        ["tokenizer/ has neither tokenizer.json nor vocab.json + merges.txt"],
+    ),
+    (
+        "tokenizer-json-unloadable",
+        False,
+        _write("tokenizer.json", {"version": "1.0", "model": {"vocab": 3}}),
+        ["tokenizer/tokenizer.json: tokenizers ", " cannot load it ("],
+    ),
     ("tokenizer-json-not-json", False, _write("tokenizer.json", "{oops"), ["tokenizer/tokenizer.json: tokenizers "]),
-    ("vocab-not-object", True, _write("vocab.json", ["a", "b"]),
-     ["tokenizer/vocab.json: must hold a JSON object, got an array"]),
-    ("vocab-non-int-id", True, lambda f: _edit_json(f, "vocab.json", cat="7"),
-     ['tokenizer/vocab.json: must map each token to an integer id, got "cat": "7"']),
-    ("merges-bad-line", True, lambda f: (f / "merges.txt").write_text("#version: 0.2\nc a\nt\n", encoding="utf-8"),
-     ['tokenizer/merges.txt: 1 line(s) do not hold two tokens separated by a space, first line 3: "t"']),
-    ("merges-out-of-vocab", True, lambda f: (f / "merges.txt").write_text("#version: 0.2\nqq zz\n", encoding="utf-8"),
-     ["tokenizer/vocab.json + merges.txt: tokenizers cannot build a BPE model from them ("]),
-    ("added-tokens-decoder", False, lambda f: _edit_json(f, CFG, added_tokens_decoder={"x": "<|endoftext|>"}),
-     ['tokenizer/tokenizer_config.json: added_tokens_decoder entry "x" must map an integer id']),
+    (
+        "vocab-not-object",
+        True,
+        _write("vocab.json", ["a", "b"]),
+        ["tokenizer/vocab.json: must hold a JSON object, got an array"],
+    ),
+    (
+        "vocab-non-int-id",
+        True,
+        lambda f: _edit_json(f, "vocab.json", cat="7"),
+        ['tokenizer/vocab.json: must map each token to an integer id, got "cat": "7"'],
+    ),
+    (
+        "merges-bad-line",
+        True,
+        lambda f: (f / "merges.txt").write_text("#version: 0.2\nc a\nt\n", encoding="utf-8"),
+        ['tokenizer/merges.txt: 1 line(s) do not hold two tokens separated by a space, first line 3: "t"'],
+    ),
+    (
+        "merges-out-of-vocab",
+        True,
+        lambda f: (f / "merges.txt").write_text("#version: 0.2\nqq zz\n", encoding="utf-8"),
+        ["tokenizer/vocab.json + merges.txt: tokenizers cannot build a BPE model from them ("],
+    ),
+    (
+        "added-tokens-decoder",
+        False,
+        lambda f: _edit_json(f, CFG, added_tokens_decoder={"x": "<|endoftext|>"}),
+        ['tokenizer/tokenizer_config.json: added_tokens_decoder entry "x" must map an integer id'],
+    ),
 ]
 
 
