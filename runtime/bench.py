@@ -152,6 +152,7 @@ def run_bench(
     warmup: int = 1,
     runs: int = 3,
     low_memory: bool = False,
+    memory_limit: int | str | None = "auto",
     engine_options: dict[str, Any] | None = None,
     seed: int = 0,
     flops: bool = True,
@@ -169,7 +170,9 @@ def run_bench(
         options["threads"] = threads
     machine = machine_info()
     t0 = time.perf_counter()
-    pipe = Pipeline.load(model, engine=engine, providers=providers, low_memory=low_memory, **options)
+    pipe = Pipeline.load(
+        model, engine=engine, providers=providers, low_memory=low_memory, memory_limit=memory_limit, **options
+    )
     load_total = time.perf_counter() - t0
     call = dict(prompt=prompt, num_inference_steps=steps, guidance_scale=guidance, width=width, height=height,
                 scheduler=scheduler, num_images_per_prompt=batch)  # fmt: skip

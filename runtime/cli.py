@@ -244,10 +244,12 @@ def optimize(model, components, no_fuse, force, int8):
               type=click.Choice(["disable", "basic", "extended", "all"]), help="ONNX Runtime graph optimisation level.")
 @click.option("--no-prepack", is_flag=True, help="ONNX Runtime: no pre-packed weight copies (less memory, slower).")
 @click.option("--int8", is_flag=True, help="ONNX Runtime: the int8 UNet of `edgediff optimize --int8`.")
+@click.option("--memory-limit", default="auto", show_default=True, callback=_memory_limit,
+              help="GiB a call may use (estimated before it runs), 'auto' (what is available) or 'off'.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON instead of a table.")
 @click.option("-o", "--output", default=None, type=click.Path(path_type=Path), help="Also write the JSON report here.")
 def bench(model, prompt, steps, width, height, batch, guidance, scheduler, engine, providers, threads, warmup, runs,
-          low_memory, optimization, no_prepack, int8, as_json, output):  # fmt: skip
+          low_memory, optimization, no_prepack, int8, memory_limit, as_json, output):  # fmt: skip
     """Measure load, cold start and per-stage latency of MODEL (default: the embedded model)."""
     from tqdm import tqdm
 
@@ -271,7 +273,7 @@ def bench(model, prompt, steps, width, height, batch, guidance, scheduler, engin
     report = run_bench(
         model, prompt=prompt, steps=steps, width=width, height=height, batch=batch, guidance=guidance,
         scheduler=scheduler, engine=engine, providers=list(providers) or None, threads=threads, warmup=warmup,
-        runs=runs, low_memory=low_memory, engine_options=options, progress=progress,
+        runs=runs, low_memory=low_memory, memory_limit=memory_limit, engine_options=options, progress=progress,
     )  # fmt: skip
     bar.close()
     text = json.dumps(report, indent=2)

@@ -115,6 +115,8 @@ def test_memory_limit_is_the_users(tmp_path):
     assert_one_line_error(*run_cli(*args),
                     "allowed by memory_limit", "--memory-limit off")  # fmt: skip
     assert_one_line_error(*run_cli("generate", "x", "--memory-limit", "lots", "-o", out), "--memory-limit must be")
+    bench = ("bench", "--width", "1024", "--height", "1024", "--memory-limit", "2")
+    assert_one_line_error(*run_cli(*bench), "more than the 2.0 GiB allowed by memory_limit", "fits")
     assert not out.exists()
 
 
