@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> None:
     from shapes_fidelity import prompts_for
 
     from edgediff.engines.ort_optimize import optimize_folder
-    from edgediff.runtime import Pipeline, shapes
+    from edgediff.runtime import Pipeline, measure, shapes
     from edgediff.runtime.bench import machine_info
     from edgediff.runtime.pipeline import embedded_model_path
 
@@ -67,8 +67,7 @@ def main(argv: list[str] | None = None) -> None:
         a = np.stack(images["fp32", split]).astype(np.float64)
         b = np.stack(images["int8", split]).astype(np.float64)
         d = np.abs(a - b)
-        per_image_mse = ((a - b) ** 2).reshape(len(a), -1).mean(axis=1)
-        psnr = [float("inf") if m == 0 else 10 * np.log10(255**2 / m) for m in per_image_mse]
+        psnr = [measure.psnr(x, y, 255) for x, y in zip(a, b)]
         scores = {label: shapes.score(prompts, images[label, split]) for label in ("fp32", "int8")}
         splits[split] = {
             "mean_abs": float(d.mean()),

@@ -41,9 +41,9 @@ PEERS = ("diffusers", "optimum")
 def _worker(args) -> dict:
     """Runs inside the contender's own process; prints one JSON line."""
     t_spawn = args.spawn_time
-    import resource
-
     import numpy as np
+
+    from edgediff.runtime.measure import peak_rss_bytes
 
     size, steps, guidance, threads = args.size, args.steps, args.guidance, args.threads
     unet_calls: list[float] = []
@@ -133,7 +133,7 @@ def _worker(args) -> dict:
         "unet_calls_per_image": len(timed_runs[0]["unet_calls"]),
         "unet_call_median_s": float(np.median(calls)),
         "unet_call_p90_s": float(np.percentile(calls, 90)),
-        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "peak_rss_bytes": peak_rss_bytes(),
         **({"stages_s": dict(stages)} if stages else {}),
     }
 
@@ -176,15 +176,15 @@ def image_difference(a_png: Path, b_png: Path) -> dict | None:
     import numpy as np
     from PIL import Image
 
+    from edgediff.runtime.measure import psnr
+
     if not (a_png.is_file() and b_png.is_file()):
         return None
     a, b = (np.asarray(Image.open(f).convert("RGB"), np.float64) for f in (a_png, b_png))
     if a.shape != b.shape:
         return None
     d = np.abs(a - b)
-    mse = float((d**2).mean())
-    return {"mean_abs": float(d.mean()), "max_abs": float(d.max()),
-            "psnr_db": float("inf") if mse == 0 else float(10 * np.log10(255**2 / mse))}  # fmt: skip
+    return {"mean_abs": float(d.mean()), "max_abs": float(d.max()), "psnr_db": psnr(a, b, 255)}
 
 
 # Issue 5's targets, judged at the largest size measured: (name, what is compared, limit).

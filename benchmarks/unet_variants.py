@@ -38,18 +38,17 @@ CONFIGS = {  # label -> OrtEngine options (threads added from --threads)
 
 
 def _worker(args) -> dict:
-    import resource
-
     import numpy as np
 
     from edgediff.engines.onnxruntime import OrtEngine
+    from edgediff.runtime.measure import peak_rss_bytes
     from edgediff.runtime.model_folder import ModelFolder
 
     options = json.loads(args.options)
     t0 = time.perf_counter()
     engine = OrtEngine(args.unet, "unet", threads=args.threads, **options)
     load = time.perf_counter() - t0
-    rss_load = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    rss_load = peak_rss_bytes()
     folder = ModelFolder.open(Path(args.unet).parent.parent)
     rng = np.random.default_rng(0)
     h = args.size // folder.vae_downscale
@@ -72,7 +71,7 @@ def _worker(args) -> dict:
         "call_median_s": float(np.median(calls[1:])) if len(calls) > 1 else calls[0],
         "calls_s": calls,
         "rss_after_load_bytes": rss_load,
-        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "peak_rss_bytes": peak_rss_bytes(),
     }
 
 

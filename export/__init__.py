@@ -50,7 +50,6 @@ from edgediff.runtime.model_folder import MANIFEST, MANIFEST_FORMAT, ONNX_FILE, 
 
 logger = logging.getLogger(__name__)
 
-SUPPORTED_PIPELINES = {"StableDiffusionPipeline", "OnnxStableDiffusionPipeline"}
 COMPONENTS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
 # 14: scaled_dot_product_attention (every attention block) has no symbolic below it; 20: the highest
 # opset torch's TorchScript exporter supports (above it torch only warns and stamps the number)

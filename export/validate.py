@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from edgediff.runtime.measure import psnr
 from edgediff.runtime.specs import SUBMODELS
 
 from .onnx_export import dummy_inputs, wrap
@@ -41,12 +42,6 @@ class Check:
             f"{self.component}.{self.output} {list(self.shape)}: max|diff| {self.max_abs:.3g} "
             f"(ref max {self.ref_max:.3g}, PSNR {self.psnr:.1f} dB)"
         )
-
-
-def _psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    peak = float(np.max(np.abs(b))) or 1.0
-    return math.inf if mse == 0 else 10 * math.log10(peak**2 / mse)
 
 
 def probe_shapes(pipe, name: str) -> list[dict]:
@@ -84,6 +79,14 @@ def check_component(pipe, name: str, onnx_path: Path, precision: str = "fp32", d
             max_abs = float(np.max(np.abs(r - g)))
             ref_max = float(np.max(np.abs(r)))
             checks.append(
-                Check(name, t.name, r.shape, max_abs, ref_max, _psnr(g, r), max_abs <= atol + rtol * ref_max)
+                Check(
+                    name,
+                    t.name,
+                    r.shape,
+                    max_abs,
+                    ref_max,
+                    psnr(g, r, float(np.max(np.abs(r)))),
+                    max_abs <= atol + rtol * ref_max,
+                )
             )
     return checks

@@ -22,6 +22,8 @@ from typing import Any
 
 import numpy as np
 
+from .measure import peak_rss_bytes
+
 SCHEMA_VERSION = 1
 STAGES = ("tokenize", "text_encoder", "unet", "host", "denoise", "vae_decoder", "postprocess", "image_encode", "total")
 _FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni", "amx_bf16", "amx_int8", "neon",
@@ -45,16 +47,6 @@ def summary(values) -> dict[str, float | None]:
         "max": float(np.max(values)) if len(values) else None,
         "n": len(values),
     }
-
-
-def peak_rss_bytes() -> int | None:
-    """This process's peak resident set size so far (Linux / macOS), None where unknown."""
-    try:
-        import resource
-    except ImportError:  # Windows
-        return None
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(peak if sys.platform == "darwin" else peak * 1024)  # macOS reports bytes, Linux KiB
 
 
 def machine_info() -> dict[str, Any]:

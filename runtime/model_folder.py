@@ -114,10 +114,6 @@ class ModelFolder:
         h, w = self.manifest["native_size"]
         return int(h), int(w)
 
-    @property
-    def prediction_type(self) -> str:
-        return self.manifest["prediction_type"]
-
     @cached_property
     def unet_downscale(self) -> int:
         """How many times the UNet halves the latent (2^(levels-1)): the latent's sides must be
