@@ -2,6 +2,8 @@
 torch-free golden tests (test_goldens.py). Written by hand, independently of edgediff's own name
 resolution, so they also check it: edgediff name -> (diffusers class, from_config overrides)."""
 
+from scheduler_harness import SD_BASE
+
 SCHEDULER_NAMES = {
     "pndm": ("PNDMScheduler", {}),
     "ddim": ("DDIMScheduler", {"clip_sample": False}),
@@ -22,14 +24,28 @@ SCHEDULER_NAMES = {
     "lcm": ("LCMScheduler", {}),
 }  # fmt: skip
 
+
 # `scheduler=` as edgediff takes it: a dict for the cases that need an option beyond the name
 # (DDIM/DDPM over an SD config inherit their class default clip_sample=True, which makes the
 # random-weight test models chaotic: float32 noise grows to several /255; see test_pipeline_parity).
+# For the tests that run over the folders' own scheduler config (test_pipeline_parity, benchmarks).
 def edgediff_spec(name: str):
     cls, overrides = SCHEDULER_NAMES[name]
     if name in ("ddim", "ddpm"):
         return {"_class_name": cls, **overrides}
     return name
+
+
+# The scheduler config the whole-pipeline goldens resolve each name over: SD 1.x's as published (no
+# timestep_spacing, clip_sample off), not the micro folders' own, which pins timestep_spacing="leading".
+# Each class then takes its own default spacing, as over a real SD 1.5 model: DDIM/DDPM "leading",
+# Euler/Euler a "linspace". Over one shared "leading" schedule DDPM and Euler a are the same sampler
+# and DDIM and Euler differ only by the last sigma, so their images matched and a swapped name passed.
+PREDICTION = {"sd1": "epsilon", "sd2": "v_prediction"}
+
+
+def generation_scheduler_config(variant: str) -> dict:
+    return dict(SD_BASE, prediction_type=PREDICTION[variant])
 
 
 PIPELINE_PROMPTS = ["a red circle on a blue background", "small green triangle at the top, yellow background"]

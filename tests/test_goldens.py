@@ -1,10 +1,18 @@
 """Torch-free tests: edgediff against arrays recorded from diffusers / torch / transformers by
 tests/tools/record_goldens.py. These run with the lean runtime alone (no torch installed).
 
-Tolerances: whole images within 1/255 per pixel; scheduler steps within 2e-5 relative to the
-sample's magnitude (float32 rounding); RNG within 1e-5 relative; tokenizer ids exact.
+Tolerances: final latents within 3e-5 relative to their magnitude (the float32 UNet through ONNX vs
+torch, compounded over the steps; measured up to 3e-6); whole images within 1/255 per pixel;
+scheduler steps within 2e-5 relative to the sample's magnitude (float32 rounding); RNG within 1e-5
+relative to its magnitude; tokenizer ids exact. Every comparison first requires both sides finite (NaN never passes).
+
+Schedulers are resolved by the short names users type. The goldens must tell every pair of names
+apart by SEPARATION times the tolerance (tested on the recorded arrays, and by swapping names):
+the random-weight VAE squeezes latent differences to a fraction of 1/255, so the latents are the
+golden that discriminates, the images check the decode end to end.
 """
 
+from itertools import combinations
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +24,7 @@ from golden_cases import (
     RNG_CASES,
     SCHEDULER_NAMES,
     TOKENIZER_PROMPTS,
-    edgediff_spec,
+    generation_scheduler_config,
 )
 from scheduler_harness import SD_BASE
 from tools.record_goldens import SCHED_PREDICTIONS, SCHED_STEPS, stand_in_outputs
@@ -26,6 +34,10 @@ from edgediff.runtime.rng import TorchCPUGenerator
 from edgediff.runtime.tokenizer import ClipTokenizer
 
 FIXTURES = Path(__file__).parent / "fixtures"
+VARIANTS = ("sd1", "sd2")
+LATENT_RTOL = 3e-5
+STEP_RTOL = 2e-5
+SEPARATION = 10  # every pair of names: mean |difference| of their goldens >= this many tolerances
 
 
 @pytest.fixture(scope="module")
@@ -35,45 +47,126 @@ def goldens():
 
 @pytest.fixture(scope="module")
 def micro():
-    return {v: Pipeline.load(FIXTURES / f"micro-{v}") for v in ("sd1", "sd2")}
+    return {v: Pipeline.load(FIXTURES / f"micro-{v}") for v in VARIANTS}
 
 
-@pytest.mark.parametrize("variant", ["sd1", "sd2"])
+def assert_close(got, want, atol: float, what: str) -> None:
+    got, want = np.asarray(got, dtype=np.float64), np.asarray(want, dtype=np.float64)
+    assert np.isfinite(got).all() and np.isfinite(want).all(), (
+        f"{what}: not finite (ours {int((~np.isfinite(got)).sum())}, golden {int((~np.isfinite(want)).sum())} values)"
+    )
+    assert got.shape == want.shape, f"{what}: shape {got.shape}, golden {want.shape}"
+    err = float(np.abs(got - want).max())
+    assert err <= atol, f"{what}: max |diff| {err:.3g} > {atol:.3g}"
+
+
+def relative_atol(rtol: float, *arrays) -> float:
+    return rtol * max(1.0, *(float(np.abs(a).max()) for a in arrays))
+
+
+def check_generation(goldens, micro, variant: str, name: str) -> None:
+    final = {}
+
+    def keep(i, t, latents):
+        final["latents"] = latents.copy()
+
+    sched = schedulers.resolve(name, generation_scheduler_config(variant))
+    result = micro[variant](PIPELINE_PROMPTS, seed=PIPELINE_SEED, scheduler=sched, callback=keep, **PIPELINE_KW)
+    want = goldens[f"latents/{variant}/{name}"]
+    assert_close(final["latents"], want, relative_atol(LATENT_RTOL, want), f"{variant} {name} latents")
+    images = np.stack([np.asarray(im) for im in result.images])
+    assert_close(images, goldens[f"image/{variant}/{name}"], 1, f"{variant} {name} image (/255)")
+
+
+def check_steps(goldens, name: str, pred: str, steps: int) -> None:
+    key = f"sched/{name}/{pred}/{steps}"
+    sched = schedulers.resolve(name, dict(SD_BASE, prediction_type=pred))
+    plan = sched.plan(steps)
+    assert_close(plan.timesteps, goldens[f"{key}/timesteps"], 1e-3, f"{key} timesteps")
+    x0, outs = stand_in_outputs(steps, len(plan.timesteps))
+    x = x0 * np.float32(plan.init_noise_sigma)
+    state, g = sched.initial_state(plan), TorchCPUGenerator(steps)
+    for i, (out, want) in enumerate(zip(outs, goldens[f"{key}/samples"])):
+        x, state = sched.step(plan, i, out, x, state, g)
+        assert_close(x, want, relative_atol(STEP_RTOL, want), f"{key} step {i}")
+
+
+def swap_short_names(monkeypatch, a: str, b: str) -> None:
+    short = schedulers.SHORT_NAMES
+    class_a, class_b = short[a], short[b]
+    monkeypatch.setitem(short, a, class_b)
+    monkeypatch.setitem(short, b, class_a)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("name", list(SCHEDULER_NAMES))
-def test_seeded_image_equals_diffusers(goldens, micro, variant, name):
-    result = micro[variant](PIPELINE_PROMPTS, seed=PIPELINE_SEED, scheduler=edgediff_spec(name), **PIPELINE_KW)
-    got = np.stack([np.asarray(im) for im in result.images]).astype(np.int16)
-    want = goldens[f"image/{variant}/{name}"].astype(np.int16)
-    assert got.shape == want.shape
-    assert np.abs(got - want).max() <= 1, f"{variant} {name}: max {np.abs(got - want).max()}/255"
+def test_seeded_generation_equals_diffusers(goldens, micro, variant, name):
+    check_generation(goldens, micro, variant, name)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_generation_goldens_tell_every_scheduler_apart(goldens, variant):
+    lat = {n: goldens[f"latents/{variant}/{n}"] for n in SCHEDULER_NAMES}
+    assert all(np.isfinite(x).all() for x in lat.values())
+    gaps = {
+        (a, b): float(np.abs(lat[a] - lat[b]).mean()) / relative_atol(LATENT_RTOL, lat[a], lat[b])
+        for a, b in combinations(lat, 2)
+    }
+    (a, b), gap = min(gaps.items(), key=lambda kv: kv[1])
+    assert gap >= SEPARATION, f"{variant}: {a} and {b} latents differ by only {gap:.1f} tolerances; re-record"
+
+
+@pytest.mark.parametrize("pred", SCHED_PREDICTIONS)
+def test_step_goldens_tell_every_scheduler_apart(goldens, pred):
+    for a, b in combinations(SCHEDULER_NAMES, 2):
+        gaps = []
+        for steps in SCHED_STEPS:
+            x, y = (goldens[f"sched/{n}/{pred}/{steps}/samples"] for n in (a, b))
+            assert np.isfinite(x).all() and np.isfinite(y).all()
+            same_shape = x.shape == y.shape
+            gaps.append(float(np.abs(x - y).mean()) / relative_atol(STEP_RTOL, x, y) if same_shape else np.inf)
+        assert max(gaps) >= SEPARATION, f"{pred}: {a} and {b} differ by at most {max(gaps):.1f} tolerances"
+
+
+# Negative controls: a wrong name -> class mapping must fail. ddpm/euler_a were byte-identical images and
+# ddim/euler 1/255 apart in the old fixture; dpmpp_2m_karras/unipc_karras is the closest pair now.
+@pytest.mark.parametrize(
+    "a, b, name", [("ddpm", "euler_a", "ddpm"), ("ddim", "euler", "euler"), ("dpmpp_2m", "unipc", "unipc_karras")]
+)
+def test_swapped_short_names_fail_the_generation_goldens(goldens, micro, monkeypatch, a, b, name):
+    swap_short_names(monkeypatch, a, b)
+    with pytest.raises(AssertionError, match=r"sd1 \w+ latents: max \|diff\|"):
+        check_generation(goldens, micro, "sd1", name)
+
+
+def test_swapped_short_names_fail_the_step_goldens(goldens, monkeypatch):
+    swap_short_names(monkeypatch, "ddpm", "euler_a")
+    with pytest.raises(AssertionError, match="sched/ddpm/epsilon/4 "):
+        check_steps(goldens, "ddpm", "epsilon", 4)
+
+
+def test_comparison_refuses_nan():
+    with pytest.raises(AssertionError, match="not finite"):
+        assert_close([np.nan], [np.nan], 1.0, "nan")
 
 
 @pytest.mark.parametrize("name", list(SCHEDULER_NAMES))
 @pytest.mark.parametrize("pred", SCHED_PREDICTIONS)
 @pytest.mark.parametrize("steps", SCHED_STEPS)
 def test_scheduler_steps_equal_diffusers(goldens, name, pred, steps):
-    key = f"sched/{name}/{pred}/{steps}"
-    cls_name, overrides = SCHEDULER_NAMES[name]
-    sched = schedulers.resolve(dict(SD_BASE, _class_name=cls_name, prediction_type=pred, **overrides), {})
-    plan = sched.plan(steps)
-    np.testing.assert_allclose(plan.timesteps, goldens[f"{key}/timesteps"], rtol=0, atol=1e-3)
-    x0, outs = stand_in_outputs(steps, len(plan.timesteps))
-    x = x0 * np.float32(plan.init_noise_sigma)
-    state, g = sched.initial_state(plan), TorchCPUGenerator(steps)
-    for i, (out, want) in enumerate(zip(outs, goldens[f"{key}/samples"])):
-        x, state = sched.step(plan, i, out, x, state, g)
-        np.testing.assert_allclose(x, want, rtol=0, atol=2e-5 * max(1.0, float(np.abs(want).max())), err_msg=f"step {i}")
+    check_steps(goldens, name, pred, steps)
 
 
 def test_rng_equals_torch(goldens):
     gens: dict = {}
     for seed, shape in RNG_CASES:
         g = gens.setdefault(seed, TorchCPUGenerator(seed))
-        want = goldens[f"rng/{seed}/{'x'.join(map(str, shape))}"]
-        np.testing.assert_allclose(g.randn(shape), want, rtol=1e-5, atol=1e-6)
+        key = f"rng/{seed}/{'x'.join(map(str, shape))}"
+        want = goldens[key]
+        assert_close(g.randn(shape), want, relative_atol(1e-5, want), key)
 
 
-@pytest.mark.parametrize("variant", ["sd1", "sd2"])
+@pytest.mark.parametrize("variant", VARIANTS)
 def test_tokenizer_equals_clip_tokenizer(goldens, variant):
     folder = FIXTURES / f"micro-{variant}" / "tokenizer"
     assert ClipTokenizer(folder).encode(TOKENIZER_PROMPTS).tolist() == goldens[f"tok/{variant}"].tolist()

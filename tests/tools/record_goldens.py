@@ -1,12 +1,16 @@
 """Record the golden arrays the torch-free tests compare against (PyTorch side; needs the export extra).
 
-    python tests/tools/record_goldens.py            # writes tests/fixtures/
+    python tests/tools/record_goldens.py            # writes tests/fixtures/goldens.npz, goldens.json
+    python tests/tools/record_goldens.py --models   # also re-exports tests/fixtures/micro-sd1, micro-sd2
 
 Writes:
 - tests/fixtures/micro-sd1/, micro-sd2/: micro random-weight models (SD1 epsilon, SD2 v-prediction)
-  exported by `edgediff export` (about 2.3 MB each);
+  exported by `edgediff export` (about 2.3 MB each), only with --models or when missing: other tests
+  use them, and the goldens come from the same seeded source (build_tiny_pipeline(seed=0)) either way;
 - tests/fixtures/goldens.npz: from diffusers / torch / transformers:
-  image/<variant>/<scheduler>  the StableDiffusionPipeline image for PIPELINE_SEED (uint8)
+  latents/<variant>/<scheduler>  the StableDiffusionPipeline's final latents (float32, before the VAE)
+      and image/<variant>/<scheduler> its image (uint8), for PIPELINE_SEED, each scheduler made by
+      from_config over generation_scheduler_config(variant)
   sched/<scheduler>/<pred>/<steps>/{timesteps,samples}  every step of the scheduler, driven by the
       deterministic stand-in model outputs of `stand_in_outputs`
   rng/<seed>/<shape>            torch.randn with torch.Generator("cpu").manual_seed(seed), in sequence
@@ -17,6 +21,7 @@ Re-run it when a case is added; the committed files are what the tests read.
 
 from __future__ import annotations
 
+import argparse
 import json
 import shutil
 import sys
@@ -35,6 +40,7 @@ from golden_cases import (  # noqa: E402
     RNG_CASES,
     SCHEDULER_NAMES,
     TOKENIZER_PROMPTS,
+    generation_scheduler_config,
 )
 from scheduler_harness import SD_BASE  # noqa: E402
 
@@ -74,6 +80,9 @@ def record_scheduler(goldens: dict, name: str) -> None:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", action="store_true", help="re-export the committed micro model folders too")
+    args = parser.parse_args()
     import diffusers
     import torch
     import transformers
@@ -89,17 +98,23 @@ def main() -> None:
         for variant in ("sd1", "sd2"):
             src = build_tiny_pipeline(Path(tmp) / f"src-{variant}", variant, seed=0, size="micro")
             dst = FIXTURES / f"micro-{variant}"
-            if dst.exists():
-                shutil.rmtree(dst)
-            export_model(src, dst)
+            if args.models or not dst.exists():
+                if dst.exists():
+                    shutil.rmtree(dst)
+                export_model(src, dst)
             pipe = StableDiffusionPipeline.from_pretrained(src, safety_checker=None, requires_safety_checker=False)
             pipe.set_progress_bar_config(disable=True)
-            base = pipe.scheduler.config
             for name, (cls_name, overrides) in SCHEDULER_NAMES.items():
-                pipe.scheduler = getattr(diffusers, cls_name).from_config(base, **overrides)
-                images = pipe(PIPELINE_PROMPTS, generator=torch.Generator("cpu").manual_seed(PIPELINE_SEED),
-                              output_type="np", **PIPELINE_KW).images  # fmt: skip
-                goldens[f"image/{variant}/{name}"] = (images * 255).round().astype(np.uint8)
+                for output in ("latent", "np"):  # two seeded runs: each output exactly as the pipeline makes it
+                    pipe.scheduler = getattr(diffusers, cls_name).from_config(
+                        generation_scheduler_config(variant), **overrides
+                    )
+                    out = pipe(PIPELINE_PROMPTS, generator=torch.Generator("cpu").manual_seed(PIPELINE_SEED),
+                               output_type=output, **PIPELINE_KW).images  # fmt: skip
+                    if output == "latent":
+                        goldens[f"latents/{variant}/{name}"] = out.numpy().astype(np.float32)
+                    else:
+                        goldens[f"image/{variant}/{name}"] = (out * 255).round().astype(np.uint8)
             tok = CLIPTokenizer.from_pretrained(src / "tokenizer")
             goldens[f"tok/{variant}"] = np.asarray(
                 tok(TOKENIZER_PROMPTS, padding="max_length", max_length=77, truncation=True).input_ids
