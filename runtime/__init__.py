@@ -13,6 +13,7 @@ from .errors import (
     ModelFolderError,
     NonFiniteError,
     OutputPathError,
+    ParametersError,
     ResourceError,
     UnknownSchedulerError,
 )
@@ -36,6 +37,7 @@ __all__ = [
     "ModelFolderError",
     "NonFiniteError",
     "OutputPathError",
+    "ParametersError",
     "Pipeline",
     "ResourceError",
     "TorchCPUGenerator",

@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from . import schedulers
-from .errors import EdgediffError
+from .errors import EdgediffError, InvalidArgumentError
 
 logger = logging.getLogger("edgediff")
 
@@ -86,8 +86,37 @@ def _memory_limit(ctx, param, value: str):
     return int(gib * 2**30)
 
 
+def _numbers(option: str, text: str | None) -> list[float] | None:
+    if text is None:
+        return None
+    try:
+        return [float(v) for v in text.split(",")]
+    except ValueError:
+        problem = f"{option} must be comma-separated numbers such as 999,500,100, got {text!r}"
+        raise InvalidArgumentError(problem) from None
+
+
+def _scheduler_options(pairs: tuple[str, ...]) -> dict:
+    """--scheduler-option KEY=VALUE: VALUE as JSON (3, true, null, [1,2]), else as a string (sde-dpmsolver++)."""
+    options = {}
+    for pair in pairs:
+        key, eq, value = pair.partition("=")
+        if not eq or not key.strip():
+            raise InvalidArgumentError(f"--scheduler-option takes KEY=VALUE, e.g. solver_order=3, got {pair!r}")
+        try:
+            options[key.strip()] = json.loads(value)
+        except ValueError:
+            options[key.strip()] = value
+    return options
+
+
+# generate's options that map to a Pipeline call argument: with --from-png, those given override the record
+_CALL_OPTIONS = {"prompt": "prompt", "negative_prompt": "negative_prompt", "steps": "num_inference_steps",
+                 "guidance": "guidance_scale", "width": "width", "height": "height", "seed": "seed", "eta": "eta"}
+
+
 @main.command()
-@click.argument("prompt")
+@click.argument("prompt", required=False)
 @click.option("--model", "model", default=None, type=click.Path(path_type=Path),
               help="Model folder. Default: the embedded shapes model.")
 @click.option("-o", "--output", default="out.png", show_default=True, type=click.Path(path_type=Path))
@@ -98,34 +127,121 @@ def _memory_limit(ctx, param, value: str):
 @click.option("--height", default=None, type=int, help="Default: the model's native size.")
 @click.option("--seed", default=None, type=int, help="Same seed, same image as diffusers with a CPU generator.")
 @click.option("--scheduler", default=None, help=f"One of: {', '.join(schedulers.known_names())}. Default: the model's own.")
+@click.option("--scheduler-option", "scheduler_option", multiple=True, metavar="KEY=VALUE",
+              help="A scheduler config option over the chosen scheduler, e.g. solver_order=3 (repeatable).")
 @click.option("--eta", default=0.0, show_default=True, type=float, help="DDIM's eta (ignored by other schedulers).")
+@click.option("--timesteps", default=None, metavar="T1,T2,...",
+              help="Custom timesteps, descending (schedulers that accept them; replaces --steps).")
+@click.option("--sigmas", default=None, metavar="S1,S2,...",
+              help="Custom sigmas, descending, the last usually 0 (schedulers that accept them; replaces --steps).")
+@click.option("--from-png", "from_png", default=None, type=click.Path(path_type=Path),
+              help="Regenerate the image this PNG records; options given here override the recorded ones.")
+@click.option("--params", "params_file", default=None, type=click.Path(path_type=Path),
+              help="The same from a file: the JSON record (the PNG's edgediff chunk) or an A1111 infotext.")
 @click.option("--provider", "providers", multiple=True, help="ONNX Runtime execution provider (repeatable).")
 @click.option("--low-memory", is_flag=True, help="Load one component at a time and release it after use.")
 @click.option("--int8", is_flag=True,
               help="Use the int8 UNet of `edgediff optimize --int8` (faster on CPUs; changes the image).")
 @click.option("--memory-limit", default="auto", show_default=True, callback=_memory_limit,
               help="GiB a call may use (estimated before it runs), 'auto' (what is available) or 'off'.")
-def generate(prompt, model, output, negative_prompt, steps, guidance, width, height, seed, scheduler, eta, providers,
-             low_memory, int8, memory_limit):  # fmt: skip
-    """Generate an image from PROMPT and write it as a PNG with its parameters."""
+@click.pass_context
+def generate(ctx, prompt, model, output, negative_prompt, steps, guidance, width, height, seed, scheduler,
+             scheduler_option, eta, timesteps, sigmas, from_png, params_file, providers, low_memory, int8,
+             memory_limit):  # fmt: skip
+    """Generate an image from PROMPT and write it as a PNG with its parameters.
+
+    With --from-png IMAGE (or --params FILE) it regenerates the image recorded there (same pixels with the
+    same model, engine and provider); PROMPT and the options given override the recorded values."""
     from tqdm import tqdm
 
-    from .image import check_output_path, format_parameters, save_png
+    from . import parameters
+    from .image import check_output_path, save_png
     from .pipeline import Pipeline
 
     output = check_output_path(output)  # before the model loads and the image is made
-    options = {"optimized": "int8"} if int8 else {}
+    typed = (click.core.ParameterSource.COMMANDLINE, click.core.ParameterSource.ENVIRONMENT)
+    given = {name for name in ctx.params if ctx.get_parameter_source(name) in typed}
+    if from_png is not None and params_file is not None:
+        raise InvalidArgumentError("give --from-png or --params, not both")
+    record, source = None, from_png or params_file
+    if from_png is not None:
+        record = parameters.read_png_parameters(from_png)
+    elif params_file is not None:
+        record = parameters.read_parameters_file(params_file)
+    if record is None and prompt is None:
+        raise InvalidArgumentError("give a PROMPT, or --from-png IMAGE / --params FILE to regenerate a recorded image")
+    options = _scheduler_options(scheduler_option)
+    custom = {"timesteps": _numbers("--timesteps", timesteps), "sigmas": _numbers("--sigmas", sigmas)}
+
+    if record is None:
+        call = {arg: ctx.params[name] for name, arg in _CALL_OPTIONS.items()}
+        call.update(scheduler=scheduler, **custom)
+    else:
+        call = parameters.call_arguments(record)
+        if call.get("num_images_per_prompt", 1) != 1 or not isinstance(call.get("prompt", ""), str):
+            raise parameters.ParametersError(
+                f"{source} records a batch (several prompts or num_images_per_prompt > 1); generate writes one "
+                "image: regenerate the batch in Python with pipe(**edgediff.runtime.parameters.call_arguments(r))"
+            )
+        call.update({arg: ctx.params[name] for name, arg in _CALL_OPTIONS.items() if name in given})
+        if "steps" in given or given & {"timesteps", "sigmas"}:  # a new schedule replaces the recorded one
+            call.update(custom)
+        if "scheduler" in given:
+            call["scheduler"] = scheduler
+        missing = [k for k in ("prompt", "seed", "guidance_scale", "width", "height") if call.get(k) is None]
+        if call.get("num_inference_steps") is None and call.get("timesteps") is None and call.get("sigmas") is None:
+            missing.append("num_inference_steps")
+        if missing:
+            raise parameters.ParametersError(
+                f"{source} does not record {', '.join(missing)}; give them on the command line "
+                "(PROMPT, --seed, --guidance, --width, --height, --steps)"
+            )
+        int8 = int8 or (record.get("engine_options") or {}).get("optimized") == "int8"
+    if options:  # over the chosen (or recorded) scheduler's config
+        spec = call.get("scheduler")
+        spec = dict(spec) if isinstance(spec, dict) else parameters.name_spec(spec) if spec else {}
+        call["scheduler"] = {**spec, **options}
+
+    engine_options = {"optimized": "int8"} if int8 else {}
     with Pipeline.load(model, providers=list(providers) or None, low_memory=low_memory, memory_limit=memory_limit,
-                       **options) as pipe:  # fmt: skip
+                       **engine_options) as pipe:  # fmt: skip
+        if options:
+            class_name = call["scheduler"].get("_class_name") or pipe.folder.scheduler_config.get("_class_name")
+            known = schedulers.SCHEDULERS[class_name].defaults if class_name in schedulers.SCHEDULERS else {}
+            unknown = sorted(set(options) - set(known))
+            if known and unknown:
+                raise InvalidArgumentError(
+                    f"--scheduler-option {', '.join(unknown)}: {class_name} has no such option"
+                    f"{' (use --eta)' if 'eta' in unknown else ''}; its options: {', '.join(known)}"
+                )
+        if record is not None:
+            _check_recorded_model(record, source, pipe, model_given=model is not None)
         _optimize_hint(pipe, providers)
         bar = tqdm(total=None, desc="denoising", unit="step", disable=not sys.stderr.isatty(), leave=False)
-        result = pipe(
-            prompt, negative_prompt=negative_prompt, num_inference_steps=steps, guidance_scale=guidance,
-            width=width, height=height, seed=seed, scheduler=scheduler, eta=eta, callback=lambda *a: bar.update(1),
-        )  # fmt: skip
+        result = pipe(**call, callback=lambda *a: bar.update(1))
         bar.close()
-    path = save_png(result.images[0], output, format_parameters(result.parameters))
+    path = save_png(result.images[0], output, result.parameters)
     click.echo(f"wrote {path} (seed {result.parameters['seed']}, {result.timings['total']:.2f} s)")
+
+
+def _check_recorded_model(record, source, pipe, model_given: bool) -> None:
+    """A record names the model that made it: without --model it must be the embedded one; with --model
+    another model is the user's choice (noted: the image will differ)."""
+    from . import parameters
+
+    recorded_hash, here = record.get("model_hash"), parameters.model_hash(pipe.folder)
+    if recorded_hash and here:
+        same = recorded_hash == here
+    else:
+        same = record.get("model") in (None, pipe.folder.path.name)
+    if same:
+        return
+    what = f"the model {record.get('model')!r}" + (f" (hash {recorded_hash[:10]})" if recorded_hash else "")
+    if not model_given:
+        raise parameters.ParametersError(f"{source} was made with {what}, not the embedded model; pass its folder "
+                                         "with --model")  # fmt: skip
+    click.echo(f"note: {source} was made with {what}; {pipe.folder.path} is another model, so the image will "
+               "differ", err=True)  # fmt: skip
 
 
 @main.command()

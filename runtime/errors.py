@@ -28,6 +28,10 @@ class InvalidArgumentError(EdgediffError, ValueError):
     """A generation argument is out of range (size, steps, prompt list, latents shape ...)."""
 
 
+class ParametersError(InvalidArgumentError):
+    """An image or parameters file holds no generation parameters, or ones that cannot be read or used."""
+
+
 class UnknownSchedulerError(EdgediffError, ValueError):
     """A scheduler name or ``_class_name`` that edgediff does not implement."""
 

@@ -1,4 +1,5 @@
-"""Decoded VAE output -> uint8 -> PIL, and PNG files that carry their generation parameters."""
+"""Decoded VAE output -> uint8 -> PIL, and PNG files that carry their generation parameters (formats:
+``parameters.py``)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import numpy as np
 from PIL import Image, PngImagePlugin
 
 from .errors import OutputPathError
+from .parameters import JSON_KEY, TEXT_KEY, format_parameters, to_json
 
 
 def to_uint8(decoded: np.ndarray) -> np.ndarray:
@@ -20,25 +22,6 @@ def to_uint8(decoded: np.ndarray) -> np.ndarray:
 
 def to_pil(images: np.ndarray) -> list[Image.Image]:
     return [Image.fromarray(img) for img in images]
-
-
-def format_parameters(p: dict) -> str:
-    """The ``parameters`` text chunk other Stable Diffusion tools read (A1111 convention):
-    prompt line, optional ``Negative prompt:`` line, then ``Key: value`` pairs."""
-    lines = [p.get("prompt", "")]
-    if p.get("negative_prompt"):
-        lines.append(f"Negative prompt: {p['negative_prompt']}")
-    pairs = [
-        ("Steps", p.get("num_inference_steps")),
-        ("Sampler", p.get("scheduler")),
-        ("CFG scale", p.get("guidance_scale")),
-        ("Seed", p.get("seed")),
-        ("Size", f"{p.get('width')}x{p.get('height')}"),
-        ("Model", p.get("model")),
-        ("Version", f"edgediff {p.get('edgediff_version', '')}".strip()),
-    ]
-    lines.append(", ".join(f"{k}: {v}" for k, v in pairs if v is not None))
-    return "\n".join(lines)
 
 
 def check_output_path(path: str | os.PathLike) -> Path:
@@ -94,9 +77,14 @@ def write_atomic(path: str | os.PathLike, write) -> Path:
     return path
 
 
-def save_png(image: Image.Image, path: str | os.PathLike, parameters: str | None = None) -> Path:
-    """Write ``image`` to ``path`` atomically (temporary file, then rename)."""
+def save_png(image: Image.Image, path: str | os.PathLike, parameters: dict | str | None = None) -> Path:
+    """Write ``image`` to ``path`` atomically (temporary file, then rename). ``parameters``: a record
+    (``GenerationResult.parameters``) goes in as A1111's ``parameters`` text and in full as JSON in an
+    ``edgediff`` chunk; a string goes in as the ``parameters`` text only."""
     info = PngImagePlugin.PngInfo()
-    if parameters:
-        info.add_text("parameters", parameters)
+    if isinstance(parameters, dict):
+        info.add_text(TEXT_KEY, format_parameters(parameters))
+        info.add_text(JSON_KEY, to_json(parameters))
+    elif parameters:
+        info.add_text(TEXT_KEY, parameters)
     return write_atomic(path, lambda f: image.save(f, format="PNG", pnginfo=info))

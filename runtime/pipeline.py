@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from . import resources, schedulers
+from . import parameters, resources, schedulers
 from .engine import Engine, create_engine, engine_class
 from .errors import EdgediffError, InvalidArgumentError, ModelFolderError, NonFiniteError, ResourceError
 from .image import to_pil, to_uint8
@@ -59,9 +59,12 @@ def embedded_model_path() -> Path:
 
 
 def scheduler_label(sched: schedulers.Scheduler) -> str:
-    """Short name as users type it, e.g. ``dpmpp_2m_karras``."""
-    karras = sched.config.get("use_karras_sigmas")
-    return sched.short_name + ("_karras" if karras else "")
+    """The short name users type that selects ``sched``'s class and the options a name can say, e.g.
+    ``dpmpp_2m_sde_karras``; the parameters record the other options (``scheduler_options``) and the full
+    config (``scheduler_config``)."""
+    from .parameters import scheduler_name
+
+    return scheduler_name(sched)
 
 
 class GenerationCancelled(EdgediffError):
@@ -264,6 +267,7 @@ class Pipeline:
         (then ``num_inference_steps`` is ignored)."""
         timings: dict[str, float] = {}
         t_start = time.perf_counter()
+        custom_latents = latents is not None  # not recorded: an image made from them cannot be regenerated
         # 1. Check inputs
         prompts = [prompt] if isinstance(prompt, str) else list(prompt) if prompt is not None else []
         if not prompts or not all(isinstance(p, str) for p in prompts):
@@ -399,21 +403,28 @@ class Pipeline:
         images = to_pil(to_uint8(decoded["sample"]))
         timings["postprocess"] = time.perf_counter() - t0
         timings["total"] = time.perf_counter() - t_start
+        # Everything that changes the pixels, so that pipe(**parameters.call_arguments(params)) repeats the call
         params = {
             "prompt": prompts[0] if isinstance(prompt, str) else prompts,
             "negative_prompt": negative_prompt,
             "num_inference_steps": steps,
             "guidance_scale": guidance_scale,
             "eta": eta if "eta" in sched.step_options else None,
-            "timesteps": [float(t) for t in plan.timesteps] if timesteps is not None or sigmas is not None else None,
+            "timesteps": [float(t) for t in timesteps] if timesteps is not None else None,
+            "sigmas": [float(s) for s in sigmas] if sigmas is not None else None,
             "width": width,
             "height": height,
             "seed": seed,
+            "custom_latents": custom_latents,
             "scheduler": scheduler_label(sched),
+            "scheduler_class": sched.class_name,
             "scheduler_config": dict(sched.config),
+            "scheduler_options": parameters.scheduler_options(sched, self.folder.scheduler_config),
             "num_images_per_prompt": per_prompt,
             "model": self.folder.path.name,
+            "model_hash": parameters.model_hash(self.folder),
             "engine": self.engine_name,
+            "engine_options": {k: v for k, v in self._engine_options.items() if k in ("optimized", "providers")},
             "edgediff_version": __version__,
         }
         return GenerationResult(images, params, timings, unet_calls)

@@ -30,7 +30,13 @@ def test_generate_writes_png_with_parameters(tiny_export, tmp_path):
     text = image.text["parameters"]
     assert text.splitlines()[0] == "a red circle"
     assert text.splitlines()[1] == "Negative prompt: blurry"
-    assert "Steps: 3, Sampler: euler, CFG scale: 6.0, Seed: 7, Size: 32x32" in text.splitlines()[2]
+    # A1111's sampler and schedule-type names, then edgediff's own name
+    pairs = text.splitlines()[2]
+    assert "Steps: 3, Sampler: Euler, Schedule type: Uniform, CFG scale: 6.0, Seed: 7, Size: 32x32" in pairs
+    assert "Scheduler: euler," in pairs
+    record = json.loads(image.text["edgediff"])  # the full record, machine-readable
+    assert record["scheduler_class"] == "EulerDiscreteScheduler" and record["scheduler_config"]["timestep_spacing"]
+    assert (record["seed"], record["num_inference_steps"], record["negative_prompt"]) == (7, 3, "blurry")
     assert not [p for p in out.parent.iterdir() if p.name != "out.png"]  # no temporary left
     umask = os.umask(0)
     os.umask(umask)
@@ -48,9 +54,11 @@ def test_info_reports_valid_folder(tiny_export):
 
 
 def test_parameters_format_without_negative():
-    text = format_parameters({"prompt": "cat", "num_inference_steps": 20, "scheduler": "pndm", "guidance_scale": 7.5,
-                              "seed": 1, "width": 512, "height": 512, "model": "m"})  # fmt: skip
-    assert text.splitlines() == ["cat", "Steps: 20, Sampler: pndm, CFG scale: 7.5, Seed: 1, Size: 512x512, Model: m, Version: edgediff"]
+    text = format_parameters({"prompt": "cat", "num_inference_steps": 20, "scheduler": "dpmpp_2m_karras",
+                              "guidance_scale": 7.5, "seed": 1, "width": 512, "height": 512, "model": "m"})  # fmt: skip
+    pairs = ("Steps: 20, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7.5, Seed: 1, Size: 512x512, Model: m, "
+             "RNG: CPU, Scheduler: dpmpp_2m_karras, Version: edgediff")
+    assert text.splitlines() == ["cat", pairs]
 
 
 @needs_torch
