@@ -1,5 +1,8 @@
 """Thin cuda-python plumbing for the TensorRT engine and builder: no torch, numpy views on pinned memory.
 
+The shape of TensorRT's own ``samples/python/common_runtime.py``: a ``cuda_call``-style checker,
+device and pinned host memory objects, async copies on one stream.
+
 cuda-python moved its runtime module: ``cuda.bindings.runtime`` (12.x and later; the only path in
 13.x) and ``cuda.cudart`` (11.x / early 12.x). Both are tried. Every call returns a tuple whose
 first item is a ``cudaError_t``; ``check`` turns a failure into an ``EngineUnavailableError`` that
@@ -109,19 +112,24 @@ class DeviceBuffer:
 
 
 class PinnedBuffer:
-    """Page-locked host memory with a numpy view (``array``) of the given shape and dtype."""
+    """``nbytes`` of page-locked host memory; ``view(shape, dtype)`` is a numpy array over its start."""
 
-    def __init__(self, cudart, shape: tuple[int, ...], dtype: np.dtype):
+    def __init__(self, cudart, nbytes: int):
         self._cudart = cudart
-        dtype = np.dtype(dtype)
-        self.nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        self.nbytes = int(nbytes)
         self.ptr = int(check(cudart, cudart.cudaMallocHost(max(self.nbytes, 1)), "cudaMallocHost"))
-        raw = (ctypes.c_byte * max(self.nbytes, 1)).from_address(self.ptr)
-        self.array = np.frombuffer(raw, dtype=np.uint8, count=self.nbytes).view(dtype).reshape(shape)
+        self._raw = (ctypes.c_byte * max(self.nbytes, 1)).from_address(self.ptr)
+
+    def view(self, shape: tuple[int, ...], dtype) -> np.ndarray:
+        dtype = np.dtype(dtype)
+        count = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        if count > self.nbytes:
+            raise ValueError(f"{list(shape)} {dtype} needs {count} bytes, the buffer has {self.nbytes}")
+        return np.frombuffer(self._raw, dtype=np.uint8, count=count).view(dtype).reshape(shape)
 
     def free(self) -> None:
         if self.ptr:
-            self.array = None
+            self._raw = None
             check(self._cudart, self._cudart.cudaFreeHost(self.ptr), "cudaFreeHost")
             self.ptr = 0
 
@@ -149,14 +157,3 @@ def memcpy_htod(cudart, dst: int, host: np.ndarray, stream) -> None:
 def memcpy_dtoh(cudart, host: np.ndarray, src: int, stream) -> None:
     kind = cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
     check(cudart, cudart.cudaMemcpyAsync(host.ctypes.data, src, host.nbytes, kind, stream), "cudaMemcpyAsync D2H")
-
-
-def instantiate_graph(cudart, graph):
-    """``cudaGraphInstantiate`` across cuda-python signatures: (graph, flags) and the older
-    (graph, log buffer, size) form. Returns the executable graph."""
-    try:
-        ret = cudart.cudaGraphInstantiate(graph, 0)
-    except TypeError:
-        ret = cudart.cudaGraphInstantiate(graph, b"", 0)
-    value = check(cudart, ret, "cudaGraphInstantiate")
-    return value[0] if isinstance(value, tuple) else value

@@ -1,47 +1,46 @@
-"""TensorRT engine: plans built by ``edgediff build``, run with cuda-python and numpy (no torch).
+"""TensorRT engine: the plan ``edgediff build`` made for this GPU, run with cuda-python and numpy (no torch).
 
     eng = TrtEngine("MODEL/unet/model.onnx", component="unet")      # or create_engine("tensorrt", ...)
     out = eng.run({"sample": x, "timestep": t, "encoder_hidden_states": emb})["out_sample"]
 
-Per call, the plan under ``MODEL/engines/`` whose optimisation profile fits the feed shapes is
-chosen (``trt_plans.select_plan``) and deserialised on first use. Plans built for another
-TensorRT version, GPU or model file are refused with the rebuild command, never loaded.
+At load, the component's one plan for this TensorRT version, GPU and model file is taken from
+``MODEL/engines/`` (``trt_plans.usable_plan``); plans built for another setup are refused with the
+rebuild command, never loaded. The plan is deserialised once, with one execution context that
+allocates its own scratch memory (TensorRT's default: the plan's device memory size, the largest
+over its profiles, also recorded in build.json).
 
-Memory: the engines of one process and device share one CUDA stream and one scratch
-(activation) allocation, grown to the largest ``device_memory_size`` any loaded plan asks for;
-contexts are created without their own device memory and pointed at it. Stages never overlap:
-one lock per device serialises every run (so one Pipeline still serves several threads). I/O
-buffers (device + pinned host) are allocated once per (plan, input shapes) and bound with
-``set_tensor_address``; outputs are copied out of the pinned buffers, so a result stays valid
-after the next call.
+Per call, under the engine's lock (so one engine serves several threads): the feed is checked
+against the plan's I/O (``check_feed``: names, ranks, fixed dims; dtypes cast); the first profile
+that contains its shapes is selected (``trt_plans.pick_profile``; shape precedence: the feed's
+shapes decide, the profile must contain them); every dynamic input's shape and every tensor's
+address is set; inputs are copied in, ``execute_async_v3`` runs and outputs are copied out on the
+engine's own stream. Shapes and addresses are set on every call rather than cached: a few host
+calls against a UNet step of milliseconds, and no stale binding to get wrong. I/O buffers (device
++ pinned host) grow to the largest shape seen; outputs are returned as copies.
 
-Shape precedence: the feed's shapes decide (after ``check_feed`` validated names, ranks and
-fixed dims and cast the dtypes the plan declares); the plan's profile must contain them.
-
-``cuda_graph=True``: for plans with a static profile, the first call with a shape runs plainly
-(TensorRT's warm-up) and then captures ``execute_async_v3`` into a CUDA graph; later calls replay
-it (copies stay outside the graph).
-A failed capture logs a warning and that shape runs plainly from then on.
-
-``stats()`` reports the GPU time of recent runs (CUDA events around copies + execution) and
-the device memory this engine holds, for ``edgediff bench``.
+Left out until a GPU run shows they help: CUDA graphs, one scratch shared by several engines,
+and buffer sets cached per shape (docs/GPU.md).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
 import threading
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Mapping
 from pathlib import Path
-from typing import ClassVar
 
 import numpy as np
 from edgediff.runtime.engine import check_feed
-from edgediff.runtime.errors import EngineUnavailableError, InvalidArgumentError, PlanError
+from edgediff.runtime.errors import (
+    EngineRunError,
+    EngineUnavailableError,
+    InvalidArgumentError,
+    PlanError,
+    ResourceError,
+)
 from edgediff.runtime.specs import TensorSpec
 
 from . import trt_plans as plans
@@ -50,201 +49,55 @@ from .cuda_util import (
     PinnedBuffer,
     check,
     import_cudart,
-    instantiate_graph,
     mem_get_info,
     memcpy_dtoh,
     memcpy_htod,
     stream_handle,
 )
-from .tensorrt_build import current_environment, device_memory_size, import_tensorrt, trt_logger
+from .tensorrt_build import current_environment, import_tensorrt, trt_logger
 
 logger = logging.getLogger(__name__)
 
-MAX_SHAPES_PER_PLAN = 4  # buffer sets kept per plan (LRU); dynamic plans fed many shapes evict the oldest
 
+class _IOBuffer:
+    """Device and pinned host memory of one I/O tensor, grown when a call needs more."""
 
-class _Device:
-    """Per-device state shared by every TrtEngine of the process: stream, scratch, lock."""
-
-    _registry: ClassVar[dict[int, _Device]] = {}
-    _registry_lock: ClassVar[threading.Lock] = threading.Lock()
-
-    def __init__(self, cudart, index: int):
-        self.cudart = cudart
-        self.index = index
-        self.lock = threading.RLock()
-        self.users = 0
-        check(cudart, cudart.cudaSetDevice(index), "cudaSetDevice")
-        self.stream = check(cudart, cudart.cudaStreamCreate(), "cudaStreamCreate")
-        self.stream_handle = stream_handle(self.stream)  # TensorRT takes the raw cudaStream_t as an int
-        self.scratch: DeviceBuffer | None = None
-        self.generation = 0  # bumped whenever the scratch moves: contexts and graphs re-bind
-
-    @classmethod
-    def acquire(cls, cudart, index: int) -> _Device:
-        with cls._registry_lock:
-            dev = cls._registry.get(index)
-            if dev is None:
-                dev = cls._registry[index] = cls(cudart, index)
-            dev.users += 1
-            return dev
-
-    def release(self) -> None:
-        with self._registry_lock:
-            self.users -= 1
-            if self.users > 0:
-                return
-            self._registry.pop(self.index, None)
-        with self.lock:
-            check(self.cudart, self.cudart.cudaStreamSynchronize(self.stream), "cudaStreamSynchronize")
-            if self.scratch is not None:
-                self.scratch.free()
-                self.scratch = None
-            check(self.cudart, self.cudart.cudaStreamDestroy(self.stream), "cudaStreamDestroy")
-
-    @property
-    def scratch_bytes(self) -> int:
-        return self.scratch.nbytes if self.scratch is not None else 0
-
-    def ensure_scratch(self, nbytes: int) -> None:
-        """Grow the shared scratch to ``nbytes`` (callers hold ``lock``)."""
-        if self.scratch is not None and nbytes <= self.scratch.nbytes:
-            return
-        check(self.cudart, self.cudart.cudaStreamSynchronize(self.stream), "cudaStreamSynchronize")
-        if self.scratch is not None:
-            self.scratch.free()
-        self.scratch = DeviceBuffer(self.cudart, max(nbytes, 256))
-        self.generation += 1
-
-
-class _Shapes:
-    """Device and pinned host buffers of one plan for one set of input shapes (+ its CUDA graph)."""
-
-    def __init__(self, cudart, shapes: dict[str, tuple], out_shapes: dict[str, tuple], dtypes: dict[str, np.dtype]):
-        self.cudart = cudart
-        self.shapes = shapes
-        self.device: dict[str, DeviceBuffer] = {}
-        self.host: dict[str, PinnedBuffer] = {}
-        for name, shape in {**shapes, **out_shapes}.items():
-            self.host[name] = PinnedBuffer(cudart, shape, dtypes[name])
-            self.device[name] = DeviceBuffer(cudart, self.host[name].nbytes)
-        self.outputs = list(out_shapes)
-        self.runs = 0
-        self.graph = None  # executable graph
-        self.graph_generation = -1
-        self.graph_failed = False
+    def __init__(self, cudart, dtype: np.dtype):
+        self.cudart, self.dtype = cudart, np.dtype(dtype)
+        self.device: DeviceBuffer | None = None
+        self.host: PinnedBuffer | None = None
 
     @property
     def nbytes(self) -> int:
-        return sum(b.nbytes for b in self.device.values())
+        return self.device.nbytes if self.device is not None else 0
 
-    def drop_graph(self) -> None:
-        if self.graph is not None:
-            check(self.cudart, self.cudart.cudaGraphExecDestroy(self.graph), "cudaGraphExecDestroy")
-            self.graph = None
-
-    def free(self) -> None:
-        self.drop_graph()
-        for b in (*self.device.values(), *self.host.values()):
-            b.free()
-        self.device.clear()
-        self.host.clear()
-
-
-class _LoadedPlan:
-    """A deserialised plan, its execution context (no own device memory) and its buffer sets."""
-
-    def __init__(self, trt, cudart, runtime, record: plans.BuildRecord, component: str):
-        self.trt, self.cudart, self.record = trt, cudart, record
-        self.runtime = runtime  # a runtime must outlive the engines it deserialised
-        data = record.plan_path.read_bytes()
-        if len(data) != record.plan_bytes:
-            raise PlanError(f"{record.plan_path} is {len(data)} bytes, build.json says {record.plan_bytes}; rebuild")
-        free_before, _ = mem_get_info(cudart)
-        self.engine = runtime.deserialize_cuda_engine(data)
-        if self.engine is None:
-            raise PlanError(
-                f"{component}: TensorRT cannot deserialise {record.plan_path} (see its log); rebuild with "
-                f"{plans.rebuild_hint(record.path.parent.parent if record.path else 'MODEL')} --force"
-            )
-        self.names, self.dtypes, self.is_input, self.dynamic = [], {}, {}, set()
-        for i in range(self.engine.num_io_tensors):
-            name = self.engine.get_tensor_name(i)
-            self.names.append(name)
-            if any(d < 0 for d in self.engine.get_tensor_shape(name)):
-                self.dynamic.add(name)
-            self.dtypes[name] = np.dtype(trt.nptype(self.engine.get_tensor_dtype(name)))
-            self.is_input[name] = self.engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT
-        expected = {t.name: t.dtype for t in (*record.inputs, *record.outputs)}
-        if expected != self.dtypes:
-            raise PlanError(f"{record.plan_path} does not match its build.json ({self.dtypes} vs {expected}); rebuild")
-        self.scratch_bytes = device_memory_size(self.engine)
-        if hasattr(trt, "ExecutionContextAllocationStrategy"):
-            self.context = self.engine.create_execution_context(trt.ExecutionContextAllocationStrategy.USER_MANAGED)
-        else:  # before TensorRT 10
-            self.context = self.engine.create_execution_context_without_device_memory()
-        if self.context is None:
-            raise PlanError(f"{component}: TensorRT could not create an execution context for {record.key}")
-        free_after, _ = mem_get_info(cudart)
-        self.weights_bytes = max(0, free_before - free_after)  # approximate: the device is shared
-        self.bound_generation = -1
-        self.bound_shapes: _Shapes | None = None
-        self.sets: OrderedDict[tuple, _Shapes] = OrderedDict()
-
-    def bind_scratch(self, dev: _Device) -> None:
-        if self.bound_generation == dev.generation:
-            return
-        if hasattr(self.context, "set_device_memory"):  # setDeviceMemoryV2 (TensorRT >= 10.1)
-            self.context.set_device_memory(dev.scratch.ptr, dev.scratch.nbytes)
-        else:
-            self.context.device_memory = dev.scratch.ptr
-        self.bound_generation = dev.generation
-
-    def buffers_for(self, shapes: dict[str, tuple]) -> _Shapes:
-        key = tuple(sorted(shapes.items()))
-        bufs = self.sets.get(key)
-        if bufs is not None:
-            self.sets.move_to_end(key)
-        else:
-            for name, shape in shapes.items():
-                if name in self.dynamic and not self.context.set_input_shape(name, shape):
-                    raise PlanError(f"TensorRT refused shape {list(shape)} for {name!r} in plan {self.record.key}")
-            out_shapes = {n: tuple(self.context.get_tensor_shape(n)) for n in self.names if not self.is_input[n]}
-            bufs = _Shapes(self.cudart, shapes, out_shapes, self.dtypes)
-            self.sets[key] = bufs
-            self.bound_shapes = None
-            while len(self.sets) > MAX_SHAPES_PER_PLAN:
-                _, old = self.sets.popitem(last=False)
-                old.free()
-        if self.bound_shapes is not bufs:
-            for name, shape in shapes.items():
-                if name in self.dynamic:
-                    self.context.set_input_shape(name, shape)
-            for name in self.names:
-                self.context.set_tensor_address(name, bufs.device[name].ptr)
-            self.bound_shapes = bufs
-        return bufs
-
-    @property
-    def io_bytes(self) -> int:
-        return sum(s.nbytes for s in self.sets.values())
+    def fit(self, shape: tuple[int, ...]) -> np.ndarray:
+        """A host array of ``shape`` over the pinned memory; ``device.ptr`` is its device twin."""
+        nbytes = int(np.prod(shape, dtype=np.int64)) * self.dtype.itemsize
+        if nbytes > self.nbytes:
+            self.free()
+            device = DeviceBuffer(self.cudart, nbytes)
+            try:
+                self.host = PinnedBuffer(self.cudart, nbytes)
+            except BaseException:
+                device.free()
+                raise
+            self.device = device
+        return self.host.view(shape, self.dtype)
 
     def free(self) -> None:
-        for s in self.sets.values():
-            s.free()
-        self.sets.clear()
-        self.bound_shapes = None
-        self.context = None  # context before engine before runtime
-        self.engine = None
-        self.runtime = None
+        for b in (self.device, self.host):
+            if b is not None:
+                b.free()
+        self.device = self.host = None
 
 
 class TrtEngine:
-    """Numpy in, numpy out over TensorRT plans. See the module docstring.
+    """Numpy in, numpy out over one TensorRT plan. See the module docstring.
 
-    ``path``: the component's ONNX file in a model folder (``MODEL/unet/model.onnx``); its plans
-    are read from ``MODEL/engines``. ``device``: CUDA device index. ``cuda_graph``: replay static
-    shapes as CUDA graphs. ``history``: how many runs ``stats()["gpu_ms"]`` keeps.
+    ``path``: the component's ONNX file in a model folder (``MODEL/unet/model.onnx``); its plan is
+    read from ``MODEL/engines``. ``device``: CUDA device index. ``history``: how many runs
+    ``stats()["gpu_ms"]`` keeps.
     """
 
     def __init__(
@@ -252,7 +105,6 @@ class TrtEngine:
         path: str | os.PathLike,
         component: str = "model",
         device: int = 0,
-        cuda_graph: bool = False,
         history: int = 1000,
         providers=None,
     ):
@@ -260,11 +112,12 @@ class TrtEngine:
             raise InvalidArgumentError(
                 'providers= selects ONNX Runtime execution providers; use engine="onnxruntime" for them'
             )
-        self.component = component
-        self.cuda_graph = bool(cuda_graph)
-        self._dev: _Device | None = None
-        self._start = self._end = None  # CUDA events around each run
-        self._loaded: dict[str, _LoadedPlan] = {}
+        self.component, self.device = component, device
+        self._closed = True  # until everything below exists
+        self._lock = threading.Lock()
+        self._buffers: dict[str, _IOBuffer] = {}
+        self._stream = self._start = self._end = None
+        self._context = self._engine = self._runtime = None
         path = Path(path)
         self.model_dir = path.parent.parent  # MODEL/<component>/model.onnx
         self._trt = import_tensorrt()
@@ -274,24 +127,18 @@ class TrtEngine:
         records, problems = plans.discover_plans(self.model_dir, component)
         known = [r.model_files for r in records] + [self._manifest_files()]
         model_sha, _ = plans.model_fingerprint(self.model_dir, path.parent, known)
-        self._plans = plans.usable_plans(records, component, self.environment, model_sha, self.model_dir, problems)
-        self._stale = [r for r in records if r not in self._plans]
+        self.record = plans.usable_plan(records, component, self.environment, model_sha, self.model_dir, problems)
         for p in problems:
             logger.warning("%s: %s", component, p)
-        self.inputs: dict[str, TensorSpec] = plans.merge_specs([r.inputs for r in self._plans])
-        self.outputs: dict[str, TensorSpec] = plans.merge_specs([r.outputs for r in self._plans])
-
-        self._runtime = self._trt.Runtime(trt_logger(self._trt))
+        self.inputs: dict[str, TensorSpec] = {t.name: t for t in self.record.inputs}
+        self.outputs: dict[str, TensorSpec] = {t.name: t for t in self.record.outputs}
         self._gpu_ms: deque[float] = deque(maxlen=history)
-        self._dev = _Device.acquire(self._cudart, device)
         try:
-            # events belong to the calling thread's current device; the _Device may have been made by another thread
-            check(self._cudart, self._cudart.cudaSetDevice(device), "cudaSetDevice")
-            self._start = check(self._cudart, self._cudart.cudaEventCreate(), "cudaEventCreate")
-            self._end = check(self._cudart, self._cudart.cudaEventCreate(), "cudaEventCreate")
+            self._load()
         except BaseException:
-            self.close()
+            self._release()
             raise
+        self._closed = False
 
     def _manifest_files(self) -> dict:
         try:
@@ -299,126 +146,133 @@ class TrtEngine:
         except (OSError, ValueError):
             return {}
 
-    # ------------------------------------------------------------------------------------------
-    def _plan_for(self, shapes: dict[str, tuple]) -> _LoadedPlan:
-        record = plans.select_plan(self._plans, shapes, self.component, self.model_dir, self._stale)
-        loaded = self._loaded.get(record.key)
-        if loaded is None:
-            loaded = self._loaded[record.key] = _LoadedPlan(
-                self._trt, self._cudart, self._runtime, record, self.component
+    def _load(self) -> None:
+        trt, cu, rec = self._trt, self._cudart, self.record
+        rebuild = f"rebuild with {plans.rebuild_hint(self.model_dir)} --force"
+        data = rec.plan_path.read_bytes()
+        if len(data) != rec.plan_bytes:
+            raise PlanError(f"{rec.plan_path} is {len(data)} bytes, build.json says {rec.plan_bytes}; {rebuild}")
+        check(cu, cu.cudaSetDevice(self.device), "cudaSetDevice")
+        free_before, _ = mem_get_info(cu)
+        self._runtime = trt.Runtime(trt_logger(trt))  # a runtime must outlive the engines it deserialised
+        self._engine = engine = self._runtime.deserialize_cuda_engine(data)
+        if engine is None:
+            raise PlanError(f"{self.component}: TensorRT cannot deserialise {rec.plan_path} (see its log); {rebuild}")
+        dtypes, self._dynamic = {}, []
+        for i in range(engine.num_io_tensors):
+            name = engine.get_tensor_name(i)
+            dtypes[name] = np.dtype(trt.nptype(engine.get_tensor_dtype(name)))
+            is_input = engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT
+            if is_input and any(d < 0 for d in engine.get_tensor_shape(name)):
+                self._dynamic.append(name)
+        expected = {t.name: t.dtype for t in (*rec.inputs, *rec.outputs)}
+        if dtypes != expected:
+            raise PlanError(f"{rec.plan_path} does not match its build.json ({dtypes} vs {expected}); {rebuild}")
+        self._context = engine.create_execution_context()  # with its own scratch, sized for the largest profile
+        if self._context is None:
+            raise ResourceError(
+                f"{self.component}: TensorRT could not create an execution context for plan {rec.key} (it needs "
+                f"{rec.device_memory_bytes} bytes of scratch); free GPU memory (close other programs) or load the "
+                "pipeline with low_memory=True"
             )
-            logger.info("%s: loaded plan %s (%s)", self.component, record.key, plans.describe_profile(record.profile))
-        return loaded
+        self._profile = 0  # a new context starts on profile 0
+        self._loaded_bytes = max(0, free_before - mem_get_info(cu)[0])  # approximate: the device is shared
+        self._stream = check(cu, cu.cudaStreamCreate(), "cudaStreamCreate")
+        self._stream_handle = stream_handle(self._stream)  # TensorRT takes the raw cudaStream_t as an int
+        self._start = check(cu, cu.cudaEventCreate(), "cudaEventCreate")
+        self._end = check(cu, cu.cudaEventCreate(), "cudaEventCreate")
+        self._buffers = {name: _IOBuffer(cu, dtype) for name, dtype in dtypes.items()}
+        logger.info("%s: loaded plan %s (%s)", self.component, rec.key,
+                    " + ".join(plans.describe_profile(p) for p in rec.profiles))  # fmt: skip
 
+    # ------------------------------------------------------------------------------------------
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        if self._dev is None:
+        if self._closed:
             raise EngineUnavailableError(f"{self.component}: the TensorRT engine is closed")
         checked = check_feed(self.component, self.inputs, feeds)
         shapes = {n: tuple(a.shape) for n, a in checked.items()}
-        cu, dev = self._cudart, self._dev
-        with dev.lock:
-            if self._dev is not dev:  # closed by another thread while this one waited for the lock
+        index = plans.pick_profile(self.record, shapes, self.model_dir)
+        cu, key = self._cudart, self.record.key
+        with self._lock:
+            if self._closed:  # closed by another thread while this one waited for the lock
                 raise EngineUnavailableError(f"{self.component}: the TensorRT engine is closed")
-            check(cu, cu.cudaSetDevice(dev.index), "cudaSetDevice")
-            plan = self._plan_for(shapes)
-            dev.ensure_scratch(plan.scratch_bytes)
-            plan.bind_scratch(dev)
-            bufs = plan.buffers_for(shapes)
-            stream = dev.stream
+            ctx, stream = self._context, self._stream
+            check(cu, cu.cudaSetDevice(self.device), "cudaSetDevice")
+            if index != self._profile:  # switching invalidates the input shapes: they are set just below
+                if not ctx.set_optimization_profile_async(index, self._stream_handle):
+                    raise PlanError(f"{self.component}: TensorRT refused profile {index} of plan {key}; rebuild")
+                self._profile = index
+            for name in self._dynamic:
+                if not ctx.set_input_shape(name, shapes[name]):
+                    raise PlanError(f"{self.component}: TensorRT refused shape {list(shapes[name])} for {name!r} "
+                                    f"in profile {index} of plan {key}")  # fmt: skip
             for name, value in checked.items():
-                host = bufs.host[name].array
-                host[...] = value  # casts to the plan's dtype
-                memcpy_htod(cu, bufs.device[name].ptr, host, stream)
+                buf = self._buffers[name]
+                host = buf.fit(value.shape)
+                host[...] = value  # into pinned memory: the async copy below reads it
+                ctx.set_tensor_address(name, buf.device.ptr)
+                memcpy_htod(cu, buf.device.ptr, host, stream)
+            out = {}
+            for name in self.outputs:
+                buf = self._buffers[name]
+                out[name] = buf.fit(tuple(ctx.get_tensor_shape(name)))
+                ctx.set_tensor_address(name, buf.device.ptr)
             check(cu, cu.cudaEventRecord(self._start, stream), "cudaEventRecord")
-            self._execute(plan, bufs)
-            for name in bufs.outputs:
-                memcpy_dtoh(cu, bufs.host[name].array, bufs.device[name].ptr, stream)
+            if not ctx.execute_async_v3(self._stream_handle):
+                raise EngineRunError(
+                    f"{self.component}: TensorRT execute_async_v3 failed for plan {key} (see its log)"
+                )
+            for name, host in out.items():
+                memcpy_dtoh(cu, host, self._buffers[name].device.ptr, stream)
             check(cu, cu.cudaEventRecord(self._end, stream), "cudaEventRecord")
             check(cu, cu.cudaStreamSynchronize(stream), "cudaStreamSynchronize")
             self._gpu_ms.append(
                 float(check(cu, cu.cudaEventElapsedTime(self._start, self._end), "cudaEventElapsedTime"))
             )
-            return {name: bufs.host[name].array.copy() for name in bufs.outputs}
+            return {name: host.copy() for name, host in out.items()}  # the pinned buffers are reused next call
 
-    def _execute(self, plan: _LoadedPlan, bufs: _Shapes) -> None:
-        cu, stream = self._cudart, self._dev.stream
-        use_graph = self.cuda_graph and plans.is_static(plan.record.profile) and not bufs.graph_failed
-        if use_graph and bufs.graph is not None and bufs.graph_generation != self._dev.generation:
-            bufs.drop_graph()  # the scratch moved since capture
-        if use_graph and bufs.graph is not None:
-            check(cu, cu.cudaGraphLaunch(bufs.graph, stream), "cudaGraphLaunch")
-        elif not plan.context.execute_async_v3(self._dev.stream_handle):
-            raise EngineUnavailableError(f"{self.component}: TensorRT execute_async_v3 failed (see its log)")
-        bufs.runs += 1
-        if use_graph and bufs.graph is None:
-            self._capture(plan, bufs)  # after this plain (warm-up) run, as TensorRT requires
-
-    def _capture(self, plan: _LoadedPlan, bufs: _Shapes) -> None:
-        cu, stream = self._cudart, self._dev.stream
-        # thread-local (as trtexec does): Global would also fail other threads' unsafe calls (cudaMalloc in an
-        # engine on another device, ONNX Runtime) for the duration of the capture
-        mode = cu.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal
-        check(cu, cu.cudaStreamSynchronize(stream), "cudaStreamSynchronize")
-        check(cu, cu.cudaStreamBeginCapture(stream, mode), "cudaStreamBeginCapture")
-        ok = False
-        try:
-            ok = bool(plan.context.execute_async_v3(self._dev.stream_handle))
-        finally:
-            ret = cu.cudaStreamEndCapture(stream)
-        try:
-            graph = check(cu, ret, "cudaStreamEndCapture")
-            try:
-                if not ok:
-                    raise EngineUnavailableError("execute_async_v3 returned False during capture")
-                bufs.graph = instantiate_graph(cu, graph)
-            finally:  # the captured graph is not needed once instantiated, nor when it failed
-                check(cu, cu.cudaGraphDestroy(graph), "cudaGraphDestroy")
-            bufs.graph_generation = self._dev.generation
-        except EngineUnavailableError as e:
-            bufs.graph_failed = True
-            cu.cudaGetLastError()  # clear the capture error so the next plain run does not report it
-            logger.warning("%s: CUDA graph capture failed (%s); running without a graph", self.component, e)
-
-    # ------------------------------------------------------------------------------------------
     def stats(self) -> dict:
         """``gpu_ms``: GPU time of the last runs (copies + execution, CUDA events), oldest first.
-        ``device_memory_bytes``: weights (measured at load, approximate) + I/O buffers + the shared
-        scratch. The scratch is shared by every engine on the device: to total several engines,
-        add their ``weights_bytes`` and ``io_bytes`` and one ``scratch_bytes``."""
-        dev = self._dev
-        with dev.lock if dev is not None else contextlib.nullcontext():  # a run in another thread mutates these
-            weights = sum(p.weights_bytes for p in self._loaded.values())
-            io = sum(p.io_bytes for p in self._loaded.values())
-            scratch = dev.scratch_bytes if dev is not None else 0
+        ``device_memory_bytes``: what loading the plan took (weights + its scratch, measured with
+        cudaMemGetInfo: approximate when other work shares the GPU) + the I/O buffers.
+        ``scratch_bytes``: the scratch part, as the plan reported it at build time."""
+        with self._lock:  # a run in another thread grows the buffers
+            io = sum(b.nbytes for b in self._buffers.values())
+            loaded = 0 if self._closed else self._loaded_bytes
             return {
                 "gpu_ms": list(self._gpu_ms),
-                "device_memory_bytes": weights + io + scratch,
-                "weights_bytes": weights,
+                "device_memory_bytes": loaded + io,
+                "loaded_bytes": loaded,
+                "scratch_bytes": self.record.device_memory_bytes,
                 "io_bytes": io,
-                "scratch_bytes": scratch,
-                "plans": sorted(self._loaded),
-                "cuda_graphs": sum(b.graph is not None for p in self._loaded.values() for b in p.sets.values()),
+                "plan": self.record.key,
+                "profile": self._profile,
             }
 
     def close(self) -> None:
-        """Free buffers, graphs, contexts and plans; the shared stream and scratch go with the last engine."""
-        dev = self._dev
-        if dev is None:
-            return
-        with dev.lock:  # a run in progress (it holds the lock) finishes before anything is freed
-            if self._dev is not dev:  # closed meanwhile by another thread
+        """Free buffers, context, plan, stream and events; idempotent. A run in progress finishes first."""
+        with self._lock:
+            if self._closed:
                 return
-            self._dev = None
-            check(self._cudart, self._cudart.cudaSetDevice(dev.index), "cudaSetDevice")
-            check(self._cudart, self._cudart.cudaStreamSynchronize(dev.stream), "cudaStreamSynchronize")
-            for p in self._loaded.values():
-                p.free()
-            self._loaded.clear()
-            for ev in (self._start, self._end):
-                if ev is not None:
-                    check(self._cudart, self._cudart.cudaEventDestroy(ev), "cudaEventDestroy")
-            self._start = self._end = None
-        dev.release()
+            self._closed = True
+            self._release()
+
+    def _release(self) -> None:
+        cu = self._cudart
+        if self._stream is not None:
+            check(cu, cu.cudaSetDevice(self.device), "cudaSetDevice")
+            check(cu, cu.cudaStreamSynchronize(self._stream), "cudaStreamSynchronize")
+        for b in self._buffers.values():
+            b.free()
+        self._buffers.clear()
+        for ev in (self._start, self._end):
+            if ev is not None:
+                check(cu, cu.cudaEventDestroy(ev), "cudaEventDestroy")
+        if self._stream is not None:
+            check(cu, cu.cudaStreamDestroy(self._stream), "cudaStreamDestroy")
+        self._stream = self._start = self._end = None
+        self._context = None  # context before engine before runtime
+        self._engine = None
         self._runtime = None
 
     def __enter__(self):
@@ -428,7 +282,7 @@ class TrtEngine:
         self.close()
 
     def __del__(self):
-        if getattr(self, "_dev", None) is not None:
+        if not getattr(self, "_closed", True):
             try:
                 self.close()
             except (EngineUnavailableError, AttributeError, TypeError) as e:  # interpreter shutdown

@@ -1,8 +1,9 @@
 """``edgediff build``: TensorRT plans from a model folder, with the ``tensorrt`` Python API (no trtexec).
 
 Each component is built on its own (a UNet that runs out of memory does not redo the text
-encoder), into ``MODEL/engines/.<key>.partial-<pid>/`` first and renamed to ``MODEL/engines/<key>/``
-when complete, with a ``build.json`` holding the key and the I/O read back from the built plan.
+encoder) into one plan with one optimisation profile per shape set (``trt_plans.build_profiles``),
+into ``MODEL/engines/.<key>.partial-<pid>/`` first and renamed to ``MODEL/engines/<key>/`` when
+complete, with a ``build.json`` holding the key and the I/O read back from the built plan.
 The decisions (profile, key, fp16 mode, what is stale) live in ``trt_plans.py`` as pure
 functions; this module only calls TensorRT and CUDA.
 """
@@ -36,6 +37,13 @@ def import_tensorrt():
         import tensorrt as trt
     except (ImportError, OSError, RuntimeError) as e:  # the pip wheel raises OSError when its libs are absent
         raise EngineUnavailableError(f"TensorRT is not usable here ({type(e).__name__}: {e}); {INSTALL_HINT}") from e
+    version = str(getattr(trt, "__version__", "0"))
+    if plans.parse_version(version) < (10,):  # name-based I/O and execute_async_v3 are all this code speaks
+        raise EngineUnavailableError(
+            f"TensorRT {version} is too old: edgediff needs TensorRT >= 10 (desktop: pip install "
+            "'edgediff[tensorrt]'; Jetson: JetPack 6 ships 10.3), or use the ONNX Runtime engine: "
+            'engine="onnxruntime"'
+        )
     return trt
 
 
@@ -82,9 +90,7 @@ def _network_has_fp16(trt, network) -> bool:
 
 
 def _progress_monitor(trt, label: str):
-    """A tqdm bar per build phase through ``trt.IProgressMonitor`` (TensorRT >= 10), else None."""
-    if not hasattr(trt, "IProgressMonitor"):
-        return None
+    """A tqdm bar per build phase through ``trt.IProgressMonitor`` (TensorRT's own sample's shape)."""
     from tqdm import tqdm
 
     class Monitor(trt.IProgressMonitor):
@@ -123,10 +129,10 @@ def _read_io(trt, engine, component: str) -> tuple[list[TensorSpec], list[Tensor
 
 
 def device_memory_size(engine) -> int:
-    """Activation memory one context of ``engine`` needs (the V2 name where this TensorRT has it)."""
-    if hasattr(engine, "device_memory_size_v2"):
-        return int(engine.device_memory_size_v2)
-    return int(engine.device_memory_size)
+    """Scratch memory one context of ``engine`` allocates (max over its profiles). The V2 name came
+    in a later 10.x and is the only one left in TensorRT 11 (tensorrt.md §5.1)."""
+    size = getattr(engine, "device_memory_size_v2", None)
+    return int(engine.device_memory_size if size is None else size)
 
 
 @dataclass
@@ -182,9 +188,9 @@ def build_component(
     for i in range(network.num_inputs):
         t = network.get_input(i)
         net_inputs.append(TensorSpec(t.name, np.dtype(trt.nptype(t.dtype)), tuple(t.shape)))
-    ranges = plans.symbol_ranges(component, model_facts(mf), options)
-    profile = plans.derive_profile(component, net_inputs, ranges)
-    key = plans.plan_key(model_sha, component, mode.precision, env, profile)
+    profiles = plans.build_profiles(component, net_inputs, model_facts(mf), options)
+    key = plans.plan_key(model_sha, component, mode.precision, env, profiles)
+    shown = " + ".join(plans.describe_profile(p) for p in profiles)
     engines_dir = mf.path / plans.ENGINES_DIR
     final = engines_dir / key
     if final.is_dir() and not force:
@@ -202,14 +208,16 @@ def build_component(
     config.builder_optimization_level = int(opt_level)
     if mode.fp16_flag:
         config.set_flag(trt.BuilderFlag.FP16)
-    trt_profile = builder.create_optimization_profile()
+    # profiles only constrain dynamic inputs; a network without any gets TensorRT's implicit one
     dynamic_inputs = [t for t in net_inputs if any(d < 0 for d in t.shape)]
-    for t in dynamic_inputs:
-        lo, opt, hi = profile[t.name]
-        trt_profile.set_shape(t.name, lo, opt, hi)
-    # a profile is needed only for dynamic inputs; add_optimization_profile answers -1 for an invalid one
-    if dynamic_inputs and config.add_optimization_profile(trt_profile) < 0:
-        raise BuildError(f"{component}: TensorRT rejected the optimisation profile {plans.describe_profile(profile)}")
+    for profile in profiles if dynamic_inputs else ():
+        trt_profile = builder.create_optimization_profile()
+        for t in dynamic_inputs:
+            trt_profile.set_shape(t.name, *profile[t.name])
+        if config.add_optimization_profile(trt_profile) < 0:  # -1 for an invalid profile
+            raise BuildError(
+                f"{component}: TensorRT rejected the optimisation profile {plans.describe_profile(profile)}"
+            )
     cache_file = plans.timing_cache_path(mf.path, env)
     if timing_cache:
         blob = cache_file.read_bytes() if cache_file.is_file() else b""
@@ -219,17 +227,16 @@ def build_component(
                 "%s: timing cache %s does not fit this TensorRT/GPU; starting a new one", component, cache_file
             )
             config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False)
-    monitor = _progress_monitor(trt, component) if progress else None
-    if monitor is not None:
-        config.progress_monitor = monitor
-    logger.info("%s: building %s (%s, profile %s)", component, key, mode.precision, plans.describe_profile(profile))
+    if progress:
+        config.progress_monitor = _progress_monitor(trt, component)
+    logger.info("%s: building %s (%s, profiles %s)", component, key, mode.precision, shown)
     if announce is not None:
-        announce(f"building {component} ({mode.precision}, {plans.describe_profile(profile)}) ...")
+        announce(f"building {component} ({mode.precision}, {shown}) ...")
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise BuildError(
             f"{component}: TensorRT could not build the plan (see its log above); on a small GPU or Jetson try "
-            "--workspace MiB, a lower --opt-level, or a smaller profile"
+            "--workspace MiB, a lower --opt-level, or a smaller range (--max-size, --max-batch)"
         )
     data = bytes(memoryview(serialized))
     if timing_cache:
@@ -247,7 +254,7 @@ def build_component(
     record = plans.BuildRecord(
         key=key, component=component, precision=mode.precision, model_sha256=model_sha,
         trt_version=env.trt_version, gpu_name=env.gpu_name, compute_capability=env.compute_capability,
-        profile=profile, inputs=inputs, outputs=outputs, plan_file=f"{component}.plan", plan_bytes=len(data),
+        profiles=profiles, inputs=inputs, outputs=outputs, plan_file=f"{component}.plan", plan_bytes=len(data),
         model_files=files, device_memory_bytes=scratch,
         build={"strongly_typed": mode.strongly_typed, "fp16_flag": mode.fp16_flag, "opt_level": int(opt_level),
                "workspace_mib": workspace_mib, "dynamic": options.dynamic, "seconds": round(seconds, 1),
@@ -279,17 +286,6 @@ def _install(engines_dir: Path, key: str, component: str, data: bytes, record: p
         raise
 
 
-def prune_stale(mf: ModelFolder, component: str, env: plans.Environment, model_sha: str | None) -> list[str]:
-    """Delete ``component``'s plans built for another TensorRT, GPU or model file; return their keys."""
-    records, _ = plans.discover_plans(mf.path, component)
-    removed = []
-    for r in records:
-        if plans.stale_reasons(r, env, model_sha) and r.path is not None:
-            shutil.rmtree(r.path, ignore_errors=True)
-            removed.append(r.key)
-    return removed
-
-
 def build_model(
     model: str | os.PathLike,
     components: list[str] | None = None,
@@ -304,7 +300,9 @@ def build_model(
     verbose: bool = False,
     announce: Callable[[str], None] | None = None,
 ) -> list[BuildResult]:
-    """Build a plan per component (default: those the pipeline runs) for this GPU and TensorRT.
+    """Build a plan per component (default: those the pipeline runs) for this GPU and TensorRT. It
+    replaces the component's previous plan for this setup; ``prune`` also deletes those of other
+    setups (TensorRT versions, GPUs).
 
     ``progress``: tqdm bars per TensorRT build phase. ``announce``: called with one line as each
     component starts building (the CLI prints it)."""
@@ -326,7 +324,8 @@ def build_model(
             trt, mf, name, env, options, opt_level, workspace_mib, timing_cache, force, progress, verbose, announce
         )
         results.append(result)
-        if prune:
-            for key in prune_stale(mf, name, env, result.model_sha256):
-                logger.warning("%s: deleted stale plan %s", name, key)
+        records, _ = plans.discover_plans(mf.path, name)
+        for r in plans.superseded(records, result.key, env, prune):
+            shutil.rmtree(r.path, ignore_errors=True)
+            logger.warning("%s: deleted plan %s (%s)", name, r.key, "replaced" if r.environment == env else "pruned")
     return results

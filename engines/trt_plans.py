@@ -1,6 +1,6 @@
-"""TensorRT plans as data: profiles, cache keys, ``build.json``, plan selection and refusal, and the
-fp16 version switch. Pure functions: nothing here imports tensorrt or touches a GPU, so all of it
-is unit-tested on any machine (tests/test_tensorrt.py). ``tensorrt_build.py`` (builder) and
+"""TensorRT plans as data: profiles, cache keys, ``build.json``, refusal of stale or foreign plans
+and the fp16 version switch. Pure functions: nothing here imports tensorrt or touches a GPU, so all
+of it is unit-tested on any machine (tests/test_tensorrt.py). ``tensorrt_build.py`` (builder) and
 ``tensorrt.py`` (runtime engine) are the thin layers that call TensorRT and CUDA.
 
 Layout under a model folder::
@@ -9,9 +9,15 @@ Layout under a model folder::
     MODEL/engines/<component>-<key16>/build.json           its key and what was read from the plan
     MODEL/engines/timing-trt<version>-sm<cc>.cache         timing cache, one per TensorRT version and GPU
 
+One plan per component and setup (TensorRT version + GPU): a build replaces that setup's previous
+plan of the component; plans of other setups stay (a folder shared by two machines) until
+``--prune``. A plan holds one or more optimisation profiles: the static shape it was built for
+(profile 0) and, with ``--dynamic``, a range (profile 1). The engine runs each call on the first
+profile that contains the feed's shapes.
+
 The key is a sha256 over: the model files' sha256, component, precision, TensorRT version, GPU
-name, compute capability and the optimisation profile. A plan whose key facts do not match the
-running TensorRT, GPU or model file is never loaded: it is refused with the rebuild command.
+name, compute capability and the profiles. A plan whose facts do not match the running TensorRT,
+GPU or model file is never loaded: it is refused with the rebuild command.
 
 Profiles come from the I/O contract: each input's dims are fixed ints or symbols (``B``, ``S``,
 ``D``, ``C``, ``C2``, ``h``, ``w``, ``H``, ``W``, see ``runtime/specs.py``); ``symbol_ranges``
@@ -21,6 +27,7 @@ gives every symbol a (min, opt, max) from the model's facts and the build option
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import re
@@ -36,7 +43,7 @@ from edgediff.runtime.specs import SUBMODELS, TensorSpec
 
 ENGINES_DIR = "engines"
 BUILD_JSON = "build.json"
-BUILD_FORMAT = 1
+BUILD_FORMAT = 2  # 2: a list of profiles per plan (1 had one profile per plan and several plans)
 GUIDED = ("text_encoder", "unet")  # components that see the doubled (uncond ‖ cond) batch
 
 Shape = tuple[int, ...]
@@ -67,9 +74,6 @@ class Environment:
     trt_version: str
     gpu_name: str
     compute_capability: str  # "8.9"
-
-    def describe(self) -> str:
-        return f"TensorRT {self.trt_version} on {self.gpu_name} (compute capability {self.compute_capability})"
 
 
 @dataclass(frozen=True)
@@ -133,9 +137,10 @@ class ModelFacts:
 @dataclass(frozen=True)
 class ProfileOptions:
     """Shapes a plan is built for. Static (default): exactly ``batch`` images of ``height`` x
-    ``width`` (default the model's native size). ``dynamic``: ``min_size``..``max_size`` pixels
-    per side and 1..``max_batch`` images, optimised for ``batch`` at ``height`` x ``width``.
-    ``guidance``: the text encoder and UNet see twice the batch (classifier-free guidance)."""
+    ``width`` (default the model's native size). ``dynamic``: adds a second profile for
+    ``min_size``..``max_size`` pixels per side and 1..``max_batch`` images, optimised for ``batch``
+    at ``height`` x ``width``. ``guidance``: the text encoder and UNet see twice the batch
+    (classifier-free guidance)."""
 
     batch: int = 1
     height: int | None = None
@@ -236,16 +241,26 @@ def derive_profile(component: str, inputs: Sequence[TensorSpec], ranges: Mapping
     return profile
 
 
+def build_profiles(
+    component: str, inputs: Sequence[TensorSpec], facts: ModelFacts, options: ProfileOptions
+) -> list[Profile]:
+    """The plan's profiles: the static shape first, then the ``--dynamic`` range (unless it is the
+    same, as for a model whose inputs are all fixed). Order matters: the engine takes the first
+    profile that fits, so an exact-shape call runs on the kernels tuned for that shape."""
+    static_options = dataclasses.replace(options, dynamic=False)
+    static = derive_profile(component, inputs, symbol_ranges(component, facts, static_options))
+    if not options.dynamic:
+        return [static]
+    dynamic = derive_profile(component, inputs, symbol_ranges(component, facts, options))
+    return [static] if dynamic == static else [static, dynamic]
+
+
 def profile_to_json(profile: Profile) -> dict:
     return {n: {"min": list(r[0]), "opt": list(r[1]), "max": list(r[2])} for n, r in profile.items()}
 
 
 def profile_from_json(d: Mapping) -> Profile:
     return {n: (tuple(r["min"]), tuple(r["opt"]), tuple(r["max"])) for n, r in d.items()}
-
-
-def is_static(profile: Profile) -> bool:
-    return all(r[0] == r[2] for r in profile.values())
 
 
 def profile_misfit(profile: Profile, shapes: Mapping[str, Shape]) -> str | None:
@@ -272,10 +287,26 @@ def describe_profile(profile: Profile) -> str:
     return ", ".join(parts) or "scalar inputs only"
 
 
+def pick_profile(record: BuildRecord, shapes: Mapping[str, Shape], model_dir: Path | str) -> int:
+    """Index of the first profile of ``record`` that contains ``shapes``; ``PlanError`` naming
+    every profile and the build command for these shapes when none does."""
+    misfits = []
+    for i, profile in enumerate(record.profiles):
+        why = profile_misfit(profile, shapes)
+        if why is None:
+            return i
+        misfits.append(f"profile {i} ({describe_profile(profile)}): {why}")
+    raise PlanError(
+        f"{record.component}: the TensorRT plan {record.key} does not take these shapes ({'; '.join(misfits)}). "
+        f"Build it for them: {rebuild_hint(model_dir)} --width W --height H --batch N (--no-guidance for "
+        "guidance_scale <= 1), or add --dynamic for a range"
+    )
+
+
 # ------------------------------------------------------------------------------ keys and build.json
 
 
-def plan_key(model_sha256: str, component: str, precision: str, env: Environment, profile: Profile) -> str:
+def plan_key(model_sha256: str, component: str, precision: str, env: Environment, profiles: Sequence[Profile]) -> str:
     """``<component>-<16 hex>``: a sha256 over every fact a plan depends on."""
     facts = {
         "model_sha256": model_sha256,
@@ -284,7 +315,7 @@ def plan_key(model_sha256: str, component: str, precision: str, env: Environment
         "trt_version": env.trt_version,
         "gpu_name": env.gpu_name,
         "compute_capability": env.compute_capability,
-        "profile": profile_to_json(profile),
+        "profiles": [profile_to_json(p) for p in profiles],
     }
     digest = hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()
     return f"{component}-{digest[:16]}"
@@ -301,14 +332,14 @@ class BuildRecord:
     trt_version: str
     gpu_name: str
     compute_capability: str
-    profile: Profile
+    profiles: list[Profile]
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
     plan_file: str
     plan_bytes: int
     model_files: dict[str, dict] = field(default_factory=dict)  # rel path -> {size, mtime_ns, sha256}
     build: dict = field(default_factory=dict)  # options used: strongly_typed, opt_level, workspace, seconds ...
-    device_memory_bytes: int | None = None  # activation (scratch) size the plan asks for
+    device_memory_bytes: int | None = None  # scratch (activation) memory a context of the plan allocates
     format: int = BUILD_FORMAT
     path: Path | None = None  # the folder holding build.json (not serialised)
 
@@ -325,7 +356,7 @@ class BuildRecord:
     def to_json(self) -> dict:
         d = asdict(self)
         d.pop("path")
-        d["profile"] = profile_to_json(self.profile)
+        d["profiles"] = [profile_to_json(p) for p in self.profiles]
         d["inputs"] = [t.to_json() for t in self.inputs]
         d["outputs"] = [t.to_json() for t in self.outputs]
         return d
@@ -333,9 +364,11 @@ class BuildRecord:
     @classmethod
     def from_json(cls, d: Mapping, path: Path | None = None) -> BuildRecord:
         d = dict(d)
-        if not isinstance(d.get("format"), int) or d["format"] > BUILD_FORMAT:
-            raise ValueError(f"unknown build.json format {d.get('format')!r}")
-        d["profile"] = profile_from_json(d["profile"])
+        if d.get("format") != BUILD_FORMAT:
+            raise ValueError(f"build.json format {d.get('format')!r} is not this edgediff's ({BUILD_FORMAT})")
+        d["profiles"] = [profile_from_json(p) for p in d["profiles"]]
+        if not d["profiles"]:
+            raise ValueError("no profile")
         d["inputs"] = [TensorSpec.from_json(t) for t in d["inputs"]]
         d["outputs"] = [TensorSpec.from_json(t) for t in d["outputs"]]
         return cls(**d, path=path)
@@ -348,22 +381,21 @@ def timing_cache_path(model_dir: Path, env: Environment) -> Path:
     return Path(model_dir) / ENGINES_DIR / f"timing-trt{safe}-sm{env.compute_capability.replace('.', '')}.cache"
 
 
-def write_json_atomic(path: Path, data: dict) -> None:
-    write_atomic(path, (json.dumps(data, indent=2) + "\n").encode())
-
-
 def write_build_json(folder: Path, record: BuildRecord) -> None:
-    write_json_atomic(Path(folder) / BUILD_JSON, record.to_json())
+    write_atomic(Path(folder) / BUILD_JSON, (json.dumps(record.to_json(), indent=2) + "\n").encode())
 
 
 def read_build_json(folder: Path) -> BuildRecord:
-    """Read ``folder/build.json``; ``PlanError`` naming the file when it is unreadable."""
+    """Read ``folder/build.json``; ``PlanError`` naming the file and the fix when it is unreadable."""
     file = Path(folder) / BUILD_JSON
     try:
         data = json.loads(file.read_text(encoding="utf-8"))
         return BuildRecord.from_json(data, path=Path(folder))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, ValueError, KeyError, TypeError) as e:
-        raise PlanError(f"{file} is damaged ({type(e).__name__}: {e}); delete {folder} and rebuild") from e
+        raise PlanError(
+            f"{file} is damaged or from another edgediff version ({type(e).__name__}: {e}); delete {folder}, "
+            f"then run {rebuild_hint(Path(folder).parent.parent)}"
+        ) from e
 
 
 def discover_plans(model_dir: Path, component: str | None = None) -> tuple[list[BuildRecord], list[str]]:
@@ -435,7 +467,7 @@ def model_fingerprint(
     return hashlib.sha256("".join(lines).encode()).hexdigest(), files
 
 
-# ------------------------------------------------------------------------------ selection and refusal
+# ------------------------------------------------------------------------------ refusal
 
 
 def rebuild_hint(model_dir: Path | str) -> str:
@@ -457,21 +489,28 @@ def stale_reasons(record: BuildRecord, env: Environment, model_sha256: str | Non
     return reasons
 
 
-def usable_plans(
+def usable_plan(
     records: Sequence[BuildRecord],
     component: str,
     env: Environment,
     model_sha256: str | None,
     model_dir: Path | str,
     problems: Sequence[str] = (),
-) -> list[BuildRecord]:
-    """The plans of ``component`` that may run here. ``PlanError`` when there are none: no plan
-    at all (run build), or only stale ones (each named, with why and how to rebuild)."""
+) -> BuildRecord:
+    """The one plan of ``component`` that may run here. ``PlanError`` otherwise: no plan at all
+    (run build), only stale ones (each named, with why and how to rebuild), or several (a folder
+    edited by hand: a build keeps one per setup)."""
     mine = [r for r in records if r.component == component]
     usable = [r for r in mine if not stale_reasons(r, env, model_sha256)]
-    if usable:
-        return usable
+    if len(usable) == 1:
+        return usable[0]
     extra = f" (also: {'; '.join(problems)})" if problems else ""
+    if len(usable) > 1:
+        raise PlanError(
+            f"{component}: several TensorRT plans for this setup ({', '.join(r.key for r in usable)}) under "
+            f"{Path(model_dir) / ENGINES_DIR}; delete all but one, or rebuild with {rebuild_hint(model_dir)} "
+            "(a build keeps one plan per component and setup)"
+        )
     if not mine:
         raise PlanError(
             f"{component}: no TensorRT plan under {Path(model_dir) / ENGINES_DIR}{extra}; build them with "
@@ -481,65 +520,15 @@ def usable_plans(
     details = "; ".join(f"{r.key}: {', '.join(stale_reasons(r, env, model_sha256))}" for r in mine)
     raise PlanError(
         f"{component}: refusing TensorRT plans built for another setup ({details}){extra}. A plan only runs with "
-        f"the TensorRT version and GPU it was built for: rebuild with {rebuild_hint(model_dir)} "
-        "(add --prune to delete the old plans)"
+        f"the TensorRT version and GPU it was built for, and the model file it was built from: rebuild with "
+        f"{rebuild_hint(model_dir)} (add --prune to delete the old plans)"
     )
 
 
-def select_plan(
-    usable: Sequence[BuildRecord],
-    shapes: Mapping[str, Shape],
-    component: str,
-    model_dir: Path | str,
-    stale: Sequence[BuildRecord] = (),
-) -> BuildRecord:
-    """The usable plan whose profile fits ``shapes``: an exact static plan first, else the fitting
-    plan with the smallest max shapes (least memory), ties broken by the nearest opt shapes.
-    ``PlanError`` listing the available profiles when none fits."""
-    fitting = [r for r in usable if profile_misfit(r.profile, shapes) is None]
-    if fitting:
-
-        def score(r: BuildRecord):
-            volume = sum(int(np.prod(hi, dtype=np.int64)) for _, _, hi in r.profile.values())
-            distance = sum(
-                abs(int(np.prod(opt, dtype=np.int64)) - int(np.prod(shapes[n], dtype=np.int64)))
-                for n, (_, opt, _) in r.profile.items()
-            )
-            return (not is_static(r.profile), volume, distance, r.key)
-
-        return min(fitting, key=score)
-    asked = ", ".join(f"{n} {list(s)}" for n, s in shapes.items() if len(s))
-    have = "; ".join(f"{r.key}: {describe_profile(r.profile)}" for r in usable)
-    hint = ""
-    if any(profile_misfit(r.profile, shapes) is None for r in stale):
-        hint = " (a plan built for another TensorRT version or GPU would fit; it was refused)"
-    raise PlanError(
-        f"{component}: no TensorRT plan fits the request ({asked}); plans here: {have}{hint}. Build one for "
-        f"these shapes: {rebuild_hint(model_dir)} --width W --height H --batch N (or --no-guidance for "
-        "guidance_scale <= 1), or --dynamic for a range"
-    )
-
-
-def merge_specs(per_plan: Sequence[Sequence[TensorSpec]]) -> dict[str, TensorSpec]:
-    """One spec per tensor over several plans: a dim stays an int only where every plan agrees on
-    it, else it becomes a symbol (the first one recorded, or "?"). Dtypes come from the first plan."""
-    merged: dict[str, TensorSpec] = {}
-    for specs in per_plan:
-        for t in specs:
-            if t.name not in merged:
-                merged[t.name] = t
-                continue
-            old = merged[t.name]
-            if old.rank != t.rank:
-                raise PlanError(f"plans disagree on the rank of {t.name!r} ({old.rank} vs {t.rank}); rebuild")
-            dims = []
-            for a, b in zip(old.shape, t.shape):
-                if a == b:
-                    dims.append(a)
-                else:
-                    dims.append(a if isinstance(a, str) else b if isinstance(b, str) else "?")
-            merged[t.name] = TensorSpec(t.name, old.dtype, tuple(dims))
-    return merged
+def superseded(records: Sequence[BuildRecord], key: str, env: Environment, prune: bool = False) -> list[BuildRecord]:
+    """The plans a build of ``key`` deletes: the component's other plans for the same setup (one plan
+    per component and setup), and with ``prune`` those of every other setup too."""
+    return [r for r in records if r.key != key and (prune or r.environment == env)]
 
 
 def symbolize(component: str, name: str, dtype, shape: Sequence[int], kind: str) -> TensorSpec:

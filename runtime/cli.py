@@ -407,7 +407,7 @@ def bench(model, prompt, steps, width, height, batch, guidance, scheduler, engin
 @click.option("--height", default=None, type=int, help="Default: the model's native size.")
 @click.option("--guidance/--no-guidance", default=True, show_default=True,
               help="Text encoder and UNet take twice the batch (classifier-free guidance, guidance_scale > 1).")
-@click.option("--dynamic", is_flag=True, help="One plan for a range of sizes and batches instead of one shape.")
+@click.option("--dynamic", is_flag=True, help="Add a profile for a range of sizes and batches to each plan.")
 @click.option("--min-size", default=None, type=int,
               help="--dynamic: smallest side in pixels. Default: 256 (or the native size if smaller).")
 @click.option("--max-size", default=None, type=int,
@@ -419,7 +419,7 @@ def bench(model, prompt, steps, width, height, batch, guidance, scheduler, engin
 @click.option("--timing-cache/--no-timing-cache", default=True, show_default=True,
               help="Reuse and update MODEL/engines/timing-*.cache.")
 @click.option("--force", is_flag=True, help="Rebuild plans that are already up to date.")
-@click.option("--prune", is_flag=True, help="Delete plans built for another TensorRT version, GPU or model file.")
+@click.option("--prune", is_flag=True, help="Also delete plans built for another TensorRT version or GPU.")
 @click.option("--device", default=0, show_default=True, type=int, help="CUDA device index.")
 def build(model, components, batch, width, height, guidance, dynamic, min_size, max_size, max_batch, opt_level,
           workspace, timing_cache, force, prune, device):  # fmt: skip
