@@ -1,36 +1,60 @@
 """Fidelity of the embedded shapes model: does the image show what the prompt says?
 
-    python benchmarks/shapes_fidelity.py [--model DIR] [--n 216] [--steps 20] [--guidance 5]
+    python benchmarks/shapes_fidelity.py [--model DIR] [--n 216] [--steps 20] [--guidance 5] [--out DIR]
 
 Generates, with the lean runtime, one image per prompt for ``--n`` training-split and ``--n``
 held-out prompts (captions of scenes drawn with a fixed seed; image seeds 0..n-1), judges each
 with the deterministic analyser ``edgediff.runtime.shapes.analyse`` (hand-written geometry, no
 learned model) and writes:
 - benchmarks/results/shapes_fidelity.md and .json: per attribute (colour, background, shape,
-  position, size) the fraction correct, train vs held-out, with the machine and timings;
+  position, size) the fraction correct, train vs held-out, with the machine, the timings, the
+  command and the model folder's identity (the sha256 of its manifest, whose file hashes are
+  verified first: a path alone says nothing once a temporary folder is gone);
 - benchmarks/results/shapes_contact_sheet.png: samples with their prompts.
+(``--out DIR``: those three files go to DIR instead.) The 1-minute load average before and after is
+recorded: on a shared machine it says how far to trust the times (the scores do not depend on it).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import platform
+import os
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-from edgediff.runtime import Pipeline, shapes
+from edgediff.runtime import ModelFolderError, Pipeline, shapes
+from edgediff.runtime.model_folder import sha256_file
 
-RESULTS = Path(__file__).resolve().parent / "results"
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
 PROMPT_SEED = 2026  # the scenes and the caption wordings
 
 
 def prompts_for(split: str, n: int) -> list[str]:
     rng = np.random.default_rng(PROMPT_SEED + (split == "held_out"))
     return [shapes.caption(scene, rng) for scene in shapes.sample_scenes(n, seed=PROMPT_SEED, split=split)]
+
+
+def model_identity(pipe: Pipeline, given: Path | None) -> dict:
+    """What identifies the model run: a name (a repository path for the embedded model) and the sha256 of
+    its manifest, which lists every file's sha256 (checked here, so the hash stands for the whole folder)."""
+    problems = pipe.folder.verify()
+    if problems:
+        raise ModelFolderError(f"{pipe.folder.path}: {problems[0]} (a damaged folder's results identify nothing)")
+    path = pipe.folder.path.resolve()
+    try:
+        name = str(path.relative_to(HERE.parent))  # the committed files, e.g. runtime/models/shapes
+    except ValueError:
+        name = path.name  # a folder outside the repository: its own path means nothing elsewhere
+    return {
+        "model": name if given is not None else f"embedded ({name})",
+        "model_manifest_sha256": sha256_file(path / "edgediff.json"),
+    }
 
 
 def run(pipe: Pipeline, prompts: list[str], steps: int, guidance: float):
@@ -73,15 +97,24 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--n", type=int, default=216)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--guidance", type=float, default=5.0)
+    p.add_argument("--out", type=Path, default=RESULTS, help="where the results go (default: benchmarks/results)")
     args = p.parse_args(argv)
+    sys.path.insert(0, str(HERE))
+    from provenance import command_and_date
+
+    from edgediff.runtime.bench import machine_info
+
+    load_before = os.getloadavg()[0]
     pipe = Pipeline.load(args.model)
+    machine = machine_info()
     report: dict = {
-        "model": str(args.model or "embedded"),
+        **model_identity(pipe, args.model),
+        **command_and_date(__file__, argv),
         "steps": args.steps,
         "guidance": args.guidance,
         "scheduler": pipe.folder.scheduler_config.get("_class_name"),
         "n_per_split": args.n,
-        "machine": f"{platform.machine()} {platform.processor() or ''} ({__import__('os').cpu_count()} cores)".strip(),
+        "machine": machine,
         "splits": {},
     }
     samples = []
@@ -95,15 +128,21 @@ def main(argv: list[str] | None = None) -> None:
             "seconds_per_image_median": float(np.median(seconds)),
         }
         samples += [(it["prompt"], img, it["correct"]) for it, img in zip(scored["items"][:18], images[:18])]
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "shapes_fidelity.json").write_text(json.dumps(report, indent=2) + "\n")
-    contact_sheet(samples, RESULTS / "shapes_contact_sheet.png")
+    report["load_average_1min"] = {"before": load_before, "after": os.getloadavg()[0]}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "shapes_fidelity.json").write_text(json.dumps(report, indent=2) + "\n")
+    contact_sheet(samples, args.out / "shapes_contact_sheet.png")
+    load = report["load_average_1min"]
+    where = f"{machine['cpu']}, {machine['usable_cpus']} CPUs, load average {load['before']:.1f}/{load['after']:.1f}"
     lines = [
         "# Embedded shapes model: fidelity",
         "",
-        f"`python benchmarks/shapes_fidelity.py --n {args.n} --steps {args.steps} --guidance {args.guidance}` on "
-        f"{report['machine']}; scheduler {report['scheduler']}; prompts: captions of {args.n} scenes per split "
-        f"(scene seed {PROMPT_SEED}), image seeds 0..{args.n - 1}; judged by `shapes.analyse`.",
+        (
+            f"`{report['command']}` on {report['date']}, {where}; model {report['model']} (manifest sha256 "
+            f"`{report['model_manifest_sha256']}`); {args.steps} steps, guidance {args.guidance}, scheduler "
+            f"{report['scheduler']}; prompts: captions of {args.n} scenes per split (scene seed {PROMPT_SEED}), "
+            f"image seeds 0..{args.n - 1}; judged by `shapes.analyse`."
+        ),
         "",
         "| attribute | train | held-out | held-out target |",
         "|---|---|---|---|",
@@ -114,9 +153,10 @@ def main(argv: list[str] | None = None) -> None:
         fmt = lambda v: "–" if v is None else f"{100 * v:.1f} %"  # noqa: E731
         target = f"≥ {100 * targets[k]:.0f} %" if k in targets else ""
         lines.append(f"| {k} | {fmt(tr)} | {fmt(ho)} | {target} |")
-    med = report["splits"]["train"]["seconds_per_image_median"]
-    lines += ["", f"Median generate time per image (64×64, {args.steps} steps, CFG): {med * 1000:.0f} ms.", ""]
-    (RESULTS / "shapes_fidelity.md").write_text("\n".join(lines))
+    med = [report["splits"][k]["seconds_per_image_median"] * 1000 for k in ("train", "held_out")]
+    timing = f"Median generate time per image (64×64, {args.steps} steps, CFG), train / held-out: {med[0]:.0f} / "
+    lines += ["", f"{timing}{med[1]:.0f} ms ({where}).", ""]
+    (args.out / "shapes_fidelity.md").write_text("\n".join(lines))
     print("\n".join(lines))
 
 

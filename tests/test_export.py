@@ -1,5 +1,6 @@
 """The export stage: components equal their PyTorch originals, the manifest describes the folder,
-fp16, atomic writes, and validation that reports every mismatch at once."""
+fp16 (component by component against fp32, each tolerance beside a broken model that must fail it),
+atomic writes, and validation that reports every mismatch at once."""
 
 import json
 
@@ -40,7 +41,11 @@ def test_components_match_pytorch(variant, tiny_export, diffusers_pipe):
         }
     feeds = {
         "text_encoder": {"input_ids": ids.numpy().astype(np.int32)},
-        "unet": {"sample": sample.numpy(), "timestep": np.array(421.37, np.float32), "encoder_hidden_states": ehs.numpy()},
+        "unet": {
+            "sample": sample.numpy(),
+            "timestep": np.array(421.37, np.float32),
+            "encoder_hidden_states": ehs.numpy(),
+        },
         "vae_decoder": {"latent_sample": sample.numpy()},
         "vae_encoder": {"sample": image.numpy()},
     }
@@ -72,9 +77,35 @@ def test_manifest_describes_the_folder(tiny_export):
     assert ModelFolder.open(folder).verify() == []
 
 
-def test_fp16_export(tiny_export):
-    """fp16 components validate within the fp16 tolerance (atol 1e-2 + rtol 2e-2); the timestep
-    input stays fp32; images stay close to the fp32 export (mean |diff| < 2/255)."""
+# The fp16 export against the fp32 export, component by component. Each check is one function that
+# both the real fp16 model and deliberately broken ones go through: the broken ones (timestep held
+# constant, prompt ignored, latents not unscaled) must fail it, which proves the tolerance can tell.
+FP16_REL_TOL = 1e-2  # max|fp16 - fp32| <= 1 % of max|fp32|, per output; measured: <= 0.25 %, broken >= 6 %
+FP16_IMAGE_MEAN_TOL = 0.1  # mean |diff| per pixel, in 1/255; measured 0.025, timestep held constant 0.29
+PROMPTS = ["", "a cat", "a red circle on a blue background", "small green triangle at the top, yellow background"]
+TIMESTEPS = (1.0, 250.0, 500.0, 999.0)
+
+
+def _out_of_tolerance(want, got, feeds: dict[str, dict]) -> dict[str, float]:
+    """{feed label: worst max|got - want| / max|want| over the outputs} for the feeds over FP16_REL_TOL.
+    ``want`` and ``got`` map a feed to the list of outputs."""
+    worst = {}
+    for label, feed in feeds.items():
+        errs = [np.abs(g - w).max() / np.abs(w).max() for w, g in zip(want(feed), got(feed), strict=True)]
+        worst[label] = float(max(errs))
+    return {k: v for k, v in worst.items() if v > FP16_REL_TOL}
+
+
+def _run(folder, name, **override):
+    """The component as a function of its feed; ``override``: input name -> feed value -> what to feed instead
+    (how the broken models below are made)."""
+    session = _session(folder, name)
+    return lambda feed: session.run(None, {k: override.get(k, lambda v: v)(v) for k, v in feed.items()})
+
+
+def test_fp16_export_manifest(tiny_export):
+    """fp16 components validate within the fp16 tolerance (atol 1e-2 + rtol 2e-2) or are kept fp32 with a note;
+    the UNet is fp16 (and smaller); its timestep input stays fp32."""
     f32, f16 = tiny_export("sd1"), tiny_export("sd1", fp16=True)
     m = json.loads((f16 / "edgediff.json").read_text())
     for name, comp in m["components"].items():
@@ -84,14 +115,74 @@ def test_fp16_export(tiny_export):
     assert m["components"]["unet"]["precision"] == "fp16"
     assert (f16 / "unet" / "model.onnx").stat().st_size < 0.6 * (f32 / "unet" / "model.onnx").stat().st_size
     assert next(t for t in m["components"]["unet"]["inputs"] if t["name"] == "timestep")["dtype"] == "float32"
-    a = np.asarray(Pipeline.load(f32)("a cat", num_inference_steps=4, seed=3).images[0], dtype=np.int16)
-    b = np.asarray(Pipeline.load(f16)("a cat", num_inference_steps=4, seed=3).images[0], dtype=np.int16)
-    assert np.abs(a - b).mean() < 2.0
+
+
+def test_fp16_components_match_fp32_and_broken_ones_do_not(tiny_export):
+    """Text encoder on four prompts, UNet at timesteps 1/250/500/999 on those prompts' embeddings, VAE decoder:
+    fp16 within FP16_REL_TOL of fp32. Negative controls through the same check: a text encoder that ignores the
+    prompt (always the empty one), a UNet whose timestep is held at 500 (fails at every other timestep), a UNet
+    fed zeroed or empty-prompt embeddings, a decoder fed latents without the 1/scaling-factor (fails)."""
+    f32, f16 = tiny_export("sd1"), tiny_export("sd1", fp16=True)
+    ids = Pipeline.load(f32).tokenizer.encode(PROMPTS).astype(np.int32)
+    te = {f"prompt {p!r}": {"input_ids": ids[i : i + 1]} for i, p in enumerate(PROMPTS)}
+    want = _run(f32, "text_encoder")
+    assert _out_of_tolerance(want, _run(f16, "text_encoder"), te) == {}
+    ignores_prompt = _run(f16, "text_encoder", input_ids=lambda v: ids[:1])
+    assert set(_out_of_tolerance(want, ignores_prompt, te)) == set(te) - {"prompt ''"}
+
+    emb = want({"input_ids": ids})[0]  # every prompt's embedding, from the fp32 encoder: the UNet alone is compared
+    sample = np.random.default_rng(0).standard_normal((len(PROMPTS), 4, 16, 16)).astype(np.float32)
+    unet = {f"t={t:g}": {"sample": sample, "timestep": np.array(t, np.float32), "encoder_hidden_states": emb}
+            for t in TIMESTEPS}  # fmt: skip
+    want = _run(f32, "unet")
+    assert _out_of_tolerance(want, _run(f16, "unet"), unet) == {}
+    fixed_t = _run(f16, "unet", timestep=lambda v: np.array(500.0, np.float32))
+    assert set(_out_of_tolerance(want, fixed_t, unet)) == set(unet) - {"t=500"}
+    for broken in (np.zeros_like, lambda e: np.repeat(e[:1], len(e), axis=0)):  # no prompt / the empty prompt
+        assert set(_out_of_tolerance(want, _run(f16, "unet", encoder_hidden_states=broken), unet)) == set(unet)
+
+    scale = json.loads((f32 / "edgediff.json").read_text())["vae_scaling_factor"]
+    latents = {"latents": {"latent_sample": sample[:2] / np.float32(scale)}}
+    want = _run(f32, "vae_decoder")
+    assert _out_of_tolerance(want, _run(f16, "vae_decoder"), latents) == {}
+    unscaled = _run(f16, "vae_decoder", latent_sample=lambda v: v * np.float32(scale))
+    assert set(_out_of_tolerance(want, unscaled, latents)) == {"latents"}
+
+
+class _Tampered:
+    """An engine that changes some of its feeds before running the real one (a broken UNet)."""
+
+    def __init__(self, engine, **override):
+        self.engine, self.override = engine, override
+
+    def __getattr__(self, name):
+        return getattr(self.engine, name)
+
+    def run(self, feeds):
+        return self.engine.run({k: self.override.get(k, lambda v: v)(v) for k, v in feeds.items()})
+
+
+def test_fp16_images_match_fp32_and_broken_ones_do_not(tiny_export):
+    """Whole images, two prompts, 4 steps: fp16 within FP16_IMAGE_MEAN_TOL of fp32 (mean per pixel); the same
+    check fails with the fp16 UNet's timestep held at 500 or its prompt embeddings zeroed."""
+
+    def mean_diffs(ref, pipe) -> list[float]:
+        def image(p, prompt):
+            return np.asarray(p(prompt, num_inference_steps=4, seed=3).images[0], dtype=np.int16)
+
+        return [float(np.abs(image(ref, p) - image(pipe, p)).mean()) for p in PROMPTS[1:3]]
+
+    with Pipeline.load(tiny_export("sd1")) as ref, Pipeline.load(tiny_export("sd1", fp16=True)) as f16:
+        assert max(mean_diffs(ref, f16)) < FP16_IMAGE_MEAN_TOL
+        real = f16.engines["unet"]
+        for override in ({"timestep": lambda t: np.full_like(t, 500.0)}, {"encoder_hidden_states": np.zeros_like}):
+            f16.engines["unet"] = _Tampered(real, **override)
+            assert min(mean_diffs(ref, f16)) >= FP16_IMAGE_MEAN_TOL, override
+        f16.engines["unet"] = real
 
 
 def test_force_replaces_and_interrupt_leaves_nothing(tiny_source, tmp_path, monkeypatch):
-    from edgediff.export import export_model
-    from edgediff.export import validate
+    from edgediff.export import export_model, validate
 
     out = tmp_path / "model"
     (out / "unet").mkdir(parents=True)  # an (old) ONNX model folder: what --force may replace
@@ -143,7 +234,9 @@ def test_large_models_use_one_external_data_file(tiny_source, tmp_path, monkeypa
     monkeypatch.setattr(onnx_export, "_PROTOBUF_LIMIT", 64 << 20)  # every model counts as "large"
     from diffusers import StableDiffusionPipeline
 
-    pipe = StableDiffusionPipeline.from_pretrained(tiny_source("sd1"), safety_checker=None, requires_safety_checker=False)
+    pipe = StableDiffusionPipeline.from_pretrained(
+        tiny_source("sd1"), safety_checker=None, requires_safety_checker=False
+    )
     path = onnx_export.export_component(pipe, "unet", tmp_path / "unet")
     files = sorted(p.name for p in (tmp_path / "unet").iterdir())
     assert files == ["model.onnx", "model.onnx_data"]
