@@ -177,25 +177,11 @@ def generate(ctx, prompt, model, output, negative_prompt, steps, guidance, width
         call = {arg: ctx.params[name] for name, arg in _CALL_OPTIONS.items()}
         call.update(scheduler=scheduler, **custom)
     else:
-        call = parameters.call_arguments(record)
-        if call.get("num_images_per_prompt", 1) != 1 or not isinstance(call.get("prompt", ""), str):
-            raise parameters.ParametersError(
-                f"{source} records a batch (several prompts or num_images_per_prompt > 1); generate writes one "
-                "image: regenerate the batch in Python with pipe(**edgediff.runtime.parameters.call_arguments(r))"
-            )
-        call.update({arg: ctx.params[name] for name, arg in _CALL_OPTIONS.items() if name in given})
-        if "steps" in given or given & {"timesteps", "sigmas"}:  # a new schedule replaces the recorded one
-            call.update(custom)
+        overrides = {arg: ctx.params[name] for name, arg in _CALL_OPTIONS.items() if name in given}
         if "scheduler" in given:
-            call["scheduler"] = scheduler
-        missing = [k for k in ("prompt", "seed", "guidance_scale", "width", "height") if call.get(k) is None]
-        if call.get("num_inference_steps") is None and call.get("timesteps") is None and call.get("sigmas") is None:
-            missing.append("num_inference_steps")
-        if missing:
-            raise parameters.ParametersError(
-                f"{source} does not record {', '.join(missing)}; give them on the command line "
-                "(PROMPT, --seed, --guidance, --width, --height, --steps)"
-            )
+            overrides["scheduler"] = scheduler
+        new_schedule = custom if "steps" in given or given & {"timesteps", "sigmas"} else None
+        call = parameters.single_image_call(record, source, overrides, new_schedule)
         int8 = int8 or (record.get("engine_options") or {}).get("optimized") == "int8"
     if options:  # over the chosen (or recorded) scheduler's config
         spec = call.get("scheduler")

@@ -212,6 +212,31 @@ def call_arguments(record: dict[str, Any]) -> dict[str, Any]:
             "num_images_per_prompt": record.get("num_images_per_prompt") or 1}  # fmt: skip
 
 
+def single_image_call(record: dict[str, Any], source, overrides: dict[str, Any], new_schedule: dict | None = None):
+    """The call that regenerates the one image ``record`` describes, with ``overrides`` (call
+    arguments the user typed) over it; ``new_schedule`` (timesteps/sigmas, possibly None) replaces
+    a recorded custom schedule when the user asked for another one. Raises ParametersError for a
+    batch record or one that lacks what a call needs."""
+    call = call_arguments(record)
+    if call.get("num_images_per_prompt", 1) != 1 or not isinstance(call.get("prompt", ""), str):
+        raise ParametersError(
+            f"{source} records a batch (several prompts or num_images_per_prompt > 1); generate writes one "
+            "image: regenerate the batch in Python with pipe(**edgediff.runtime.parameters.call_arguments(r))"
+        )
+    call.update(overrides)
+    if new_schedule is not None:
+        call.update(new_schedule)
+    missing = [k for k in ("prompt", "seed", "guidance_scale", "width", "height") if call.get(k) is None]
+    if call.get("num_inference_steps") is None and call.get("timesteps") is None and call.get("sigmas") is None:
+        missing.append("num_inference_steps")
+    if missing:
+        raise ParametersError(
+            f"{source} does not record {', '.join(missing)}; give them on the command line "
+            "(PROMPT, --seed, --guidance, --width, --height, --steps)"
+        )
+    return call
+
+
 # -- the A1111 text --------------------------------------------------------------------------------------
 def _quote(value) -> str:
     """A1111's infotext quoting: values holding a comma, colon or newline go in JSON quotes."""
