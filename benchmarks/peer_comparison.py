@@ -417,7 +417,7 @@ def largest_component_bytes(folder: Path) -> int:
     from edgediff.runtime.model_folder import ModelFolder
 
     mf = ModelFolder.open(folder)
-    return max(mf.component_bytes(c) for c in ("text_encoder", "unet", "vae_decoder"))
+    return max(mf.component_bytes(c) for c in mf.required_components)
 
 
 def _write(stem: Path, report: dict) -> None:

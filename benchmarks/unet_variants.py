@@ -43,6 +43,7 @@ def _worker(args) -> dict:
     from edgediff.engines.onnxruntime import OrtEngine
     from edgediff.runtime.measure import peak_rss_bytes
     from edgediff.runtime.model_folder import ModelFolder
+    from edgediff.runtime.specs import SUBMODELS
 
     options = json.loads(args.options)
     t0 = time.perf_counter()
@@ -51,12 +52,11 @@ def _worker(args) -> dict:
     rss_load = peak_rss_bytes()
     folder = ModelFolder.open(Path(args.unet).parent.parent)
     rng = np.random.default_rng(0)
-    h = args.size // folder.vae_downscale
-    hidden = folder.text_embedding_dim
+    shapes = SUBMODELS["unet"].input_shapes(folder.symbols(1, args.size, args.size), guidance=True)
     feeds = {
-        "sample": rng.standard_normal((2, folder.latent_channels, h, h), dtype=np.float32),
+        "sample": rng.standard_normal(shapes["sample"], dtype=np.float32),
         "timestep": np.array(500.0, np.float32),
-        "encoder_hidden_states": rng.standard_normal((2, 77, hidden), dtype=np.float32),
+        "encoder_hidden_states": rng.standard_normal(shapes["encoder_hidden_states"], dtype=np.float32),
     }
     calls = []
     for _ in range(args.calls):

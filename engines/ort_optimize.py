@@ -37,6 +37,8 @@ import numpy as np
 import onnxruntime as ort
 
 from edgediff.runtime.errors import EdgediffError, ModelFolderError
+from edgediff.runtime.files import replace_dir
+from edgediff.runtime.specs import SUBMODELS
 
 logger = logging.getLogger(__name__)
 
@@ -226,16 +228,8 @@ def _check_same_outputs(source: Path, variant: Path, component: str, shapes: dic
 
 
 def _probe_shapes(folder, component: str) -> dict:
-    f = folder.vae_downscale
-    h, w = (s // f for s in folder.native_size)
-    c = folder.latent_channels
-    hidden = folder.text_embedding_dim
-    return {
-        "text_encoder": {"input_ids": [2, 77]},
-        "unet": {"sample": [2, c, h, w], "timestep": [], "encoder_hidden_states": [2, 77, hidden or 768]},
-        "vae_decoder": {"latent_sample": [1, c, h, w]},
-        "vae_encoder": {"sample": [1, 3, h * f, w * f]},
-    }[component]
+    """The contract's shapes at the native size, one image, doubled where guidance doubles."""
+    return SUBMODELS[component].input_shapes(folder.symbols(), guidance=True)
 
 
 def optimize_folder(model: str | os.PathLike, components=None, fuse: bool = True, force: bool = False,
@@ -251,7 +245,7 @@ def optimize_folder(model: str | os.PathLike, components=None, fuse: bool = True
         raise OptimizeError("edgediff optimize needs sympy and onnx: pip install 'edgediff[optimize]'") from None
     precision = "int8" if int8 else "fp32"
     tolerance = TOLERANCE[precision] if tolerance is None else tolerance
-    default = INT8_COMPONENTS if int8 else ("text_encoder", "unet", "vae_decoder")
+    default = INT8_COMPONENTS if int8 else folder.required_components
     components = list(components or [c for c in default if c in folder.components])
     unknown = [c for c in components if c not in folder.components]
     if unknown:
@@ -288,11 +282,7 @@ def optimize_folder(model: str | os.PathLike, components=None, fuse: bool = True
             key = variant_key(source, bool(fused_stats), precision)
             report = {**key, "fusions": fused_stats, "max_relative_difference": error, "seconds": time.time() - t0}
             (stage / KEY_FILE).write_text(json.dumps(report, indent=1) + "\n")
-            old = final.with_name(f".{component}.old-{os.getpid()}")
-            if final.exists():
-                final.rename(old)
-            stage.rename(final)
-            shutil.rmtree(old, ignore_errors=True)
+            replace_dir(stage, final)
             reports[component] = report
         finally:
             shutil.rmtree(work, ignore_errors=True)

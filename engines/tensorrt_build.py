@@ -10,7 +10,6 @@ functions; this module only calls TensorRT and CUDA.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -21,9 +20,9 @@ from pathlib import Path
 
 import numpy as np
 from edgediff.runtime.errors import BuildError, EngineUnavailableError, PlanError
-from edgediff.runtime.image import write_atomic
+from edgediff.runtime.files import replace_dir, write_atomic
 from edgediff.runtime.model_folder import ModelFolder
-from edgediff.runtime.specs import REQUIRED_COMPONENTS, TensorSpec
+from edgediff.runtime.specs import TensorSpec
 
 from . import trt_plans as plans
 from .cuda_util import INSTALL_HINT, check, import_cudart, probe_gpu
@@ -65,15 +64,9 @@ def current_environment(trt, cudart, device: int = 0) -> plans.Environment:
 
 
 def model_facts(mf: ModelFolder) -> plans.ModelFacts:
-    """Profile inputs from the manifest, falling back to the component configs (optimum folders)."""
-    m = mf.manifest
-    text_length = (m.get("tokenizer") or {}).get("max_length")
-    if not text_length:
-        cfg = mf.path / "tokenizer" / "tokenizer_config.json"
-        value = json.loads(cfg.read_text(encoding="utf-8")).get("model_max_length") if cfg.is_file() else None
-        text_length = value if isinstance(value, int) and 0 < value <= 4096 else 77
-    return plans.ModelFacts(mf.native_size, mf.vae_downscale, mf.latent_channels, int(text_length),
-                            mf.text_embedding_dim)  # fmt: skip
+    """Profile inputs from the manifest and configs (``ModelFolder``'s, which fall back to the family's defaults)."""
+    return plans.ModelFacts(mf.native_size, mf.vae_downscale, mf.latent_channels, mf.text_length,
+                            mf.text_embedding_dim, mf.model_symbols())  # fmt: skip
 
 
 def _folder_is_fp16(mf: ModelFolder) -> bool:
@@ -274,13 +267,7 @@ def _install(engines_dir: Path, key: str, component: str, data: bytes, record: p
         tmp.mkdir()
         (tmp / f"{component}.plan").write_bytes(data)
         plans.write_build_json(tmp, record)  # last: a folder without build.json is never loaded
-        if final.exists():
-            old = engines_dir / f".{key}.old-{os.getpid()}"
-            final.rename(old)
-            tmp.rename(final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(final)
+        replace_dir(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -307,7 +294,7 @@ def build_model(
     ``progress``: tqdm bars per TensorRT build phase. ``announce``: called with one line as each
     component starts building (the CLI prints it)."""
     mf = ModelFolder.open(model)
-    components = list(components or REQUIRED_COMPONENTS)
+    components = list(components or mf.required_components)
     unknown = [c for c in components if c not in mf.manifest["components"]]
     if unknown:
         raise BuildError(f"components {unknown} are not in {mf.path}; it has {list(mf.manifest['components'])}")

@@ -20,9 +20,10 @@ name, compute capability and the profiles. A plan whose facts do not match the r
 GPU or model file is never loaded: it is refused with the rebuild command.
 
 Profiles come from the I/O contract: each input's dims are fixed ints or symbols (``B``, ``S``,
-``D``, ``C``, ``C2``, ``h``, ``w``, ``H``, ``W``, see ``runtime/specs.py``); ``symbol_ranges``
-gives every symbol a (min, opt, max) from the model's facts and the build options, and
-``derive_profile`` turns the contract into per-input (min, opt, max) shapes.
+``D``, ``C_in``, ``h``, ``w``, ..., see ``specs.SYMBOLS``); ``symbol_ranges`` gives every symbol a
+(min, opt, max) from the model's facts and the build options (``B`` doubled for the components
+whose contract doubles inputs for guidance), and ``derive_profile`` turns the contract into
+per-input (min, opt, max) shapes.
 """
 
 from __future__ import annotations
@@ -37,14 +38,13 @@ from pathlib import Path
 
 import numpy as np
 from edgediff.runtime.errors import BuildError, PlanError
-from edgediff.runtime.image import write_atomic
+from edgediff.runtime.files import write_atomic
 from edgediff.runtime.model_folder import sha256_file  # one hashing routine for manifests and plan keys
-from edgediff.runtime.specs import SUBMODELS, TensorSpec
+from edgediff.runtime.specs import SUBMODELS, TensorSpec, resolve_symbols
 
 ENGINES_DIR = "engines"
 BUILD_JSON = "build.json"
 BUILD_FORMAT = 2  # 2: a list of profiles per plan (1 had one profile per plan and several plans)
-GUIDED = ("text_encoder", "unet")  # components that see the doubled (uncond ‖ cond) batch
 
 Shape = tuple[int, ...]
 Range = tuple[Shape, Shape, Shape]  # (min, opt, max)
@@ -129,9 +129,12 @@ class ModelFacts:
 
     native_size: tuple[int, int]  # (H, W) pixels
     vae_downscale: int
-    latent_channels: int
-    text_length: int  # tokenizer max length (77)
-    text_dim: int | None  # text encoder hidden size (D); None when unknown (then it must be fixed in the ONNX)
+    latent_channels: int  # C
+    text_length: int  # tokenizer max length (S)
+    text_dim: int | None  # text encoder hidden size (D); None when unknown: then symbols' D, or a fixed one in the ONNX
+    # the model's other fixed symbols (``ModelFolder.model_symbols``: family defaults, C_in, C_out, ...);
+    # the fields above win over these
+    symbols: Mapping[str, int] = field(default_factory=dict, hash=False)
 
 
 @dataclass(frozen=True)
@@ -166,7 +169,8 @@ def symbol_ranges(component: str, facts: ModelFacts, options: ProfileOptions) ->
     width = _check_size("width", options.width or nw, f)
     if options.batch < 1 or options.max_batch < 1:
         raise BuildError(f"batch and max batch must be >= 1, got {options.batch} and {options.max_batch}")
-    g = 2 if options.guidance and component in GUIDED else 1
+    spec = SUBMODELS.get(component)
+    g = 2 if options.guidance and spec is not None and spec.guidance_doubled else 1
     if options.dynamic:
         lo = options.min_size or min(256, nh, nw)
         hi = options.max_size or max(1024, nh, nw)
@@ -180,19 +184,12 @@ def symbol_ranges(component: str, facts: ModelFacts, options: ProfileOptions) ->
     else:
         batch = (g * options.batch,) * 3
         hh, ww = (height,) * 3, (width,) * 3
-    ranges = {
-        "B": batch,
-        "H": hh,
-        "W": ww,
-        "h": tuple(v // f for v in hh),
-        "w": tuple(v // f for v in ww),
-        "C": (facts.latent_channels,) * 3,
-        "C2": (2 * facts.latent_channels,) * 3,
-        "S": (facts.text_length,) * 3,
-    }
+    model = {**facts.symbols, "C": facts.latent_channels, "S": facts.text_length}
     if facts.text_dim:
-        ranges["D"] = (facts.text_dim,) * 3
-    return ranges
+        model["D"] = facts.text_dim
+    # B doubled for the whole component: the contract doubles every input with a batch axis or none
+    points = [resolve_symbols(model, b, (y // f, x // f), f) for b, y, x in zip(batch, hh, ww, strict=True)]
+    return {sym: tuple(p[sym] for p in points) for sym in points[0]}
 
 
 def contract_symbol(component: str, tensor: str, axis: int, rank: int, kind: str = "inputs") -> str | None:

@@ -45,12 +45,13 @@ try:
 except ImportError:  # Windows
     fcntl = None
 
+from edgediff.runtime import specs
 from edgediff.runtime.errors import ExportError, ExportValidationError
+from edgediff.runtime.files import replace_dir
 from edgediff.runtime.model_folder import MANIFEST, MANIFEST_FORMAT, ONNX_FILE, sha256_file
 
 logger = logging.getLogger(__name__)
 
-COMPONENTS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
 # 14: scaled_dot_product_attention (every attention block) has no symbolic below it; 20: the highest
 # opset torch's TorchScript exporter supports (above it torch only warns and stamps the number)
 MIN_OPSET, MAX_OPSET = 14, 20
@@ -87,11 +88,13 @@ def _check_source(source: Path) -> dict:
     except (OSError, json.JSONDecodeError) as e:
         raise ExportError(f"{index} is not valid JSON ({e})") from e
     cls = info.get("_class_name")
-    if cls != "StableDiffusionPipeline":
+    if cls not in specs.source_pipelines():
         raise ExportError(
-            f"SOURCE {source} holds a {cls!r}; edgediff exports StableDiffusionPipeline models (SD 1.x / 2.x)"
+            f"SOURCE {source} holds a {cls!r}; edgediff exports {', '.join(specs.source_pipelines())} models "
+            f"({', '.join(specs.FAMILIES)})"
         )
-    for comp in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
+    family = next(f for f in specs.FAMILIES.values() if f.source_pipeline == cls)
+    for comp in family.source_components:
         if not (source / comp).is_dir():
             raise ExportError(f"SOURCE {source} has no {comp}/ folder; it is not a complete diffusers model")
     return info
@@ -224,10 +227,6 @@ def _make_parents(folder: Path) -> list[Path]:
     return missing
 
 
-def _family(pipe) -> str:
-    return "sd2" if getattr(pipe.text_encoder.config, "hidden_act", "") == "gelu" else "sd1"
-
-
 def _io_specs(path: Path) -> dict:
     import numpy as np
     import onnx
@@ -310,7 +309,7 @@ def _export(pipe, src: Path, dst: Path, out: Path, force: bool, fp16: bool, opse
     from transformers import CLIPTokenizerFast
 
     from .fp16 import convert_to_fp16
-    from .onnx_export import export_component
+    from .onnx_export import export_component, family_of
     from .validate import check_component
 
     tmp = dst.parent / f".{dst.name}.partial-{os.getpid()}"
@@ -319,7 +318,8 @@ def _export(pipe, src: Path, dst: Path, out: Path, force: bool, fp16: bool, opse
         precision: dict[str, str] = {}
         failures: list[str] = []
         notes: dict[str, str] = {}
-        bar = tqdm(COMPONENTS, desc="export", unit="component", disable=not progress)
+        family = specs.FAMILIES[family_of(pipe)]
+        bar = tqdm(family.components, desc="export", unit="component", disable=not progress)
         for name in bar:
             bar.set_postfix_str(name)
             try:
@@ -357,78 +357,69 @@ def _export(pipe, src: Path, dst: Path, out: Path, force: bool, fp16: bool, opse
             failures += [c.describe() + f" exceeds the {precision[name]} tolerance" for c in bad]
         if failures:
             raise ExportValidationError(failures)
-        index = _write_side_files(pipe, src, tmp, CLIPTokenizerFast)
-        _write_manifest(pipe, tmp, precision, notes, opset, src)
+        index = _write_side_files(pipe, src, tmp, family, CLIPTokenizerFast)
+        _write_manifest(pipe, tmp, family, precision, notes, opset, src)
         # model_index.json goes last: the runtime refuses a folder without it
         (tmp / "model_index.json").write_text(json.dumps(index, indent=2), encoding="utf-8")
         _check_out(src, dst, out, force)  # again: OUT may have changed during the export
-        if dst.exists():
-            old = dst.parent / f".{dst.name}.old-{os.getpid()}"
-            dst.rename(old)
-            try:
-                tmp.rename(dst)
-            except BaseException:
-                old.rename(dst)  # interrupted between the two renames: the old folder goes back
-                raise
-            shutil.rmtree(old)
-        else:
-            tmp.rename(dst)
+        replace_dir(tmp, dst)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
-def _write_side_files(pipe, source: Path, tmp: Path, fast_tokenizer_cls) -> dict:
+def _write_side_files(pipe, source: Path, tmp: Path, family: specs.Family, fast_tokenizer_cls) -> dict:
     pipe.tokenizer.save_pretrained(tmp / "tokenizer")
     # tokenizer.json: what the runtime loads with `tokenizers` alone
     fast_tokenizer_cls.from_pretrained(source / "tokenizer").save_pretrained(tmp / "tokenizer")
     pipe.scheduler.save_config(tmp / "scheduler")
-    pipe.text_encoder.config.to_json_file(tmp / "text_encoder" / "config.json")
-    pipe.unet.save_config(tmp / "unet")
-    pipe.vae.save_config(tmp / "vae_decoder")
-    pipe.vae.save_config(tmp / "vae_encoder")
-    index = {
-        "_class_name": "OnnxStableDiffusionPipeline",
-        "_diffusers_version": metadata.version("diffusers"),
+    entries = {
         "feature_extractor": [None, None],
         "requires_safety_checker": False,
         "safety_checker": [None, None],
         "scheduler": ["diffusers", type(pipe.scheduler).__name__],
-        "text_encoder": ["diffusers", "OnnxRuntimeModel"],
         "tokenizer": ["transformers", type(pipe.tokenizer).__name__],
-        "unet": ["diffusers", "OnnxRuntimeModel"],
-        "vae_decoder": ["diffusers", "OnnxRuntimeModel"],
-        "vae_encoder": ["diffusers", "OnnxRuntimeModel"],
     }
-    return index
+    for name in family.components:  # each component's config is its diffusers module's (both VAE halves: the VAE's)
+        module = getattr(pipe, specs.SUBMODELS[name].source)
+        if hasattr(module, "save_config"):  # diffusers
+            module.save_config(tmp / name)
+        else:  # transformers
+            module.config.to_json_file(tmp / name / "config.json")
+        entries[name] = ["diffusers", "OnnxRuntimeModel"]
+    # diffusers' own layout: the class first, then the entries in name order
+    return {"_class_name": family.onnx_pipeline, "_diffusers_version": metadata.version("diffusers"),
+            **dict(sorted(entries.items()))}  # fmt: skip
 
 
-def _write_manifest(pipe, tmp: Path, precision: dict, notes: dict, opset: int, source: Path) -> None:
-    vae_cfg, unet_cfg = pipe.vae.config, pipe.unet.config
-    down = 2 ** (len(vae_cfg.block_out_channels) - 1)
-    size = unet_cfg.sample_size if isinstance(unet_cfg.sample_size, int) else unet_cfg.sample_size[0]
+def _write_manifest(pipe, tmp: Path, family: specs.Family, precision: dict, notes: dict, opset: int,
+                    source: Path) -> None:  # fmt: skip
+    from .onnx_export import native_latent, text_length, vae_downscale
+
+    vae_cfg = pipe.vae.config
+    down, (size, _) = vae_downscale(pipe), native_latent(pipe)
     files = {}
     for p in sorted(tmp.rglob("*")):
         if p.is_file():
             files[p.relative_to(tmp).as_posix()] = {"size": p.stat().st_size, "sha256": sha256_file(p)}
-    components = {
+    records = {
         name: {"file": f"{name}/{ONNX_FILE}", "precision": precision[name], **_io_specs(tmp / name / ONNX_FILE)}
-        for name in COMPONENTS
+        for name in family.components
     }
     for name, note in notes.items():
-        components[name]["note"] = note
+        records[name]["note"] = note
     manifest = {
         "format": MANIFEST_FORMAT,
-        "family": _family(pipe),
+        "family": family.name,
         "prediction_type": pipe.scheduler.config.get("prediction_type", "epsilon"),
         "vae_scaling_factor": float(vae_cfg.scaling_factor),
         "latent_channels": int(vae_cfg.latent_channels),
         "vae_downscale": down,
         "native_size": [size * down, size * down],
         "text_embedding_dim": int(pipe.text_encoder.config.hidden_size),
-        "tokenizer": {"pad_token": str(pipe.tokenizer.pad_token), "max_length": int(pipe.tokenizer.model_max_length)},
+        "tokenizer": {"pad_token": str(pipe.tokenizer.pad_token), "max_length": text_length(pipe)},
         "opset": opset,
-        "components": components,
+        "components": records,
         "files": files,
         "tools": _versions(),
         "source": source.name,

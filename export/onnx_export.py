@@ -1,5 +1,5 @@
-"""torch -> ONNX, one function per sub-model. Input/output names and dynamic axes come from
-``edgediff.runtime.specs`` so export, engines and runtime agree by construction.
+"""torch -> ONNX, one function per sub-model. Input/output names, dynamic axes and dummy inputs come
+from ``edgediff.runtime.specs`` so export, engines and runtime agree by construction.
 
 We call ``torch.onnx.export`` (TorchScript exporter, as optimum's exporter does) rather than
 optimum's ``main_export``: it writes the same layout and tensor names, but its sub-model list,
@@ -11,10 +11,13 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
+import numpy as np
 import onnx
 import torch
 
-from edgediff.runtime.specs import SUBMODELS, SubmodelSpec
+from edgediff.runtime import specs
+from edgediff.runtime.specs import FAMILIES, SUBMODELS, SubmodelSpec
+from edgediff.runtime.tokenizer import max_length
 
 # protobuf's hard limit; larger models keep their weights in one external-data file
 _PROTOBUF_LIMIT = 2**31 - 1
@@ -73,28 +76,39 @@ def wrap(pipe, name: str) -> torch.nn.Module:
     return module.eval()
 
 
+def family_of(pipe) -> str:
+    return specs.family_for(getattr(pipe.text_encoder.config, "hidden_act", None))
+
+
+def text_length(pipe) -> int:
+    """S: the runtime tokenizer's rule applied to the source's tokenizer."""
+    positions = getattr(pipe.text_encoder.config, "max_position_embeddings", None)
+    return max_length(pipe.tokenizer.model_max_length, positions if isinstance(positions, int) else None)
+
+
+def vae_downscale(pipe) -> int:
+    return 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+
+
+def native_latent(pipe) -> tuple[int, int]:
+    size = pipe.unet.config.sample_size
+    size = size if isinstance(size, int) else size[0]
+    return size, size
+
+
+def model_symbols(pipe) -> dict[str, int]:
+    """The contract's fixed symbols for a diffusers pipeline: its family's defaults, overridden by its configs."""
+    unet, te = pipe.unet.config, pipe.text_encoder.config
+    return {**FAMILIES[family_of(pipe)].defaults, "C": int(pipe.vae.config.latent_channels),
+            "C_in": int(unet.in_channels), "C_out": int(unet.out_channels), "S": text_length(pipe),
+            "D": int(unet.cross_attention_dim), "V": int(te.vocab_size)}  # fmt: skip
+
+
 def dummy_inputs(pipe, name: str, batch: int = 1, latent_hw: tuple[int, int] | None = None, seed: int = 0) -> dict:
-    """Random inputs of the right shapes and dtypes for sub-model ``name``."""
-    g = torch.Generator().manual_seed(seed)
-    unet_cfg, vae_cfg = pipe.unet.config, pipe.vae.config
-    size = unet_cfg.sample_size if isinstance(unet_cfg.sample_size, int) else unet_cfg.sample_size[0]
-    h, w = latent_hw or (size, size)
-    down = 2 ** (len(vae_cfg.block_out_channels) - 1)
-    seq = pipe.tokenizer.model_max_length
-    if name == "text_encoder":
-        vocab = pipe.text_encoder.config.vocab_size
-        return {"input_ids": torch.randint(0, vocab, (batch, seq), generator=g, dtype=torch.int32)}
-    if name == "unet":
-        return {
-            "sample": torch.randn(batch, unet_cfg.in_channels, h, w, generator=g),
-            "timestep": torch.tensor(float(torch.randint(0, 1000, (1,), generator=g)) + 0.5),
-            "encoder_hidden_states": torch.randn(batch, seq, unet_cfg.cross_attention_dim, generator=g),
-        }
-    if name == "vae_decoder":
-        return {"latent_sample": torch.randn(batch, vae_cfg.latent_channels, h, w, generator=g)}
-    if name == "vae_encoder":
-        return {"sample": torch.rand(batch, 3, h * down, w * down, generator=g) * 2 - 1}
-    raise KeyError(name)
+    """Random inputs of the contract's shapes and dtypes for sub-model ``name`` (torch tensors)."""
+    symbols = specs.resolve_symbols(model_symbols(pipe), batch, latent_hw or native_latent(pipe), vae_downscale(pipe))
+    arrays = specs.dummy_inputs(SUBMODELS[name], symbols, np.random.default_rng(seed))
+    return {k: torch.from_numpy(v) for k, v in arrays.items()}
 
 
 def export_component(pipe, name: str, out_dir: Path, opset: int = 17, device: str = "cpu") -> Path:

@@ -12,6 +12,10 @@ import json
 from collections import Counter
 from pathlib import Path
 
+from edgediff.runtime.specs import CLIP_POSITIONS, FAMILIES
+
+_SD1_D, _SD2_D = FAMILIES["sd1"].defaults["D"], FAMILIES["sd2"].defaults["D"]  # CLIP ViT-L's / OpenCLIP ViT-H's width
+
 _WORDS = (
     "a photo of the red green blue yellow purple orange white black circle square triangle star on in at with "
     "background small large big top bottom left right centre center painting portrait cat dog house tree sky "
@@ -79,7 +83,7 @@ def write_clip_tokenizer(
         "pad_token": pad_token,
     }
     (out / "special_tokens_map.json").write_text(json.dumps(special), encoding="utf-8")
-    config = dict(special, model_max_length=77, tokenizer_class="CLIPTokenizer", do_lower_case=True)
+    config = dict(special, model_max_length=CLIP_POSITIONS, tokenizer_class="CLIPTokenizer", do_lower_case=True)
     (out / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
     return len(vocab)
 
@@ -179,14 +183,15 @@ _SD_UNET = dict(
 )  # fmt: skip
 ARCHITECTURES = {
     "sd15": dict(
-        unet=dict(_SD_UNET, attention_head_dim=8, cross_attention_dim=768),
-        text=dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
-                  hidden_act="quick_gelu", projection_dim=768),
+        unet=dict(_SD_UNET, attention_head_dim=8, cross_attention_dim=_SD1_D),
+        text=dict(hidden_size=_SD1_D, intermediate_size=4 * _SD1_D, num_attention_heads=12, num_hidden_layers=12,
+                  hidden_act="quick_gelu", projection_dim=_SD1_D),
         prediction_type="epsilon", pad_token="<|endoftext|>",
     ),
     "sd21-base": dict(
-        unet=dict(_SD_UNET, attention_head_dim=[5, 10, 20, 20], cross_attention_dim=1024, use_linear_projection=True),
-        text=dict(hidden_size=1024, intermediate_size=4096, num_attention_heads=16, num_hidden_layers=23,
+        unet=dict(_SD_UNET, attention_head_dim=[5, 10, 20, 20], cross_attention_dim=_SD2_D,
+                  use_linear_projection=True),
+        text=dict(hidden_size=_SD2_D, intermediate_size=4 * _SD2_D, num_attention_heads=16, num_hidden_layers=23,
                   hidden_act="gelu", projection_dim=512),
         prediction_type="epsilon", pad_token="!",
     ),
@@ -209,8 +214,9 @@ def build_full_size_pipeline(out: str | Path, arch: str = "sd15", seed: int = 0)
     torch.manual_seed(seed)
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
-            vocab_size=49408, max_position_embeddings=77, layer_norm_eps=1e-05, bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **spec["text"],
+            vocab_size=49408, max_position_embeddings=CLIP_POSITIONS, layer_norm_eps=1e-05,
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id, **spec["text"],
         )
     )  # fmt: skip
     scheduler = PNDMScheduler(

@@ -32,6 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
+from edgediff.runtime.specs import CLIP_POSITIONS
+
 logger = logging.getLogger("edgediff.train_shapes")
 
 IMAGE_SIZE = 64
@@ -47,7 +49,8 @@ VAE = dict(
     norm_num_groups=16, sample_size=IMAGE_SIZE,
 )  # fmt: skip
 TEXT = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_hidden_layers=2,
-            max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=64, layer_norm_eps=1e-5)  # fmt: skip
+            max_position_embeddings=CLIP_POSITIONS, hidden_act="quick_gelu", projection_dim=64,
+            layer_norm_eps=1e-5)  # fmt: skip
 # Lin et al. 2023 ("Common Diffusion Noise Schedules and Sample Steps are Flawed"): with SD's own schedule the last
 # training step still carries sqrt(alpha_bar) = 0.068 of the image, the model learns to read the object's place
 # from that leak instead of from the caption, and at sampling time pure noise then decides where the object
@@ -177,13 +180,13 @@ def train_unet(args, vae, tokenizer, ckpt: Checkpoints, log: dict):
         start, curve, spent = state["step"], state["curve"], state.get("seconds", 0.0)
     means, stds, captions = _latent_pool(vae, args)
     scale = vae.config.scaling_factor
-    empty_ids = tokenizer([""], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    empty_ids = tokenizer([""], padding="max_length", max_length=CLIP_POSITIONS, return_tensors="pt").input_ids
     t0 = time.time()
     for step in range(start, args.unet_steps):
         g = torch.Generator().manual_seed(_batch_seed(args.seed, 3, step))
         idx = torch.randint(0, len(captions), (args.batch,), generator=g)
         latents = (means[idx] + stds[idx] * torch.randn(means[idx].shape, generator=g)) * scale
-        ids = tokenizer([captions[i] for i in idx.tolist()], padding="max_length", max_length=77,
+        ids = tokenizer([captions[i] for i in idx.tolist()], padding="max_length", max_length=CLIP_POSITIONS,
                         truncation=True, return_tensors="pt").input_ids  # fmt: skip
         drop = torch.rand(args.batch, generator=g) < args.uncond_prob
         ids[drop] = empty_ids

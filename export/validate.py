@@ -2,9 +2,10 @@
 mismatch, then raise one ExportValidationError listing them all (STYLE E7).
 
 Tolerance: a component passes when ``max|onnx - torch| <= atol + rtol * max|torch|`` on every
-output, for every probe shape (batch 1 and 2, native and a smaller latent size, so dynamic axes
-are exercised). fp32: atol 1e-4, rtol 1e-3. fp16: atol 1e-2, rtol 2e-2 (a looser bound, since
-fp16 keeps about 3 significant digits). PSNR is reported for a quick read.
+output, for every probe (batch 1 at the native size, batch 3 at a smaller, non-square latent, so
+dynamic axes are exercised; shapes and inputs from the I/O contract). (atol, rtol) is the
+contract's per component (``SubmodelSpec.tolerance``): fp32 1e-4, 1e-3; fp16 1e-2, 2e-2 (a
+looser bound, since fp16 keeps about 3 significant digits). PSNR is reported for a quick read.
 """
 
 from __future__ import annotations
@@ -20,11 +21,9 @@ import torch
 from edgediff.runtime.measure import psnr
 from edgediff.runtime.specs import SUBMODELS
 
-from .onnx_export import dummy_inputs, wrap
+from .onnx_export import dummy_inputs, native_latent, wrap
 
 logger = logging.getLogger(__name__)
-
-TOLERANCES = {"fp32": (1e-4, 1e-3), "fp16": (1e-2, 2e-2)}
 
 
 @dataclass
@@ -45,8 +44,8 @@ class Check:
 
 
 def probe_shapes(pipe, name: str) -> list[dict]:
-    size = pipe.unet.config.sample_size
-    size = size if isinstance(size, int) else size[0]
+    """Batch and latent size of each probe (``dummy_inputs`` keywords)."""
+    size = native_latent(pipe)[0]
     small = max(size // 2 - (size // 2) % 8, 8) if size >= 16 else size
     return [dict(batch=1), dict(batch=3, latent_hw=(small, size))]
 
@@ -56,13 +55,13 @@ def check_component(pipe, name: str, onnx_path: Path, precision: str = "fp32", d
     provider when the installed onnxruntime has it (fast validation of full-size models)."""
     import onnxruntime as ort
 
-    atol, rtol = TOLERANCES[precision]
+    spec = SUBMODELS[name]
+    atol, rtol = spec.tolerance[precision]
     module = wrap(pipe, name)
     providers = ["CPUExecutionProvider"]
     if device.startswith("cuda") and "CUDAExecutionProvider" in ort.get_available_providers():
         providers.insert(0, "CUDAExecutionProvider")
     session = ort.InferenceSession(str(onnx_path), providers=providers)
-    spec = SUBMODELS[name]
     checks = []
     for k, probe in enumerate(probe_shapes(pipe, name)):
         inputs = dummy_inputs(pipe, name, seed=k + 1, **probe)

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from .measure import peak_rss_bytes
+from .specs import SUBMODELS
 
 SCHEMA_VERSION = 1
 STAGES = ("tokenize", "text_encoder", "unet", "host", "denoise", "vae_decoder", "postprocess", "image_encode", "total")
@@ -241,15 +242,12 @@ def run_bench(
 
 
 def _unet_shapes(pipe, params: dict, batch: int, guidance: float) -> dict[str, list[int]] | None:
-    f = pipe.folder.vae_downscale
-    b = batch * (2 if guidance > 1 else 1)
+    """The UNet's input shapes of the run, from the I/O contract (None when the model's D is unknown)."""
     if pipe.folder.text_embedding_dim is None:
         return None
-    return {
-        "sample": [b, pipe.folder.latent_channels, params["height"] // f, params["width"] // f],
-        "timestep": [],
-        "encoder_hidden_states": [b, 77, pipe.folder.text_embedding_dim],
-    }
+    symbols = pipe.folder.symbols(batch, params["height"], params["width"])
+    shapes = SUBMODELS["unet"].input_shapes(symbols, guidance=guidance > 1)
+    return {name: list(shape) for name, shape in shapes.items()}
 
 
 def _count_flops(path: Path, shapes: dict[str, list[int]]) -> float | None:

@@ -155,7 +155,8 @@ def generate(ctx, prompt, model, output, negative_prompt, steps, guidance, width
     from tqdm import tqdm
 
     from . import parameters
-    from .image import check_output_path, save_png
+    from .files import check_output_path
+    from .image import save_png
     from .pipeline import Pipeline
 
     output = check_output_path(output)  # before the model loads and the image is made
@@ -356,7 +357,7 @@ def bench(model, prompt, steps, width, height, batch, guidance, scheduler, engin
     from tqdm import tqdm
 
     from .bench import format_table, run_bench
-    from .image import check_output_path, write_atomic
+    from .files import check_output_path, write_atomic
 
     if output is not None:
         output = check_output_path(output)  # before the benchmark runs
@@ -387,7 +388,7 @@ def bench(model, prompt, steps, width, height, batch, guidance, scheduler, engin
 @main.command()
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("--component", "components", multiple=True,
-              help="Build only this component (repeatable). Default: text_encoder, unet, vae_decoder.")
+              help="Build only this component (repeatable). Default: the ones the pipeline runs.")
 @click.option("--batch", default=1, show_default=True, type=int, help="Images per call the plans are built for.")
 @click.option("--width", default=None, type=int, help="Default: the model's native size.")
 @click.option("--height", default=None, type=int, help="Default: the model's native size.")

@@ -17,9 +17,12 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from . import specs
 from .errors import ManifestError, ModelConfigError, ModelFolderError
 from .schedulers import apply_pipeline_corrections
-from .specs import REQUIRED_COMPONENTS, SUBMODELS
+from .specs import FAMILIES, SUBMODELS, Family, TensorSpec
 
 MANIFEST = "edgediff.json"
 MANIFEST_FORMAT = 1
@@ -52,7 +55,6 @@ def _load_json(path: Path, what: str) -> dict:
 # since export", accepted when the folder still validates. Everything else is weights, checked strictly.
 CONFIG_SUFFIXES = (".json", ".txt")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
-FAMILIES = ("sd1", "sd2")
 # UNet down-sampling when a folder has no unet/config.json to read it from: every SD 1.x/2.x UNet's.
 DEFAULT_UNET_DOWNSCALE = 8
 
@@ -81,6 +83,9 @@ def _describe_folder(path: Path) -> str | None:
     torch_class = (
         isinstance(cls_name, str) and cls_name.endswith("Pipeline") and not cls_name.startswith(("Onnx", "ORT"))
     )
+    if torch_class and not has_onnx_unet and cls_name not in specs.source_pipelines():
+        return (f"{path} is a diffusers {cls_name} (PyTorch) folder, which edgediff does not export; it exports "
+                f"{', '.join(specs.source_pipelines())} models (`edgediff export SOURCE OUT`)")
     if pytorch or (torch_class and not has_onnx_unet):
         return (f"{path} is a diffusers (PyTorch) model folder that has not been exported; run "
                 f"`edgediff export {path} OUT` first (needs the export extra), then pass OUT")  # fmt: skip
@@ -126,16 +131,60 @@ class ModelFolder:
         """Image sides must be multiples of this: the VAE's factor times the UNet's down-sampling."""
         return self.vae_downscale * self.unet_downscale
 
+    @property
+    def family(self) -> Family:
+        """The manifest's model family (``specs.FAMILIES``); the default family for an unknown name,
+        which ``open()`` refuses."""
+        return FAMILIES.get(self.manifest.get("family"), FAMILIES[specs.DEFAULT_FAMILY])
+
+    @property
+    def required_components(self) -> tuple[str, ...]:
+        """The components the family's pipeline runs: the folder must have them."""
+        return self.family.required
+
     @cached_property
     def text_embedding_dim(self) -> int | None:
-        """Width of the prompt embeddings the UNet takes (768 for SD 1.x, 1024 for SD 2.x): the
-        manifest's, else the text encoder's or UNet's config (optimum folders), else None."""
+        """Width of the prompt embeddings the UNet takes (the contract's ``D``): the manifest's, else
+        the text encoder's or UNet's config (optimum folders), else None (``model_symbols`` then
+        holds the family's default)."""
         value = self.manifest.get("text_embedding_dim")
         if not (isinstance(value, int) and value > 0):
             value = self._config_value("text_encoder/config.json", "hidden_size")
         if not (isinstance(value, int) and value > 0):
             value = self._config_value("unet/config.json", "cross_attention_dim")
         return value if isinstance(value, int) and value > 0 else None
+
+    @property
+    def text_max_positions(self) -> int | None:
+        """The text encoder's ``max_position_embeddings`` when its config says."""
+        value = self._config_value("text_encoder/config.json", "max_position_embeddings")
+        return value if _is_int(value) and value > 0 else None
+
+    @cached_property
+    def text_length(self) -> int:
+        """Tokens per prompt (the contract's ``S``), by the tokenizer's rule (``tokenizer.max_length``)."""
+        from .tokenizer import max_length
+
+        return max_length(self._config_value("tokenizer/tokenizer_config.json", "model_max_length"),
+                          self.text_max_positions)  # fmt: skip
+
+    def model_symbols(self) -> dict[str, int]:
+        """The contract's fixed symbols for this folder: the family's defaults, overridden by what the
+        manifest and configs say (``C``, ``S``, ``D``, ``V``, ``C_in``, ``C_out``)."""
+        known = {
+            "D": self.text_embedding_dim,
+            "V": self._config_value("text_encoder/config.json", "vocab_size"),
+            "C_in": self._config_value("unet/config.json", "in_channels"),
+            "C_out": self._config_value("unet/config.json", "out_channels"),
+        }
+        values = {k: v for k, v in known.items() if _is_int(v) and v > 0}
+        return {**self.family.defaults, "C": self.latent_channels, "S": self.text_length, **values}
+
+    def symbols(self, batch: int = 1, height: int | None = None, width: int | None = None) -> dict[str, int]:
+        """Every contract symbol's value for ``batch`` images of ``height`` x ``width`` pixels (default native)."""
+        f = self.vae_downscale
+        nh, nw = self.native_size
+        return specs.resolve_symbols(self.model_symbols(), batch, ((height or nh) // f, (width or nw) // f), f)
 
     def _config_value(self, rel: str, key: str):
         path = self.path / rel
@@ -204,13 +253,13 @@ class ModelFolder:
         """Required components present; every weight file the manifest lists present with its
         recorded size (strict); config files that changed size are noted in ``edited``."""
         problems = []
-        for name in REQUIRED_COMPONENTS:
+        for name in self.required_components:
             if not self.component_path(name).is_file():
                 problems.append(f"{name}/{ONNX_FILE} is missing")
         for rel, info in self.manifest.get("files", {}).items():
             p = self.path / rel
             if not p.is_file():
-                if not any(rel == f"{c}/{ONNX_FILE}" for c in REQUIRED_COMPONENTS):
+                if not any(rel == f"{c}/{ONNX_FILE}" for c in self.required_components):
                     problems.append(f"{rel} is missing")
             elif not (isinstance(info, dict) and _is_int(info.get("size"))):
                 continue  # a malformed entry: reported by manifest_problems
@@ -229,8 +278,7 @@ class ModelFolder:
         from .tokenizer import tokenizer_problems
 
         problems = [f"scheduler/scheduler_config.json: {p}" for p in schedulers.config_problems(raw_scheduler)]
-        max_positions = self._config_value("text_encoder/config.json", "max_position_embeddings")
-        problems += tokenizer_problems(self.path / "tokenizer", max_positions if _is_int(max_positions) else None)
+        problems += tokenizer_problems(self.path / "tokenizer", self.text_max_positions)
         for rel in ("unet/config.json", "vae_decoder/config.json", "text_encoder/config.json"):
             p = self.path / rel
             if p.is_file():
@@ -265,12 +313,6 @@ class ModelFolder:
                                 f"not a multiple of {m} (the VAE's factor {self.vae_downscale} x the UNet's "
                                 f"down-sampling {self.unet_downscale})")  # fmt: skip
         return problems
-
-    def check_files(self) -> None:
-        """Raise ModelFolderError when a required or listed weight file is missing or truncated."""
-        problems = self._file_problems()
-        if problems:
-            raise ModelFolderError(f"model folder {self.path} is damaged: {'; '.join(problems)}; re-export the model")
 
     def verify(self) -> list[str]:
         """Recompute every file's sha256; return the problems found (empty when all match). A config
@@ -356,12 +398,43 @@ def manifest_problems(m: dict) -> list[str]:
             if not (isinstance(comp, dict) and isinstance(comp.get("file", ""), str)):
                 problems.append(f"components.{name} must be an object like {{\"file\": \"{name}/{ONNX_FILE}\", ...}}, "
                                 f"got {comp!r}")  # fmt: skip
+            elif name in SUBMODELS:
+                problems += _io_problems(name, comp)
     files = m.get("files")
     if isinstance(files, dict):
         for rel, info in files.items():
             if not (isinstance(info, dict) and _is_int(info.get("size")) and info["size"] >= 0
                     and isinstance(info.get("sha256"), str)):  # fmt: skip
                 problems.append(f"files entry {rel!r} must have an integer size and a sha256, got {info!r}")
+    return problems
+
+
+def _io_problems(name: str, comp: dict) -> list[str]:
+    """The component's I/O as the manifest records it (export reads it back from the ONNX) against the I/O
+    contract (runtime/specs.py): the same names, ranks, fixed sizes and kind of dtype (an fp16 export's
+    float16 for float32 is a precision, not a mismatch). Symbol names are not compared: they are labels."""
+    problems = []
+    for kind in ("inputs", "outputs"):
+        recorded, where = comp.get(kind), f"components.{name}.{kind}"
+        if recorded is None:
+            continue
+        try:
+            tensors = {t.name: t for t in map(TensorSpec.from_json, recorded)}
+        except (TypeError, KeyError, ValueError, AttributeError):
+            problems.append(f'{where} must be a list of {{"name", "dtype", "shape"}} objects, got {recorded!r}'[:300])
+            continue
+        contract = getattr(SUBMODELS[name], kind)
+        if sorted(tensors) != sorted(t.name for t in contract):
+            problems.append(f"{where} are {list(tensors)}, the I/O contract's are {[t.name for t in contract]}")
+            continue
+        for want in contract:
+            got = tensors[want.name]
+            # a scalar may be recorded as one value per sample (optimum's 1-D timestep), as engines accept
+            rank_ok = got.rank == want.rank or (want.rank == 0 and got.rank == 1)
+            fixed_ok = all(g == w for g, w in zip(got.shape, want.shape, strict=False) if _is_int(g) and _is_int(w))
+            if not (rank_ok and fixed_ok) or got.dtype.kind != np.dtype(want.dtype).kind:
+                problems.append(f"{where}: {want.name!r} is {got.dtype.name} {list(got.shape)}, the I/O contract "
+                                f"says {np.dtype(want.dtype).name} {list(want.shape)}")  # fmt: skip
     return problems
 
 
@@ -384,7 +457,7 @@ def infer_manifest(path: Path) -> dict:
     scaling = vae_cfg.get("scaling_factor", 0.18215)
     return {
         "format": MANIFEST_FORMAT,
-        "family": "sd2" if te_cfg.get("hidden_act") == "gelu" else "sd1",
+        "family": specs.family_for(te_cfg.get("hidden_act")),
         "prediction_type": sched.get("prediction_type", "epsilon"),
         "vae_scaling_factor": float(scaling) if _is_number(scaling) else scaling,
         "latent_channels": vae_cfg.get("latent_channels", unet_cfg.get("in_channels", 4)),

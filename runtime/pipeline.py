@@ -71,9 +71,6 @@ class GenerationCancelled(EdgediffError):
     """The progress callback returned False."""
 
 
-COMPONENTS = ("text_encoder", "unet", "vae_decoder")
-
-
 @dataclass
 class GenerationResult:
     """``timings`` (seconds): tokenize, text_encoder, unet (all UNet calls), denoise (the whole
@@ -138,7 +135,7 @@ class Pipeline:
             raise InvalidArgumentError(f"memory_limit must be 'auto', None or a positive number of bytes, got "
                                        f"{memory_limit!r}")  # fmt: skip
         mf = ModelFolder.open(embedded_model_path() if folder is None else folder)
-        tokenizer = ClipTokenizer(mf.path / "tokenizer")
+        tokenizer = ClipTokenizer(mf.path / "tokenizer", mf.text_max_positions)
         options = dict(engine_options)
         if providers is not None:
             options["providers"] = providers
@@ -151,7 +148,7 @@ class Pipeline:
             engine_class(engine)  # a missing engine library fails here, not in the middle of a call
             return pipe
         try:
-            for name in COMPONENTS:
+            for name in mf.required_components:
                 t0 = time.perf_counter()
                 pipe.engines[name] = pipe._create(name)
                 pipe.load_times[name] = time.perf_counter() - t0

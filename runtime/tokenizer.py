@@ -29,10 +29,10 @@ import tokenizers
 from tokenizers import Tokenizer
 
 from .errors import InvalidArgumentError, ModelFolderError
+from .specs import CLIP_POSITIONS
 
 logger = logging.getLogger(__name__)
 
-CLIP_POSITIONS = 77  # CLIP text encoders' max_position_embeddings
 # transformers writes model_max_length = int(1e30) (VERY_LARGE_INTEGER) when the model sets none
 _UNSET_LENGTH = 1e29
 _SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token")
@@ -103,9 +103,15 @@ def _special_tokens(files: list[tuple[str, dict]], problems: list[str]) -> dict[
     return found
 
 
-def _max_length(config: dict, label: str, max_positions: int | None, problems: list[str]) -> int:
+def max_length(model_max_length, max_positions: int | None = None) -> int:
+    """Tokens per prompt (the contract's ``S``) for tokenizer_config.json's ``model_max_length`` and the text
+    encoder's ``max_position_embeddings``: the one rule the tokenizer, ``ModelFolder.text_length`` (TensorRT
+    profiles, bench, optimize) and export follow. An unset or invalid value gives CLIP's length."""
+    return _max_length(model_max_length, "", max_positions, [])
+
+
+def _max_length(value, label: str, max_positions: int | None, problems: list[str]) -> int:
     limit = max_positions or CLIP_POSITIONS
-    value = config.get("model_max_length")
     if value is None or (isinstance(value, (int, float)) and not isinstance(value, bool) and value >= _UNSET_LENGTH):
         return min(CLIP_POSITIONS, limit)
     if isinstance(value, float) and value.is_integer():
@@ -227,7 +233,8 @@ def _load(folder: Path, max_positions: int | None) -> tuple[Tokenizer | None, di
     source = {k: specials[k][2] if k in specials else "CLIP's default" for k in _SPECIAL_KEYS}
     if "pad_token" not in specials:  # CLIP pads with its end token unless told otherwise
         tokens["pad_token"], source["pad_token"] = tokens["eos_token"], source["eos_token"]
-    settings = dict(tokens, max_length=_max_length(config, lbl("tokenizer_config.json"), max_positions, problems))
+    length = _max_length(config.get("model_max_length"), lbl("tokenizer_config.json"), max_positions, problems)
+    settings = dict(tokens, max_length=length)
 
     tok = vocab = merges = lookup = None
     if (folder / "tokenizer.json").is_file():
@@ -273,7 +280,7 @@ def tokenizer_problems(folder: Path, max_positions: int | None = None) -> list[s
     """Every problem of the tokenizer folder's files, each starting with its file
     (``tokenizer/tokenizer_config.json: ...``); empty when the folder loads. ``max_positions``: the
     text encoder's ``max_position_embeddings`` when known (``model_max_length`` may not exceed it;
-    default 77, CLIP's)."""
+    default CLIP's)."""
     return _load(Path(folder), max_positions)[2]
 
 

@@ -216,8 +216,11 @@ def test_force_replaces_and_interrupt_leaves_nothing(tiny_source, tmp_path, monk
 
 
 def test_validation_reports_every_mismatch(tiny_source, tmp_path, monkeypatch):
-    monkeypatch.setitem(__import__("edgediff.export.validate").export.validate.TOLERANCES, "fp32", (0.0, 0.0))
     from edgediff.export import export_model
+    from edgediff.runtime.specs import SUBMODELS
+
+    for spec in SUBMODELS.values():  # the contract's tolerance, which validation reads
+        monkeypatch.setitem(spec.tolerance, "fp32", (0.0, 0.0))
 
     with pytest.raises(ExportValidationError) as info:
         export_model(tiny_source("sd1"), tmp_path / "out")

@@ -277,7 +277,7 @@ def test_write_failure_is_one_line_and_leaves_nothing(tmp_path, monkeypatch):
 
 
 def test_check_output_path_accepts_new_folders(tmp_path):
-    from edgediff.runtime.image import check_output_path
+    from edgediff.runtime.files import check_output_path
 
     assert check_output_path(tmp_path / "a" / "b" / "o.png") == tmp_path / "a" / "b" / "o.png"
     assert not (tmp_path / "a").exists()  # checked, not created
