@@ -5,6 +5,9 @@ Tolerance: |ours - diffusers| <= 2e-5 * max(1, max|sample|) at every step: float
 (diffusers computes in float32 with torch, we in float32 with numpy; betas differ by <= 1 ulp).
 Noise: diffusers gets torch.Generator("cpu").manual_seed(seed), we get TorchCPUGenerator(seed), so
 the per-step noise of stochastic schedulers is the same stream drawn in the same order.
+Every comparison asserts that both sides are finite first (``assert_close_finite``): NaN == NaN in
+``assert_allclose``. A configuration diffusers turns into NaN is refused by edgediff instead:
+``assert_refused_where_diffusers_breaks`` checks both halves of that.
 """
 
 from __future__ import annotations
@@ -33,6 +36,22 @@ PREDICTIONS = ["epsilon", "v_prediction"]
 SPACINGS = ["leading", "linspace", "trailing"]
 
 
+def assert_close_finite(got, want, *, atol: float = 0.0, rtol: float = 0.0, err_msg: str = "") -> None:
+    """``np.testing.assert_allclose`` after asserting that both sides are finite: assert_allclose treats NaN as
+    equal to NaN (and inf as equal to inf), so a configuration that breaks both sides would otherwise pass."""
+    got, want = np.asarray(got), np.asarray(want)
+    where = f" ({err_msg})" if err_msg else ""
+    for side, values in (("the reference", want), ("the result", got)):
+        bad = np.count_nonzero(~np.isfinite(values))
+        assert bad == 0, f"{side} is not finite{where}: {bad} values"
+    np.testing.assert_allclose(got, want, rtol=rtol, atol=atol, err_msg=err_msg)
+
+
+def assert_equal_finite(got, want, err_msg: str = "") -> None:
+    """``np.testing.assert_array_equal`` after asserting that both sides are finite (NaN == NaN there too)."""
+    assert_close_finite(got, want, err_msg=err_msg)
+
+
 def drive(diffusers_cls, overrides: dict, steps=None, seed: int = 0, step_kwargs: dict | None = None,
           timesteps=None, sigmas=None, base: dict | None = None, atol: float = 2e-5, ours_cls=None):  # fmt: skip
     """Run both schedulers; assert schedule and every step agree. Returns our final sample.
@@ -53,8 +72,8 @@ def drive(diffusers_cls, overrides: dict, steps=None, seed: int = 0, step_kwargs
     set_kwargs = {k: v for k, v in (("timesteps", timesteps), ("sigmas", sigmas)) if v is not None}
     ref.set_timesteps(steps, **set_kwargs) if steps is not None else ref.set_timesteps(**set_kwargs)
     plan = ours.plan(steps, **set_kwargs)
-    np.testing.assert_allclose(plan.timesteps, ref.timesteps.numpy().astype(np.float32), rtol=0, atol=1e-3,
-                               err_msg="timesteps differ")  # fmt: skip
+    want_t = ref.timesteps.numpy().astype(np.float32)
+    assert_close_finite(plan.timesteps, want_t, atol=1e-3, err_msg="timesteps differ")
     assert abs(plan.init_noise_sigma - float(ref.init_noise_sigma)) <= 1e-6 * max(1.0, plan.init_noise_sigma)
     rng = np.random.default_rng(seed)
     x = (rng.standard_normal((1, 4, 8, 8)) * plan.init_noise_sigma).astype(np.float32)
@@ -67,7 +86,7 @@ def drive(diffusers_cls, overrides: dict, steps=None, seed: int = 0, step_kwargs
         scaled = ours.scale_model_input(plan, i, x)
         scaled_ref = ref.scale_model_input(xr, t)
         in_scale = max(1.0, float(np.abs(scaled_ref.numpy()).max()))
-        np.testing.assert_allclose(scaled, scaled_ref.numpy(), rtol=0, atol=atol * in_scale, err_msg=f"scale_model_input {i}")
+        assert_close_finite(scaled, scaled_ref.numpy(), atol=atol * in_scale, err_msg=f"scale_model_input {i}")
         out = rng.standard_normal(x.shape).astype(np.float32)  # stand-in model output
         kwargs = {k: v for k, v in step_kwargs.items() if k in accepted}
         if "generator" in accepted:
@@ -76,5 +95,51 @@ def drive(diffusers_cls, overrides: dict, steps=None, seed: int = 0, step_kwargs
         x, state = ours.step(plan, i, out, x, state, g_ours)
         assert x.dtype == np.float32 and x.shape == xr.shape
         scale = max(1.0, float(np.abs(xr.numpy()).max()))
-        np.testing.assert_allclose(x, xr.numpy(), rtol=0, atol=atol * scale, err_msg=f"step {i} (t={float(t)})")
+        assert_close_finite(x, xr.numpy(), atol=atol * scale, err_msg=f"step {i} (t={float(t)})")
     return x
+
+
+def refusal(class_name: str, overrides: dict, steps: int, base: dict | None = None) -> str | None:
+    """edgediff's InvalidArgumentError message for this configuration (construction or plan), None if accepted.
+    ``overrides`` may hold ``eta`` (a DDIM step option, a config key here)."""
+    from edgediff.runtime.errors import InvalidArgumentError
+
+    cfg = dict(SD_BASE if base is None else base, **overrides, _class_name=class_name)
+    try:
+        schedulers.resolve(cfg, {}).plan(steps)
+    except InvalidArgumentError as e:
+        return str(e)
+    return None
+
+
+def diffusers_breaks(diffusers_cls, overrides: dict, steps: int, base: dict | None = None, seed: int = 0) -> bool:
+    """Whether diffusers' scheduler returns a non-finite sample at some step (stand-in model outputs)."""
+    import torch
+
+    cfg = dict(SD_BASE if base is None else base, **{k: v for k, v in overrides.items() if k != "eta"})
+    ref = diffusers_cls.from_config(cfg)
+    ref.set_timesteps(steps)
+    gen = torch.Generator("cpu").manual_seed(seed)
+    kwargs = {"eta": overrides["eta"]} if "eta" in overrides else {}
+    if "generator" in inspect.signature(ref.step).parameters:
+        kwargs["generator"] = gen
+    x = torch.randn(1, 4, 8, 8, generator=gen) * ref.init_noise_sigma
+    for t in ref.timesteps:
+        ref.scale_model_input(x, t)  # the UNet's input; some classes insist it is called
+        x = ref.step(torch.randn(1, 4, 8, 8, generator=gen), t, x, **kwargs).prev_sample
+        if not torch.isfinite(x).all():
+            return True
+    return False
+
+
+def assert_refused_where_diffusers_breaks(diffusers_cls, overrides: dict, steps: int, fragment: str,
+                                          base: dict | None = None) -> str:  # fmt: skip
+    """edgediff refuses the configuration naming ``fragment`` and, given the diffusers class (not just its name,
+    as torch-free tests pass), diffusers really returns NaN/inf there: the oracle justifies the refusal."""
+    name = diffusers_cls if isinstance(diffusers_cls, str) else diffusers_cls.__name__
+    message = refusal(name, overrides, steps, base)
+    assert message is not None, f"{name} {overrides} at {steps} steps: accepted, but diffusers breaks there"
+    assert fragment in message and "NaN" in message, message
+    if not isinstance(diffusers_cls, str):
+        assert diffusers_breaks(diffusers_cls, overrides, steps, base), f"{name} {overrides}: finite in diffusers"
+    return message

@@ -6,7 +6,7 @@ import itertools
 
 import numpy as np
 import pytest
-from conftest import needs_torch
+from conftest import HAS_TORCH, needs_torch
 
 from edgediff.runtime import schedulers
 from edgediff.runtime.errors import InvalidArgumentError
@@ -15,25 +15,20 @@ from edgediff.runtime.schedulers.dpmsolver_multistep import DPMSolverMultistep
 from edgediff.runtime.schedulers.euler import EulerDiscrete
 from edgediff.runtime.schedulers.euler_ancestral import EulerAncestralDiscrete
 
-from scheduler_harness import PREDICTIONS, SD_BASE, SPACINGS, STEPS, drive
+from scheduler_harness import (
+    PREDICTIONS, SD_BASE, SPACINGS, STEPS, assert_close_finite, assert_refused_where_diffusers_breaks, drive,
+)  # fmt: skip
 
 SEEDS = [0, 1, 1234]
 ALGOS = ["dpmsolver++", "sde-dpmsolver++"]
 SD_CFG = {k: v for k, v in SD_BASE.items() if not k.startswith("_")}
 
 
-def _run(*args, **kwargs):
-    """``drive`` plus a finiteness check: assert_allclose treats NaN as equal to NaN, so a
-    degenerate configuration would otherwise pass by producing NaN on both sides."""
-    x = drive(*args, **kwargs)
-    assert np.isfinite(x).all(), "non-finite result"
-    return x
-
-
 def _final_overrides(karras: bool, final: str) -> dict:
     """Karras σ end at σ_min, so with ``final_sigmas_type="sigma_min"`` the last interval is empty
-    (h = 0) and diffusers' heun / third-order coefficients are 0/0 = NaN; ``euler_at_final`` (a
-    first-order last step, exact for h = 0) is what such a configuration needs."""
+    (h = 0) and diffusers' heun / third-order coefficients are 0/0 = NaN (edgediff refuses that:
+    test_zero_length_last_step_refused); ``euler_at_final`` (a first-order last step, exact for
+    h = 0) is what such a configuration needs."""
     return {"final_sigmas_type": final, **({"euler_at_final": True} if karras and final == "sigma_min" else {})}
 
 
@@ -56,8 +51,8 @@ def _drive_forced(diffusers_cls, ours_cls, overrides, steps, seed=0):
     ours = ours_cls(**{k: v for k, v in base.items() if not k.startswith("_")})
     ref.set_timesteps(steps)
     plan = ours.plan(steps)
-    np.testing.assert_allclose(plan.timesteps, ref.timesteps.numpy().astype(np.float32), rtol=0, atol=1e-3)
-    np.testing.assert_allclose(plan.sigmas, ref.sigmas.numpy(), rtol=1e-5, atol=0)  # rescaled ᾱ: ~2e-6
+    assert_close_finite(plan.timesteps, ref.timesteps.numpy().astype(np.float32), atol=1e-3)
+    assert_close_finite(plan.sigmas, ref.sigmas.numpy(), rtol=1e-5)  # rescaled ᾱ: ~2e-6
     assert abs(plan.init_noise_sigma - float(ref.init_noise_sigma)) <= 1e-6 * plan.init_noise_sigma
     rng = np.random.default_rng(seed)
     x = (rng.standard_normal((1, 4, 8, 8)) * float(ref.init_noise_sigma)).astype(np.float32)
@@ -67,11 +62,12 @@ def _drive_forced(diffusers_cls, ours_cls, overrides, steps, seed=0):
     for i, t in enumerate(ref.timesteps):
         xt = torch.from_numpy(x.copy())
         scaled_ref = ref.scale_model_input(xt, t).numpy()
-        np.testing.assert_allclose(ours.scale_model_input(plan, i, x), scaled_ref, rtol=2e-5, atol=2e-5)
+        assert_close_finite(ours.scale_model_input(plan, i, x), scaled_ref, rtol=2e-5, atol=2e-5)
         out = rng.standard_normal(x.shape).astype(np.float32)
         xr = ref.step(torch.from_numpy(out), t, xt, generator=g_ref).prev_sample.numpy()
         mine, state = ours.step(plan, i, out, x, state, g_ours)
         assert mine.dtype == np.float32 and mine.shape == xr.shape
+        assert np.isfinite(xr).all() and np.isfinite(mine).all(), f"step {i}: non-finite sample"
         diff = float(np.abs(mine - xr).max())
         tol = 2e-5 * max(1.0, float(np.abs(xr).max())) + 2.0**-22 * float(np.abs(x).max())
         assert diff <= tol, f"step {i} (t={float(t)}): max diff {diff} > {tol}"
@@ -90,7 +86,7 @@ def test_euler_ancestral(steps, pred, spacing, seed):
     from diffusers import EulerAncestralDiscreteScheduler
 
     overrides = {"prediction_type": pred, "timestep_spacing": spacing}
-    _run(EulerAncestralDiscreteScheduler, overrides, steps, seed=seed, ours_cls=EulerAncestralDiscrete)
+    drive(EulerAncestralDiscreteScheduler, overrides, steps, seed=seed, ours_cls=EulerAncestralDiscrete)
 
 
 @needs_torch
@@ -100,11 +96,12 @@ def test_euler_ancestral(steps, pred, spacing, seed):
 )
 def test_euler_ancestral_class_defaults(steps, schedule, spacing, offset):
     """diffusers' own defaults (beta 1e-4..0.02, steps_offset 0). Not the cosine schedule: its
-    σ_max ≈ 2e4 makes σ_to² − σ_up² negative in float32 and diffusers' step returns NaN."""
+    σ_max ≈ 2e4 makes σ_to² − σ_up² negative in float32 at some step counts and diffusers' step
+    returns NaN (refused: test_euler_ancestral_steep_step_refused)."""
     from diffusers import EulerAncestralDiscreteScheduler
 
     overrides = {"beta_schedule": schedule, "timestep_spacing": spacing, "steps_offset": offset}
-    _run(EulerAncestralDiscreteScheduler, overrides, steps, seed=steps, base={}, ours_cls=EulerAncestralDiscrete)
+    drive(EulerAncestralDiscreteScheduler, overrides, steps, seed=steps, base={}, ours_cls=EulerAncestralDiscrete)
 
 
 @needs_torch
@@ -135,9 +132,8 @@ def test_euler_ancestral_draws_every_step(steps):
     for i, t in enumerate(ref.timesteps):
         xr = ref.step(torch.zeros_like(xr), t, xr, generator=g_ref).prev_sample
         x, _ = ours.step(plan, i, np.zeros_like(x), x, None, g_ours)
-        np.testing.assert_allclose(x, xr.numpy(), rtol=0, atol=1e-5)
-    np.testing.assert_allclose(g_ours.randn((1, 4, 8, 8)), torch.randn((1, 4, 8, 8), generator=g_ref).numpy(),
-                               rtol=0, atol=1e-6)  # fmt: skip
+        assert_close_finite(x, xr.numpy(), atol=1e-5)
+    assert_close_finite(g_ours.randn((1, 4, 8, 8)), torch.randn((1, 4, 8, 8), generator=g_ref).numpy(), atol=1e-6)
 
 
 # -- DPM-Solver++ SDE, order 3, σ schedules ---------------------------------------------------
@@ -163,7 +159,7 @@ def test_dpmpp_2m_sde(steps, pred, spacing, karras, order, solver, lower_final, 
     overrides = {"algorithm_type": "sde-dpmsolver++", "prediction_type": pred, "timestep_spacing": spacing,
                  "use_karras_sigmas": karras, "solver_order": order, "solver_type": solver,
                  "lower_order_final": lower_final, **_final_overrides(karras, final)}  # fmt: skip
-    _run(DPMSolverMultistepScheduler, overrides, steps, seed=steps)
+    drive(DPMSolverMultistepScheduler, overrides, steps, seed=steps)
 
 
 @needs_torch
@@ -172,7 +168,7 @@ def test_dpmpp_2m_sde_seeds(steps, seed, karras):
     from diffusers import DPMSolverMultistepScheduler
 
     overrides = {"algorithm_type": "sde-dpmsolver++", "use_karras_sigmas": karras}
-    _run(DPMSolverMultistepScheduler, overrides, steps, seed=seed)
+    drive(DPMSolverMultistepScheduler, overrides, steps, seed=seed)
 
 
 @needs_torch
@@ -190,7 +186,7 @@ def test_dpmpp_3m(steps, pred, spacing, karras, algo, lower_final, final):
     overrides = {"algorithm_type": algo, "solver_order": 3, "prediction_type": pred, "timestep_spacing": spacing,
                  "use_karras_sigmas": karras, "lower_order_final": lower_final,
                  **_final_overrides(karras, final)}  # fmt: skip
-    _run(DPMSolverMultistepScheduler, overrides, steps, seed=steps)
+    drive(DPMSolverMultistepScheduler, overrides, steps, seed=steps)
 
 
 @needs_torch
@@ -203,7 +199,7 @@ def test_dpm_sigma_schedules(steps, pred, schedule, algo, order):
 
     key = "use_exponential_sigmas" if schedule == "exponential" else "use_lu_lambdas"
     overrides = {key: True, "prediction_type": pred, "algorithm_type": algo, "solver_order": order}
-    _run(DPMSolverMultistepScheduler, overrides, steps, seed=order)
+    drive(DPMSolverMultistepScheduler, overrides, steps, seed=order)
 
 
 @needs_torch
@@ -218,7 +214,7 @@ def test_dpm_beta_schedules(steps, schedule, sigmas, algo):
     from diffusers import DPMSolverMultistepScheduler
 
     overrides = {"beta_schedule": schedule, "use_lu_lambdas": sigmas == "lu", "algorithm_type": algo}
-    _run(DPMSolverMultistepScheduler, overrides, steps, base={})
+    drive(DPMSolverMultistepScheduler, overrides, steps, base={})
 
 
 @needs_torch
@@ -231,7 +227,7 @@ def test_dpm_euler_at_final(steps, euler_final, final, algo, order):
 
     overrides = {"euler_at_final": euler_final, "lower_order_final": False, "final_sigmas_type": final,
                  "algorithm_type": algo, "solver_order": order}  # fmt: skip
-    _run(DPMSolverMultistepScheduler, overrides, steps)
+    drive(DPMSolverMultistepScheduler, overrides, steps)
 
 
 @needs_torch
@@ -243,7 +239,7 @@ def test_dpm_zero_snr(steps, spacing, pred, algo, order):
 
     overrides = {"rescale_betas_zero_snr": True, "timestep_spacing": spacing, "prediction_type": pred,
                  "algorithm_type": algo, "solver_order": order}  # fmt: skip
-    _run(DPMSolverMultistepScheduler, overrides, steps)
+    drive(DPMSolverMultistepScheduler, overrides, steps)
 
 
 @needs_torch
@@ -258,7 +254,7 @@ def test_dpm_3m_long(steps, pred, schedule, algo):
 
     overrides = {"solver_order": 3, "prediction_type": pred, "use_karras_sigmas": schedule == "karras",
                  "algorithm_type": algo}  # fmt: skip
-    _run(DPMSolverMultistepScheduler, overrides, steps, atol=2e-4)
+    drive(DPMSolverMultistepScheduler, overrides, steps, atol=2e-4)
 
 
 @needs_torch
@@ -267,7 +263,7 @@ def test_dpm_custom_timesteps(order, algo):
     from diffusers import DPMSolverMultistepScheduler
 
     overrides = {"solver_order": order, "algorithm_type": algo}
-    _run(DPMSolverMultistepScheduler, overrides, timesteps=[999, 800, 600, 400, 200, 1], seed=order)
+    drive(DPMSolverMultistepScheduler, overrides, timesteps=[999, 800, 600, 400, 200, 1], seed=order)
 
 
 # -- Euler with exponential σ -----------------------------------------------------------------
@@ -283,7 +279,7 @@ def test_euler_exponential(steps, pred, spacing, final):
 
     overrides = {"use_exponential_sigmas": True, "prediction_type": pred, "timestep_spacing": spacing,
                  "final_sigmas_type": final}  # fmt: skip
-    _run(EulerDiscreteScheduler, overrides, steps)
+    drive(EulerDiscreteScheduler, overrides, steps)
 
 
 @needs_torch
@@ -293,8 +289,51 @@ def test_euler_exponential_sigma_range(steps, schedule):
     from diffusers import EulerDiscreteScheduler
 
     overrides = {"use_exponential_sigmas": True, "beta_schedule": schedule, "sigma_min": 0.05, "sigma_max": 10.0}
-    _run(EulerDiscreteScheduler, overrides, steps)
-    _run(EulerDiscreteScheduler, {"use_exponential_sigmas": True, "beta_schedule": schedule}, steps)
+    drive(EulerDiscreteScheduler, overrides, steps)
+    drive(EulerDiscreteScheduler, {"use_exponential_sigmas": True, "beta_schedule": schedule}, steps)
+
+
+# -- what diffusers turns into NaN: refused ---------------------------------------------------
+
+
+@pytest.mark.parametrize("steps", [2, 3, 5, 20])
+@pytest.mark.parametrize("ramp", ["use_karras_sigmas", "use_exponential_sigmas", "use_lu_lambdas"])
+@pytest.mark.parametrize("algo", ALGOS)
+@pytest.mark.parametrize("order,solver", [(2, "heun"), (3, "midpoint"), (3, "heun")])
+def test_zero_length_last_step_refused(steps, ramp, algo, order, solver):
+    """A σ ramp ends at σ_min, so final_sigmas_type="sigma_min" repeats it: a zero-length last step whose heun /
+    third-order update is 0/0. Refused (NaN in diffusers, checked with torch); each suggested fix is accepted."""
+    overrides = {ramp: True, "algorithm_type": algo, "solver_order": order, "solver_type": solver,
+                 "final_sigmas_type": "sigma_min", "lower_order_final": False}  # fmt: skip
+    if order == 3 and steps == 2:  # the second step is second order: midpoint stays finite there
+        overrides["solver_type"] = "heun"
+    cls = "DPMSolverMultistepScheduler"
+    if HAS_TORCH:
+        from diffusers import DPMSolverMultistepScheduler as cls
+    msg = assert_refused_where_diffusers_breaks(cls, overrides, steps, f"{ramp}=True ends on a repeated sigma")
+    assert ("third-order" in msg) == (order == 3 and steps > 2)
+    fixes = [("final_sigmas_type", "zero"), ("euler_at_final", True)] + [("lower_order_final", True)] * (steps < 15)
+    for key, value in fixes:
+        assert f"{key}={value!r}" in msg
+        if HAS_TORCH:
+            drive(cls, {**overrides, key: value}, steps, seed=steps)
+        else:
+            DPMSolverMultistep(**SD_CFG, **{**overrides, key: value}).plan(steps)
+    assert ("lower_order_final" in msg) == (steps < 15)  # from 15 steps diffusers ignores it at the last step
+
+
+@needs_torch
+@pytest.mark.parametrize("steps", [3, 5])
+def test_euler_ancestral_steep_step_refused(steps):
+    """The cosine schedule's σ_max ≈ 2e4 before a small σ: σ_to² − σ_up² rounds below 0 (NaN in diffusers)."""
+    from diffusers import EulerAncestralDiscreteScheduler
+
+    overrides = {"beta_schedule": "squaredcos_cap_v2", "timestep_spacing": "trailing"}
+    if steps == 3:
+        fragment = "too steep for float32"
+        assert_refused_where_diffusers_breaks(EulerAncestralDiscreteScheduler, overrides, steps, fragment, base={})
+    else:  # the same schedule at other step counts is fine, in both
+        drive(EulerAncestralDiscreteScheduler, overrides, steps, base={}, ours_cls=EulerAncestralDiscrete)
 
 
 # -- errors ------------------------------------------------------------------------------------
@@ -364,5 +403,5 @@ def test_euler_ancestral_takes_steps_only():
 def test_euler_ancestral_names():
     assert EulerAncestralDiscrete.class_name == "EulerAncestralDiscreteScheduler"
     assert EulerAncestralDiscrete.short_name == "euler_a"
-    if EulerAncestralDiscrete.class_name in schedulers.SCHEDULERS:  # once the lead registers it
-        assert type(schedulers.resolve("euler_a", SD_BASE)) is EulerAncestralDiscrete
+    assert schedulers.SCHEDULERS[EulerAncestralDiscrete.class_name] is EulerAncestralDiscrete
+    assert type(schedulers.resolve("euler_a", SD_BASE)) is EulerAncestralDiscrete

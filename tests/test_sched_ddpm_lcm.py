@@ -7,14 +7,16 @@ import itertools
 
 import numpy as np
 import pytest
-from conftest import needs_torch
+from conftest import HAS_TORCH, needs_torch
 
 from edgediff.runtime.errors import InvalidArgumentError
 from edgediff.runtime.rng import TorchCPUGenerator
 from edgediff.runtime.schedulers.ddpm import DDPM
 from edgediff.runtime.schedulers.lcm import LCM
 
-from scheduler_harness import SD_BASE, SPACINGS, STEPS, drive
+from scheduler_harness import (
+    SD_BASE, SPACINGS, STEPS, assert_equal_finite, assert_refused_where_diffusers_breaks, drive, refusal,
+)  # fmt: skip
 
 PREDS = ["epsilon", "v_prediction", "sample"]
 SEEDS = [0, 1, 1234]
@@ -75,6 +77,33 @@ def test_ddpm_zero_snr_and_cosine(steps):
     drive(DDPMScheduler, {"beta_schedule": "squaredcos_cap_v2"}, steps, base={}, ours_cls=DDPM)
 
 
+@pytest.mark.parametrize("name", ["DDIMScheduler", "DDPMScheduler", "LCMScheduler"])
+@pytest.mark.parametrize("spacing", ["linspace", "trailing"])
+def test_zero_snr_epsilon_refused(name, spacing):
+    """These classes keep ᾱ_T = 0 under zero-SNR rescaling, and an epsilon prediction at t = T − 1 divides by
+    sqrt(ᾱ_T) = 0 (inf/NaN in diffusers, checked with torch). v_prediction or clip_sample is accepted and matches;
+    so is epsilon on a schedule that never reaches t = T − 1."""
+    cls = name
+    if HAS_TORCH:
+        import diffusers
+
+        cls = getattr(diffusers, name)
+    overrides = {"rescale_betas_zero_snr": True, "timestep_spacing": spacing, "prediction_type": "epsilon",
+                 "clip_sample": False}  # fmt: skip
+    msg = assert_refused_where_diffusers_breaks(cls, overrides, 4, "makes alphas_cumprod 0 at timestep 999")
+    assert "prediction_type='v_prediction'" in msg and "clip_sample=True" in msg
+    ours = {"DDIMScheduler": None, "DDPMScheduler": DDPM, "LCMScheduler": LCM}[name]
+    for fix in ({"prediction_type": "v_prediction"}, {"clip_sample": True}):
+        if HAS_TORCH:
+            drive(cls, {**overrides, **fix}, 4, ours_cls=ours)
+    leading = {**overrides, "timestep_spacing": "leading"}  # 751, 501, 251, 1 with SD's steps_offset
+    if name != "LCMScheduler":  # LCM's schedule always starts at T − 1
+        if HAS_TORCH:
+            drive(cls, leading, 4, ours_cls=ours)
+        else:
+            assert refusal(name, leading, 4) is None
+
+
 # (original_inference_steps, timestep_scaling, clip_sample, clip_sample_range, set_alpha_to_one)
 LCM_OPTIONS = [
     (50, 10.0, False, 1.0, False),
@@ -130,7 +159,7 @@ def test_lcm_original_steps_argument(orig, steps):
     ref = LCMScheduler.from_config(SD_BASE)
     ref.set_timesteps(steps, original_inference_steps=orig)
     plan = LCM(**SD_BASE).plan(steps, original_inference_steps=orig)
-    np.testing.assert_array_equal(plan.timesteps, ref.timesteps.numpy().astype(np.float32))
+    assert_equal_finite(plan.timesteps, ref.timesteps.numpy().astype(np.float32))
 
 
 def test_lcm_schedule_vectors():

@@ -16,7 +16,7 @@ from edgediff.runtime.errors import InvalidArgumentError
 from edgediff.runtime.schedulers.heun import HeunDiscrete, HeunState
 from edgediff.runtime.schedulers.lms import LMS_ORDER, LMSDiscrete, _lms_coefficient
 
-from scheduler_harness import SD_BASE, SPACINGS, STEPS, drive
+from scheduler_harness import SD_BASE, SPACINGS, STEPS, assert_close_finite, assert_equal_finite, drive
 
 HAS_SCIPY = importlib.util.find_spec("scipy") is not None
 needs_scipy = pytest.mark.skipif(not HAS_SCIPY, reason="diffusers' LMSDiscreteScheduler needs scipy")
@@ -80,7 +80,7 @@ def test_lms_low_orders_are_adams_bashforth():
     assert _lms_coefficient(sig, 1, 2, 1) == pytest.approx(0.5, abs=1e-14)
     sig = np.arange(5, -1, -1).astype(np.float32)  # 5, 4, 3, 2, 1, 0: AB4 at i = 3
     ab4 = [_lms_coefficient(sig, 3, 4, j) for j in range(4)]
-    np.testing.assert_allclose(ab4, np.array([-55, 59, -37, 9]) / 24, rtol=0, atol=1e-13)
+    assert_close_finite(ab4, np.array([-55, 59, -37, 9]) / 24, atol=1e-13)
 
 
 def test_lms_plan_and_state():
@@ -99,7 +99,7 @@ def test_lms_plan_and_state():
             assert len(state.derivatives) == min(i + 1, LMS_ORDER)
         return xs
 
-    np.testing.assert_array_equal(run(), run())  # no hidden state on the scheduler or the plan
+    assert_equal_finite(run(), run())  # no hidden state on the scheduler or the plan
 
 
 # -- Heun ----------------------------------------------------------------------------------
@@ -140,21 +140,21 @@ def test_heun_two_step_linspace(pred, karras, seed):
     ours = HeunDiscrete(**{k: v for k, v in cfg.items() if not k.startswith("_")})
     ref.set_timesteps(steps)
     plan = ours.plan(steps)
-    np.testing.assert_allclose(plan.timesteps, ref.timesteps.numpy(), rtol=0, atol=1e-3)
+    assert_close_finite(plan.timesteps, ref.timesteps.numpy(), atol=1e-3)
     rng = np.random.default_rng(seed)
     x = (rng.standard_normal((1, 4, 8, 8)) * plan.init_noise_sigma).astype(np.float32)
     xr, state = torch.from_numpy(x.copy()), ours.initial_state(plan)
     for i, t in enumerate(ref.timesteps):
         tol = 2e-5 * max(1.0, float(np.abs(xr.numpy()).max()))
-        np.testing.assert_allclose(ours.scale_model_input(plan, i, x), ref.scale_model_input(xr, t).numpy(),
-                                   rtol=0, atol=tol, err_msg=f"scale_model_input {i}")  # fmt: skip
+        assert_close_finite(ours.scale_model_input(plan, i, x), ref.scale_model_input(xr, t).numpy(), atol=tol,
+                            err_msg=f"scale_model_input {i}")  # fmt: skip
         out = rng.standard_normal(x.shape).astype(np.float32)
         x_in = float(np.abs(xr.numpy()).max())
         xr = ref.step(torch.from_numpy(out), t, xr).prev_sample
         x, state = ours.step(plan, i, out, x, state)
         # the last step maps |x| ~ 900 to x ≈ x̂_0 ~ 1: its rounding is relative to the input's size
         tol = 2e-5 * max(1.0, x_in, float(np.abs(xr.numpy()).max()))
-        np.testing.assert_allclose(x, xr.numpy(), rtol=0, atol=tol, err_msg=f"step {i}")
+        assert_close_finite(x, xr.numpy(), atol=tol, err_msg=f"step {i}")
 
 
 @needs_torch
@@ -192,8 +192,8 @@ def test_heun_custom_timesteps(timesteps, pred):
 def test_heun_plan_shape():
     plan = HeunDiscrete(**SD_BASE).plan(4)
     assert len(plan.timesteps) == 2 * 4 - 1 and len(plan.sigmas) == 2 * 4
-    np.testing.assert_array_equal(plan.timesteps[1::2], plan.timesteps[2::2])
-    np.testing.assert_array_equal(plan.sigmas[1:-1:2], plan.sigmas[2:-1:2])
+    assert_equal_finite(plan.timesteps[1::2], plan.timesteps[2::2])
+    assert_equal_finite(plan.sigmas[1:-1:2], plan.sigmas[2:-1:2])
     assert plan.sigmas[-1] == 0 and plan.sigmas.dtype == np.float32 and plan.timesteps.dtype == np.float32
     one = HeunDiscrete(**SD_BASE).plan(1)
     assert len(one.timesteps) == 1 and len(one.sigmas) == 2

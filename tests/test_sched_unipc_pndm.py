@@ -22,7 +22,7 @@ from edgediff.runtime.errors import InvalidArgumentError
 from edgediff.runtime.schedulers.pndm import PNDM
 from edgediff.runtime.schedulers.unipc_multistep import UniPCMultistep
 
-from scheduler_harness import PREDICTIONS, SD_BASE, SPACINGS, STEPS, drive
+from scheduler_harness import PREDICTIONS, SD_BASE, SPACINGS, STEPS, assert_close_finite, assert_equal_finite, drive
 
 UNIPC_PREDICTIONS = [*PREDICTIONS, "sample"]
 # (solver_order, solver_type, predict_x0, lower_order_final, final_sigmas_type); every combination
@@ -63,7 +63,7 @@ def _drive_unipc_scaled(overrides, steps, seed=0, atol=1e-4, base=None):
     ref64.sigmas = ref64.sigmas.double()  # every scalar of the update in float64
     ours = UniPCMultistep(**{k: v for k, v in base.items() if not k.startswith("_")})
     plan = ours.plan(steps)
-    np.testing.assert_array_equal(plan.timesteps, ref.timesteps.numpy().astype(np.float32))
+    assert_equal_finite(plan.timesteps, ref.timesteps.numpy().astype(np.float32))
     assert plan.init_noise_sigma == float(ref.init_noise_sigma)
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((1, 4, 8, 8)).astype(np.float32)
@@ -76,6 +76,8 @@ def _drive_unipc_scaled(overrides, steps, seed=0, atol=1e-4, base=None):
         x64 = ref64.step(torch.from_numpy(out.astype(np.float64)), t, x64).prev_sample
         x, state = ours.step(plan, i, out, x, state)
         assert x.dtype == np.float32 and x.shape == xr.shape
+        assert np.isfinite(xr.numpy()).all() and np.isfinite(x64.numpy()).all(), f"step {i}: diffusers not finite"
+        assert np.isfinite(x).all(), f"step {i}: not finite"
         scale = max(1.0, float(np.abs(xr.numpy()).max()))
         diff = float(np.abs(x - xr.numpy()).max()) / scale
         assert diff <= atol, f"step {i} (t={float(t)}): {diff:.3g} > {atol}"
@@ -155,7 +157,7 @@ def test_unipc_defaults_and_zero_snr_floor():
     cfg = dict(SD_BASE, rescale_betas_zero_snr=True, timestep_spacing="trailing")
     ref = UniPCMultistepScheduler.from_config(cfg).alphas_cumprod.numpy()
     ours = UniPCMultistep(**cfg).alphas_cumprod
-    np.testing.assert_allclose(ours, ref, rtol=2e-6, atol=1e-9)
+    assert_close_finite(ours, ref, rtol=2e-6, atol=1e-9)
     assert ours[-1] == ref[-1] == 2.0**-24
 
 
@@ -241,9 +243,9 @@ def test_unipc_step_is_pure():
     kept = [m.copy() for m in state.model_outputs], state.last_sample.copy()
     a, state_a = s.step(plan, 4, out, x, state)
     b, state_b = s.step(plan, 4, out, x, state)
-    np.testing.assert_array_equal(a, b)
+    assert_equal_finite(a, b)
     assert all(np.array_equal(m, k) for m, k in zip(state.model_outputs, kept[0]))
-    np.testing.assert_array_equal(state.last_sample, kept[1])
+    assert_equal_finite(state.last_sample, kept[1])
     assert state_a.this_order == state_b.this_order == 3 and len(state_a.model_outputs) == 3
     assert a.dtype == np.float32 and plan.timesteps.dtype == np.float32 and plan.sigmas.dtype == np.float32
 

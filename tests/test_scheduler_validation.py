@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from scheduler_harness import SD_BASE
+from scheduler_harness import SD_BASE, assert_close_finite
 
 from edgediff.runtime import schedulers
 from edgediff.runtime.errors import InvalidArgumentError
@@ -127,8 +127,8 @@ def test_trained_betas_given_replace_beta_start_and_end():
     betas = np.linspace(0.0001, 0.02, 1000).tolist()
     cfg = {**SD_CFG, "trained_betas": betas, "beta_start": "ignored", "beta_schedule": "unknown"}
     assert config_problems(cfg, "DDIMScheduler") == []
-    np.testing.assert_allclose(SCHEDULERS["DDIMScheduler"](**cfg).alphas_cumprod, np.cumprod(1 - np.float32(betas)),
-                               rtol=1e-5)  # fmt: skip
+    ours = SCHEDULERS["DDIMScheduler"](**cfg).alphas_cumprod
+    assert_close_finite(ours, np.cumprod(1 - np.float32(betas)), rtol=1e-5)
 
 
 def test_float32_betas_reaching_one_refused():
@@ -469,6 +469,10 @@ def test_good_custom_sigmas_allowed():
 
 
 # -- end to end: the pipeline passes these through --------------------------------------------------
+ISSUE_12_DPM = {"_class_name": "DPMSolverMultistepScheduler", "use_karras_sigmas": True, "solver_type": "heun",
+                "final_sigmas_type": "sigma_min"}  # fmt: skip
+
+
 def test_pipeline_refuses_before_denoising():
     from edgediff.runtime import Pipeline
 
@@ -478,6 +482,8 @@ def test_pipeline_refuses_before_denoising():
         (dict(scheduler={"_class_name": "DDIMScheduler", "beta_end": "0.012"}), "beta_end='0.012' must be a number"),
         (dict(scheduler="ddim", eta=1.5), "eta=1.5 must be a number in [0, 1]"),
         (dict(scheduler="euler", timesteps=[999, 999]), "timesteps[1]=999 follows timesteps[0]=999"),
+        # issue 12: an all-black image with exit 0 in diffusers (NaN latents from the last step)
+        (dict(num_inference_steps=20, scheduler=ISSUE_12_DPM), "with use_karras_sigmas=True ends on a repeated sigma"),
     ]
     for kwargs, fragment in cases:
         with pytest.raises(InvalidArgumentError) as err:

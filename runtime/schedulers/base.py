@@ -158,6 +158,21 @@ class Scheduler:
                 f"timestep {big_t - 1}; use fewer steps or a smaller steps_offset"
             )
 
+    def _check_x0_from_epsilon(self, timesteps: np.ndarray) -> None:
+        """DDIM, DDPM and LCM keep ᾱ_T = 0 under ``rescale_betas_zero_snr`` (no 2^-24 floor), and at a timestep with
+        ᾱ_t = 0 an epsilon prediction gives x̂_0 = (x − sqrt(1 − ᾱ_t)·ε)/sqrt(ᾱ_t) = ±inf: diffusers' sample is inf/NaN
+        from there on unless ``clip_sample`` clips x̂_0 (swept: tests/tools/scheduler_nan_sweep.py)."""
+        cfg = self.config
+        if cfg["prediction_type"] != "epsilon" or cfg["clip_sample"]:
+            return
+        zero = [int(t) for t in timesteps if self.alphas_cumprod[int(t)] == 0]
+        if zero:
+            raise InvalidArgumentError(
+                f"{self.class_name}: rescale_betas_zero_snr=True makes alphas_cumprod 0 at timestep {zero[0]}, where "
+                "prediction_type='epsilon' gives no x0 (a division by 0, inf/NaN in diffusers); use "
+                "prediction_type='v_prediction' (what zero-SNR models are trained with) or clip_sample=True"
+            )
+
     def scale_model_input(self, plan: Plan, i: int, sample: np.ndarray) -> np.ndarray:
         return sample
 

@@ -35,7 +35,9 @@ class DDIMPlan(Plan):
 
 class DDIM(Scheduler):
     """Allowed values: ``prediction_type`` in {epsilon, v_prediction, sample};
-    ``timestep_spacing`` in {leading, linspace, trailing}."""
+    ``timestep_spacing`` in {leading, linspace, trailing}. Refused because diffusers returns NaN
+    there: an epsilon prediction at a timestep with ᾱ_t = 0 (zero-SNR rescaling, without
+    ``clip_sample``) and η = 1 where 1 − ᾱ_prev − σ_t² is within rounding of 0 (``_check_direction``)."""
 
     class_name = "DDIMScheduler"
     short_name = "ddim"
@@ -63,18 +65,52 @@ class DDIM(Scheduler):
         n, big_t = num_inference_steps, self.config["num_train_timesteps"]
         t = _spaced_int_timesteps(self.config, n)
         self._check_timestep_range(n, t)
-        return DDIMPlan(t.astype(np.float32), 1.0, t, big_t // n)
+        plan = DDIMPlan(t.astype(np.float32), 1.0, t, big_t // n)
+        self._check_x0_from_epsilon(t)
+        self._check_direction(plan)
+        return plan
 
-    def step(self, plan: DDIMPlan, i, model_output, sample, state=None, generator=None):
+    def _coefficients(self, plan: DDIMPlan, i: int):
+        """(ᾱ_t, ᾱ_prev, 1 − ᾱ_t, σ_t, 1 − ᾱ_prev − σ_t²) of step i, in diffusers' float32 arithmetic."""
         t = int(plan.int_timesteps[i])
         prev_t = t - plan.step_ratio
         a_t = self.alphas_cumprod[t]
         a_prev = self.alphas_cumprod[prev_t] if prev_t >= 0 else self.final_alpha_cumprod
         b_t = 1 - a_t
+        variance = (1 - a_prev) / b_t * (1 - a_t / a_prev)  # σ_t² / η² (eq. 16)
+        std = np.float32(self.eta) * variance**0.5
+        return a_t, a_prev, b_t, std, 1 - a_prev - std**2
+
+    def _check_direction(self, plan: DDIMPlan) -> None:
+        """1 − ᾱ_prev − σ_t² = (1 − ᾱ_prev)·(1 − η²·(1 − ᾱ_t/ᾱ_prev)/(1 − ᾱ_t)) ≥ 0, but at η = 1 and ᾱ_t ≈ 0 (the
+        zero-SNR last timestep, the cosine schedule's ᾱ_999 = 2.4e-9) it is within float32 rounding of 0, and
+        diffusers takes the square root of whatever its rounding gives: NaN where that is negative (one ulp off in
+        torch's scalar sqrt decides; swept: tests/tools/scheduler_nan_sweep.py), noise of ~2e-4·ε where not. Such
+        steps cannot be reproduced, so they are refused: exact value (float64, from the float32 ᾱ) below 8 float32
+        ulps of 1 − ᾱ_prev."""
+        if self.eta == 0:
+            return
+        eta_sq = np.float64(self.eta) ** 2
+        for i in range(len(plan.int_timesteps)):
+            a_t, a_prev = (np.float64(a) for a in self._coefficients(plan, i)[:2])
+            room = 1 - a_prev
+            exact = room - eta_sq * room / (1 - a_t) * (1 - a_t / a_prev)
+            if room > 0 and exact < 2.0**-21 * room:
+                n, t = len(plan.int_timesteps), int(plan.int_timesteps[i])
+                raise InvalidArgumentError(
+                    f"{self.class_name}: eta={self.eta:g} with num_inference_steps={n} leaves 1 - alpha_prev - "
+                    f"sigma_t^2 within float32 rounding of 0 at step {i} (timestep {t}, alphas_cumprod "
+                    f"{float(a_t):.3g}): diffusers takes its square root, NaN or noise by one ulp of rounding; "
+                    "use eta <= 0.99"
+                )
+
+    def step(self, plan: DDIMPlan, i, model_output, sample, state=None, generator=None):
+        a_t, a_prev, b_t, std, direction_sq = self._coefficients(plan, i)
         # 1. predicted x_0 and ε from the model output (eq. 12, "predicted x_0")
         kind = self.config["prediction_type"]
         if kind == "epsilon":
-            x0 = (sample - b_t**0.5 * model_output) / a_t**0.5
+            with np.errstate(divide="ignore"):  # ᾱ_t = 0 gets here only with clip_sample (plan), which clips ±inf
+                x0 = (sample - b_t**0.5 * model_output) / a_t**0.5
             eps = model_output
         elif kind == "sample":
             x0 = model_output
@@ -85,11 +121,8 @@ class DDIM(Scheduler):
         if self.config["clip_sample"]:
             r = self.config["clip_sample_range"]
             x0 = np.clip(x0, -r, r)
-        # 2. σ_t (eq. 16)
-        variance = (1 - a_prev) / b_t * (1 - a_t / a_prev)
-        std = np.float32(self.eta) * variance**0.5
-        # 3. direction pointing to x_t, then x_prev (eq. 12)
-        prev = a_prev**0.5 * x0 + (1 - a_prev - std**2) ** 0.5 * eps
+        # 2. direction pointing to x_t (σ_t from eq. 16 in _coefficients), then x_prev (eq. 12)
+        prev = a_prev**0.5 * x0 + direction_sq**0.5 * eps
         if self.eta > 0:
             if generator is None:
                 raise InvalidArgumentError("DDIM with eta > 0 needs a generator for its per-step noise")

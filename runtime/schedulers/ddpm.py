@@ -46,7 +46,8 @@ class DDPM(Scheduler):
     Not supported: ``learned`` / ``learned_range`` (need a UNet that also predicts the variance,
     2×C output channels; Stable Diffusion UNets do not), ``fixed_large_log`` (diffusers takes the
     square root of log β_t < 0 and returns NaN for every step with t > 0), ``thresholding``
-    (dynamic thresholding is meant for pixel-space models)."""
+    (dynamic thresholding is meant for pixel-space models). Refused because diffusers returns NaN:
+    an epsilon prediction at a timestep with ᾱ_t = 0 (zero-SNR rescaling, without ``clip_sample``)."""
 
     class_name = "DDPMScheduler"
     short_name = "ddpm"
@@ -74,6 +75,7 @@ class DDPM(Scheduler):
         else:
             t = _spaced_int_timesteps(self.config, num_inference_steps)
             self._check_timestep_range(num_inference_steps, t)
+        self._check_x0_from_epsilon(t)
         return DDPMPlan(t.astype(np.float32), 1.0, t, _previous_timesteps(t))
 
     def step(self, plan: DDPMPlan, i, model_output, sample, state=None, generator=None):
@@ -88,7 +90,8 @@ class DDPM(Scheduler):
         # 2. predicted x̂_0 (eq. 15)
         kind = self.config["prediction_type"]
         if kind == "epsilon":
-            x0 = (sample - b_t**0.5 * model_output) / a_t**0.5
+            with np.errstate(divide="ignore"):  # ᾱ_t = 0 gets here only with clip_sample (plan), which clips ±inf
+                x0 = (sample - b_t**0.5 * model_output) / a_t**0.5
         elif kind == "sample":
             x0 = model_output
         else:  # v_prediction

@@ -97,7 +97,9 @@ class DPMSolverMultistep(Scheduler):
     ``use_exponential_sigmas``; ``use_lu_lambdas``; ``final_sigmas_type`` in {zero, sigma_min};
     ``lower_order_final``; ``euler_at_final``. Not supported: the deprecated noise-prediction
     algorithms (dpmsolver, sde-dpmsolver), thresholding, beta sigmas (scipy), flow sigmas,
-    ``lambda_min_clipped`` and learned variance."""
+    ``lambda_min_clipped`` and learned variance. Refused because diffusers returns NaN there:
+    ``final_sigmas_type="sigma_min"`` after a schedule already ending on σ_min (the σ ramps, a last
+    timestep of 0) when the last step is heun or third order (``_check_last_step``)."""
 
     class_name = "DPMSolverMultistepScheduler"
     short_name = "dpmpp_2m"
@@ -180,8 +182,39 @@ class DPMSolverMultistep(Scheduler):
                 t = t.round()
         last = float(((1 - ac[0]) / ac[0]) ** 0.5) if cfg["final_sigmas_type"] == "sigma_min" else 0.0
         sigmas = np.concatenate([sigmas, [last]]).astype(np.float32)
+        self._check_last_step(len(t), int(t[-1]), timesteps is not None)
         # diffusers feeds the UNet int64 timesteps (Karras/Lu ones rounded, exponential ones truncated)
         return DPMPlan(t.astype(np.int64).astype(np.float32), 1.0, sigmas)
+
+    def _last_order(self, n: int) -> int:
+        """The solver order ``step`` uses at the last of ``n`` steps (diffusers' rules)."""
+        cfg = self.config
+        lowered = cfg["euler_at_final"] or (cfg["lower_order_final"] and n < 15) or cfg["final_sigmas_type"] == "zero"
+        if cfg["solver_order"] == 1 or n == 1 or lowered:
+            return 1
+        return 2 if cfg["solver_order"] == 2 or n == 2 else 3
+
+    def _check_last_step(self, n: int, last_t: int, custom: bool) -> None:
+        """With final_sigmas_type="sigma_min" the schedule ends on σ_min, where the Karras / exponential / Lu ramps
+        (and an interpolated schedule whose last timestep is 0) already are: the last step has length h = 0 in exact
+        arithmetic (in float32 the two σ's are equal or an ulp apart, as rounding falls). First order it is exact
+        (x stays), but the heun and third-order coefficients are 0/0 (φ/h, (φ + h)/h², r_0/(r_0 + r_1)): diffusers
+        returns NaN there at every step count swept (tests/tools/scheduler_nan_sweep.py), rounding noise at best.
+        Midpoint's D_1 = (1/r_0)·(m_0 − m_1) with r_0 = h_0/h = inf stays finite (0)."""
+        cfg = self.config
+        ramp = next((k for k in ("use_karras_sigmas", "use_exponential_sigmas", "use_lu_lambdas") if cfg[k]), None)
+        if cfg["final_sigmas_type"] != "sigma_min" or not (ramp or last_t == 0):
+            return
+        order = self._last_order(n)
+        if order == 1 or (order == 2 and cfg["solver_type"] == "midpoint"):
+            return
+        why = f"{ramp}=True" if ramp else ("custom timesteps ending at 0" if custom else "a last timestep of 0")
+        update = "third-order" if order == 3 else "solver_type='heun'"
+        fixes = "final_sigmas_type='zero' or euler_at_final=True" + (" or lower_order_final=True" if n < 15 else "")
+        raise InvalidArgumentError(
+            f"{self.class_name}: final_sigmas_type='sigma_min' with {why} ends on a repeated sigma (a zero-length "
+            f"last step; {n} steps), whose {update} update diffusers turns into NaN; use {fixes}"
+        )
 
     def initial_state(self, plan):
         return DPMState()

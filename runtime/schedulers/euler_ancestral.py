@@ -31,9 +31,17 @@ class EulerAncestralPlan(Plan):
     sigmas: np.ndarray  # float32, N+1 values (last 0)
 
 
+def _split(sigma_from: np.float32, sigma_to: np.float32) -> tuple[np.float32, np.float32]:
+    """(σ_up, σ_down²) in diffusers' float32 arithmetic (σ_down² can round below 0: see ``_check_splits``)."""
+    sigma_up = (sigma_to**2 * (sigma_from**2 - sigma_to**2) / sigma_from**2) ** 0.5
+    return sigma_up, sigma_to**2 - sigma_up**2
+
+
 class EulerAncestralDiscrete(Scheduler):
     """Allowed values: ``prediction_type`` in {epsilon, v_prediction} (diffusers raises
-    NotImplementedError for ``sample``); ``timestep_spacing`` in {linspace, leading, trailing}."""
+    NotImplementedError for ``sample``); ``timestep_spacing`` in {linspace, leading, trailing}.
+    Refused because diffusers returns NaN there: a schedule with a step too steep for float32's
+    σ_down (``_check_splits``; the cosine schedule at some step counts)."""
 
     class_name = "EulerAncestralDiscreteScheduler"
     short_name = "euler_a"
@@ -57,9 +65,26 @@ class EulerAncestralDiscrete(Scheduler):
         ac = self.alphas_cumprod
         table = _sigma_table(ac)
         sigmas = np.concatenate([np.interp(timesteps, np.arange(0, len(table)), table), [0.0]]).astype(np.float32)
+        self._check_splits(sigmas, n)
         s_max = sigmas.max()
         init = s_max if cfg["timestep_spacing"] in ("linspace", "trailing") else (s_max**2 + 1) ** 0.5
         return EulerAncestralPlan(timesteps.astype(np.float32), float(init), sigmas)
+
+    def _check_splits(self, sigmas: np.ndarray, n: int) -> None:
+        """σ_down² = σ_to² − σ_up² is σ_to⁴/σ_from² in exact arithmetic, but in float32 it is a difference of two
+        nearly equal numbers: once σ_to/σ_from falls below about 2^-12 (the cosine schedule's σ_max ≈ 2e4 before a
+        small σ) it rounds below 0 and diffusers' sqrt returns NaN. Checked with the step's own arithmetic."""
+        for i in range(n):
+            _, down_sq = _split(sigmas[i], sigmas[i + 1])
+            if down_sq < 0:
+                cfg = self.config
+                raise InvalidArgumentError(
+                    f"{self.class_name}: num_inference_steps={n} with timestep_spacing={cfg['timestep_spacing']!r} "
+                    f"and beta_schedule={cfg['beta_schedule']!r} steps from sigma={float(sigmas[i]):.6g} to "
+                    f"{float(sigmas[i + 1]):.6g} (step {i}), too steep for float32: sigma_to^2 - sigma_up^2 rounds "
+                    "below 0 and diffusers' sigma_down = sqrt(...) is NaN; use another num_inference_steps or "
+                    "timestep_spacing"
+                )
 
     def scale_model_input(self, plan: EulerAncestralPlan, i, sample):
         sigma = plan.sigmas[i]
@@ -78,9 +103,8 @@ class EulerAncestralDiscrete(Scheduler):
         else:  # v_prediction
             x0 = model_output * (-sigma / (sigma**2 + 1) ** 0.5) + (sample / (sigma**2 + 1))
         # 2. split σ_{i+1}² into the deterministic part σ_down² and the fresh noise σ_up²
-        sigma_from, sigma_to = plan.sigmas[i], plan.sigmas[i + 1]
-        sigma_up = (sigma_to**2 * (sigma_from**2 - sigma_to**2) / sigma_from**2) ** 0.5
-        sigma_down = (sigma_to**2 - sigma_up**2) ** 0.5
+        sigma_up, down_sq = _split(plan.sigmas[i], plan.sigmas[i + 1])
+        sigma_down = down_sq**0.5
         # 3. Euler step to σ_down on the ODE derivative, then add noise (drawn even when σ_up = 0)
         derivative = (sample - x0) / sigma
         prev = sample + derivative * (sigma_down - sigma)

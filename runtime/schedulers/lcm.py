@@ -43,7 +43,9 @@ class LCM(Scheduler):
     false (dynamic thresholding is meant for pixel-space models). ``timestep_spacing`` and
     ``steps_offset`` are accepted and, as in diffusers, do not affect the LCM schedule.
     ``set_alpha_to_one`` only matters for a negative next timestep, which no valid schedule has.
-    diffusers' img2img ``strength`` argument of ``set_timesteps`` is not taken (always 1.0)."""
+    diffusers' img2img ``strength`` argument of ``set_timesteps`` is not taken (always 1.0).
+    Refused because diffusers returns NaN: an epsilon prediction at a timestep with ᾱ_t = 0
+    (zero-SNR rescaling, without ``clip_sample``; LCM's schedule always starts at T − 1)."""
 
     class_name = "LCMScheduler"
     short_name = "lcm"
@@ -90,6 +92,7 @@ class LCM(Scheduler):
             origin = origin[::-1]
             indices = np.floor(np.linspace(0, len(origin), num=n, endpoint=False)).astype(np.int64)
             t = origin[indices]
+        self._check_x0_from_epsilon(t)
         return LCMPlan(t.astype(np.float32), 1.0, t)
 
     @staticmethod
@@ -122,7 +125,8 @@ class LCM(Scheduler):
         # 3. predicted x̂_0 (as DDIM), optional clipping
         kind = self.config["prediction_type"]
         if kind == "epsilon":
-            x0 = (sample - np.sqrt(b_t) * model_output) / np.sqrt(a_t)
+            with np.errstate(divide="ignore"):  # ᾱ_t = 0 gets here only with clip_sample (plan), which clips ±inf
+                x0 = (sample - np.sqrt(b_t) * model_output) / np.sqrt(a_t)
         elif kind == "sample":
             x0 = model_output
         else:  # v_prediction
