@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> None:
         optimize_folder(folder)
         int8_report = optimize_folder(folder, int8=True)["unet"]
         images, seconds = {}, {}
-        for label, options in (("fp32", {}), ("int8", {"optimized": "int8"})):
+        for label, options in (("fp32", {}), ("int8", {"cpu_variant": "int8"})):
             with Pipeline.load(folder, **options) as pipe:
                 for split in ("train", "held_out"):
                     prompts = prompts_for(split, args.n)

@@ -8,7 +8,7 @@ thread count, on this machine, in one run:
     python benchmarks/peer_comparison.py                       # SD 1.5 architecture, 512 and 256 px
     python benchmarks/peer_comparison.py --sizes 256 --runs 1  # quicker
     python benchmarks/peer_comparison.py --sizes 512 256 --edgediff 'edgediff={}' \
-        --edgediff 'low-memory={"low_memory": true}' --edgediff 'int8={"optimized": "int8"}'
+        --edgediff 'low-memory={"low_memory": true}' --edgediff 'int8={"cpu_variant": "int8"}'
 
 The model is the random-weight SD 1.5-architecture model of ``full_size_models.py`` (built and
 exported first if missing; ``edgediff optimize`` is run on it, as users run it on a CPU, and
@@ -372,7 +372,7 @@ def main(argv: list[str] | None = None) -> None:
         from edgediff.engines.ort_optimize import optimize_folder
 
         optimize_folder(folder)  # skipped when up to date
-        if any(options.get("optimized") == "int8" for options in variants.values()):
+        if any(options.get("cpu_variant") == "int8" for options in variants.values()):
             optimize_folder(folder, int8=True)
     runs = [(size, name, label, options) for size in args.sizes for name in args.contenders
             for label, options in (variants.items() if name == "edgediff" else [(name, {})])]  # fmt: skip

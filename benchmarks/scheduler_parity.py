@@ -46,17 +46,18 @@ def per_step(name: str) -> float:
                 ref = getattr(diffusers, cls_name).from_config(cfg)
                 ours = schedulers.resolve(dict(cfg, _class_name=cls_name), {})
                 ref.set_timesteps(steps)
-                plan = ours.plan(steps)
+                schedule = ours.schedule(steps)
                 rng = np.random.default_rng(seed)
-                x = (rng.standard_normal((1, 4, 8, 8)) * plan.init_noise_sigma).astype(np.float32)
+                x = (rng.standard_normal((1, 4, 8, 8)) * schedule.init_noise_sigma).astype(np.float32)
                 xr = torch.from_numpy(x.copy())
-                state, g_ref, g_ours = ours.initial_state(plan), torch.Generator().manual_seed(seed), TorchCPUGenerator(seed)
+                state = ours.initial_state(schedule)
+                g_ref, g_ours = torch.Generator().manual_seed(seed), TorchCPUGenerator(seed)
                 for i, t in enumerate(ref.timesteps):
                     ref.scale_model_input(xr, t)
                     out = rng.standard_normal(x.shape).astype(np.float32)
                     kw = {"generator": g_ref} if "generator" in ref.step.__code__.co_varnames else {}
                     xr = ref.step(torch.from_numpy(out), t, xr, **kw).prev_sample
-                    x, state = ours.step(plan, i, out, x, state, g_ours)
+                    x, state = ours.step(schedule, i, out, x, state, g_ours)
                     want = xr.numpy()
                     worst = max(worst, float(np.abs(x - want).max()) / max(1.0, float(np.abs(want).max())))
     return worst

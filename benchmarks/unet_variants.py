@@ -27,13 +27,13 @@ HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 
 CONFIGS = {  # label -> OrtEngine options (threads added from --threads)
-    "exported graph, ORT level all (ORT's default)": {"optimized": "off"},
-    "exported graph, ORT level basic": {"optimized": "off", "optimization": "basic"},
+    "exported graph, ORT level all (ORT's default)": {"cpu_variant": "off"},
+    "exported graph, ORT level basic": {"cpu_variant": "off", "optimization": "basic"},
     "edgediff optimize: fused, flash attention, saved (default)": {},
     "  + prepack off": {"prepack": False},
     "  + memory arena off": {"mem_arena": False},
     "  + I/O binding": {"io_binding": True},
-    "edgediff optimize --int8 (opt-in)": {"optimized": "int8"},
+    "edgediff optimize --int8 (opt-in)": {"cpu_variant": "int8"},
 }
 
 

@@ -14,11 +14,14 @@ Session settings (keyword options, also reachable from ``Pipeline.load`` and ``e
   memory.
 - ``mem_arena`` / ``mem_pattern``: the CPU memory arena and the memory-pattern planner
   (default on, ONNX Runtime's defaults).
-- ``optimized``: ``auto`` (default) loads the CPU variant that ``edgediff optimize`` made for
-  this machine and ONNX Runtime version (fused attention, saved at level ``all``) when one exists
-  and matches; ``off`` always loads the exported graph; ``int8`` (opt-in, changes the image) loads
-  the int8 variant of ``edgediff optimize --int8`` where one was made (the UNet: an error names
-  the command if it is missing) and the ``auto`` choice for the other components.
+- ``cpu_variant``: which saved model file the CPU provider loads. ``auto`` (default): the CPU
+  variant that ``edgediff optimize`` made for this machine and ONNX Runtime version (fused
+  attention, saved at level ``all``, so ``optimization`` does not apply to it) when one exists and
+  matches, else the exported graph; ``off``: always the exported graph; ``int8`` (opt-in, changes
+  the image): the int8 variant of ``edgediff optimize --int8`` where one was made (the UNet: an
+  error names the command if it is missing) and the ``auto`` choice for the other components.
+  (Formerly ``optimized``, a name too close to ``optimization``; the old name is refused with a
+  message that gives the new one.)
 - ``io_binding``: bind inputs and outputs through an IOBinding (default: on for GPU providers,
   where it keeps inputs that are passed again unchanged on the device; off on the CPU, where
   ``run`` already writes into fresh numpy arrays without a copy).
@@ -127,7 +130,9 @@ def make_session_options(
     return so
 
 
-def _optimized_variant(path: Path, component: str, precision: str = "fp32") -> Path | None:
+def saved_cpu_variant(path: Path, component: str, precision: str = "fp32") -> Path | None:
+    """The ``edgediff optimize`` variant of ``path`` that ``cpu_variant="auto"`` (fp32) or ``"int8"`` loads here,
+    None when there is none or it was made for another CPU or ONNX Runtime version."""
     from .ort_optimize import KEY_FILE, VARIANT_DIRS, find_variant
 
     if not (path.parent.parent / VARIANT_DIRS[precision] / component / KEY_FILE).is_file():
@@ -176,27 +181,33 @@ class OrtEngine:
         mem_arena: bool = True,
         mem_pattern: bool = True,
         io_binding: bool | None = None,
-        optimized: str = "auto",
+        cpu_variant: str = "auto",
+        optimized: str | None = None,  # the old name of cpu_variant, refused with the new one
     ):
         self.component = component
         path = Path(path)
         providers = list(providers) if providers else ["CPUExecutionProvider"]
-        if optimized not in ("auto", "off", "int8"):
-            raise InvalidArgumentError(f"optimized must be 'auto', 'off' or 'int8', got {optimized!r}")
+        if optimized is not None:
+            raise InvalidArgumentError(
+                f"optimized= is now called cpu_variant= (same values 'auto', 'off', 'int8'; the old name read like "
+                f"optimization=, the graph level): pass cpu_variant={optimized!r}"
+            )
+        if cpu_variant not in ("auto", "off", "int8"):
+            raise InvalidArgumentError(f"cpu_variant must be 'auto', 'off' or 'int8', got {cpu_variant!r}")
         cpu_only = providers == ["CPUExecutionProvider"] and session_options is None
         variant = None
-        if optimized == "int8":
+        if cpu_variant == "int8":
             from .ort_optimize import INT8_COMPONENTS
 
-            variant = _optimized_variant(path, component, "int8") if cpu_only else None
+            variant = saved_cpu_variant(path, component, "int8") if cpu_only else None
             if variant is None and component in INT8_COMPONENTS:  # the ones `optimize --int8` makes
                 raise ModelFolderError(
                     f"no int8 variant of {path} for this CPU and ONNX Runtime version"
                     + ("" if cpu_only else " (int8 variants run on the CPU provider only)")
                     + f": run `edgediff optimize {path.parent.parent} --int8` first, or leave int8 off"
                 )
-        if variant is None and optimized != "off" and cpu_only:
-            variant = _optimized_variant(path, component)
+        if variant is None and cpu_variant != "off" and cpu_only:
+            variant = saved_cpu_variant(path, component)
         if variant is not None:  # made by `edgediff optimize`: already at level "all", fused
             path, optimization = variant, "disable"
         self.model_file = path
@@ -219,7 +230,7 @@ class OrtEngine:
             if variant is not None:  # the derived file is damaged, not the export
                 raise ModelFolderError(
                     f"{component}: ONNX Runtime cannot load the CPU variant {path} ({reason}); remake it with "
-                    f"`edgediff optimize {path.parent.parent.parent} --force`, or pass optimized='off'"
+                    f"`edgediff optimize {path.parent.parent.parent} --force`, or pass cpu_variant='off'"
                 ) from e
             raise ModelFolderError(
                 f"{component}: ONNX Runtime cannot load {path} ({reason}); "

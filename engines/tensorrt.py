@@ -14,9 +14,10 @@ against the plan's I/O (``check_feed``: names, ranks, fixed dims; dtypes cast); 
 that contains its shapes is selected (``trt_plans.pick_profile``; shape precedence: the feed's
 shapes decide, the profile must contain them); every dynamic input's shape and every tensor's
 address is set; inputs are copied in, ``execute_async_v3`` runs and outputs are copied out on the
-engine's own stream. Shapes and addresses are set on every call rather than cached: a few host
-calls against a UNet step of milliseconds, and no stale binding to get wrong. I/O buffers (device
-+ pinned host) grow to the largest shape seen; outputs are returned as copies.
+engine's own stream, with CUDA events between the three (``stats()``: ``compute_ms``, ``copy_ms``).
+Shapes and addresses are set on every call rather than cached: a few host calls against a UNet
+step of milliseconds, and no stale binding to get wrong. I/O buffers (device + pinned host) grow
+to the largest shape seen; outputs are returned as copies.
 
 Left out until a GPU run shows they help: CUDA graphs, one scratch shared by several engines,
 and buffer sets cached per shape (docs/GPU.md).
@@ -97,7 +98,7 @@ class TrtEngine:
 
     ``path``: the component's ONNX file in a model folder (``MODEL/unet/model.onnx``); its plan is
     read from ``MODEL/engines``. ``device``: CUDA device index. ``history``: how many runs
-    ``stats()["gpu_ms"]`` keeps.
+    ``stats()["compute_ms"]`` and ``stats()["copy_ms"]`` keep.
     """
 
     def __init__(
@@ -116,7 +117,8 @@ class TrtEngine:
         self._closed = True  # until everything below exists
         self._lock = threading.Lock()
         self._buffers: dict[str, _IOBuffer] = {}
-        self._stream = self._start = self._end = None
+        self._stream = None
+        self._events: tuple = ()  # copy-in start, execute start, execute end, copy-out end
         self._context = self._engine = self._runtime = None
         path = Path(path)
         self.model_dir = path.parent.parent  # MODEL/<component>/model.onnx
@@ -132,7 +134,8 @@ class TrtEngine:
             logger.warning("%s: %s", component, p)
         self.inputs: dict[str, TensorSpec] = {t.name: t for t in self.record.inputs}
         self.outputs: dict[str, TensorSpec] = {t.name: t for t in self.record.outputs}
-        self._gpu_ms: deque[float] = deque(maxlen=history)
+        self._compute_ms: deque[float] = deque(maxlen=history)
+        self._copy_ms: deque[float] = deque(maxlen=history)
         try:
             self._load()
         except BaseException:
@@ -179,8 +182,8 @@ class TrtEngine:
         self._loaded_bytes = max(0, free_before - mem_get_info(cu)[0])  # approximate: the device is shared
         self._stream = check(cu, cu.cudaStreamCreate(), "cudaStreamCreate")
         self._stream_handle = stream_handle(self._stream)  # TensorRT takes the raw cudaStream_t as an int
-        self._start = check(cu, cu.cudaEventCreate(), "cudaEventCreate")
-        self._end = check(cu, cu.cudaEventCreate(), "cudaEventCreate")
+        for _ in range(4):  # one at a time: a failure releases those already made
+            self._events += (check(cu, cu.cudaEventCreate(), "cudaEventCreate"),)
         self._buffers = {name: _IOBuffer(cu, dtype) for name, dtype in dtypes.items()}
         logger.info("%s: loaded plan %s (%s)", self.component, rec.key,
                     " + ".join(plans.describe_profile(p) for p in rec.profiles))  # fmt: skip
@@ -206,33 +209,45 @@ class TrtEngine:
                 if not ctx.set_input_shape(name, shapes[name]):
                     raise PlanError(f"{self.component}: TensorRT refused shape {list(shapes[name])} for {name!r} "
                                     f"in profile {index} of plan {key}")  # fmt: skip
+            # Buffers are sized (a growth allocates) and the pinned inputs filled before the first event: between
+            # the events the stream only waits for the host to issue the copies, so they time copies and execution.
+            inputs = {}
             for name, value in checked.items():
                 buf = self._buffers[name]
-                host = buf.fit(value.shape)
+                inputs[name] = host = buf.fit(value.shape)
                 host[...] = value  # into pinned memory: the async copy below reads it
                 ctx.set_tensor_address(name, buf.device.ptr)
-                memcpy_htod(cu, buf.device.ptr, host, stream)
             out = {}
             for name in self.outputs:
                 buf = self._buffers[name]
                 out[name] = buf.fit(tuple(ctx.get_tensor_shape(name)))
                 ctx.set_tensor_address(name, buf.device.ptr)
-            check(cu, cu.cudaEventRecord(self._start, stream), "cudaEventRecord")
+            copy_in, run_start, run_end, copy_out = self._events
+            check(cu, cu.cudaEventRecord(copy_in, stream), "cudaEventRecord")
+            for name, host in inputs.items():
+                memcpy_htod(cu, self._buffers[name].device.ptr, host, stream)
+            check(cu, cu.cudaEventRecord(run_start, stream), "cudaEventRecord")
             if not ctx.execute_async_v3(self._stream_handle):
                 raise EngineRunError(
                     f"{self.component}: TensorRT execute_async_v3 failed for plan {key} (see its log)"
                 )
+            check(cu, cu.cudaEventRecord(run_end, stream), "cudaEventRecord")
             for name, host in out.items():
                 memcpy_dtoh(cu, host, self._buffers[name].device.ptr, stream)
-            check(cu, cu.cudaEventRecord(self._end, stream), "cudaEventRecord")
+            check(cu, cu.cudaEventRecord(copy_out, stream), "cudaEventRecord")
             check(cu, cu.cudaStreamSynchronize(stream), "cudaStreamSynchronize")
-            self._gpu_ms.append(
-                float(check(cu, cu.cudaEventElapsedTime(self._start, self._end), "cudaEventElapsedTime"))
-            )
+            self._compute_ms.append(self._elapsed_ms(run_start, run_end))
+            self._copy_ms.append(self._elapsed_ms(copy_in, run_start) + self._elapsed_ms(run_end, copy_out))
             return {name: host.copy() for name, host in out.items()}  # the pinned buffers are reused next call
 
+    def _elapsed_ms(self, start, end) -> float:
+        cu = self._cudart
+        return float(check(cu, cu.cudaEventElapsedTime(start, end), "cudaEventElapsedTime"))
+
     def stats(self) -> dict:
-        """``gpu_ms``: GPU time of the last runs (copies + execution, CUDA events), oldest first.
+        """``compute_ms``: GPU time of ``execute_async_v3`` alone in the last runs, oldest first;
+        ``copy_ms``: their host-to-device input and device-to-host output copies (CUDA events on the
+        engine's stream; the host's own work, such as checking the feed, is in neither).
         ``device_memory_bytes``: what loading the plan took (weights + its scratch, measured with
         cudaMemGetInfo: approximate when other work shares the GPU) + the I/O buffers.
         ``scratch_bytes``: the scratch part, as the plan reported it at build time."""
@@ -240,7 +255,8 @@ class TrtEngine:
             io = sum(b.nbytes for b in self._buffers.values())
             loaded = 0 if self._closed else self._loaded_bytes
             return {
-                "gpu_ms": list(self._gpu_ms),
+                "compute_ms": list(self._compute_ms),
+                "copy_ms": list(self._copy_ms),
                 "device_memory_bytes": loaded + io,
                 "loaded_bytes": loaded,
                 "scratch_bytes": self.record.device_memory_bytes,
@@ -265,12 +281,12 @@ class TrtEngine:
         for b in self._buffers.values():
             b.free()
         self._buffers.clear()
-        for ev in (self._start, self._end):
-            if ev is not None:
-                check(cu, cu.cudaEventDestroy(ev), "cudaEventDestroy")
+        for ev in self._events:
+            check(cu, cu.cudaEventDestroy(ev), "cudaEventDestroy")
+        self._events = ()
         if self._stream is not None:
             check(cu, cu.cudaStreamDestroy(self._stream), "cudaStreamDestroy")
-        self._stream = self._start = self._end = None
+        self._stream = None
         self._context = None  # context before engine before runtime
         self._engine = None
         self._runtime = None

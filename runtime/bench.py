@@ -3,9 +3,11 @@
 Protocol (as ONNX Runtime's and TensorRT's own Stable Diffusion benchmarks): engine load time per
 component, one cold first run, ``warmup`` more untimed runs, then ``runs`` timed runs. Over the
 timed runs: median and p90 of each stage, median / p90 / p99 of every UNet call, host-side time
-per step (everything in the loop that is not an engine call: scheduler, guidance, copies),
-steps per second, peak resident memory, and the machine. ``report_json`` is the schema that
-``--json`` prints; ``format_table`` the terminal view.
+per step (everything in the loop that is not an engine call: scheduler, guidance, copies; the
+bench passes no progress callback, and the pipeline's ``host`` leaves a callback's time out),
+steps per second, peak resident memory, each engine's own ``stats()`` where it has them
+(TensorRT: CUDA-event times per call, device memory), and the machine. ``report_json`` is the
+schema that ``--json`` prints; ``format_table`` the terminal view.
 """
 
 from __future__ import annotations
@@ -310,7 +312,9 @@ def format_table(report: dict[str, Any]) -> str:
         if report.get("sgemm_gflops"):
             line += f", {report['unet_fraction_of_sgemm'] * 100:.0f} % of numpy's SGEMM ({report['sgemm_gflops']:.0f} GFLOP/s)"
         lines.append(line)
-    for name, stats in (report.get("device") or {}).items():
-        lines.append(f"{name:<13}" + ", ".join(f"{k} {v}" for k, v in stats.items() if not isinstance(v, list)))
+    for name, stats in (report.get("device") or {}).items():  # per-call lists (every call since load): medians
+        parts = [f"{k} median {np.median(v):.2f}" if isinstance(v, list) else f"{k} {v}"
+                 for k, v in stats.items() if v != []]  # fmt: skip
+        lines.append(f"{name:<13}" + ", ".join(parts))
     return "\n".join(lines)
 

@@ -183,13 +183,15 @@ def generate(ctx, prompt, model, output, negative_prompt, steps, guidance, width
             overrides["scheduler"] = scheduler
         new_schedule = custom if "steps" in given or given & {"timesteps", "sigmas"} else None
         call = parameters.single_image_call(record, source, overrides, new_schedule)
-        int8 = int8 or (record.get("engine_options") or {}).get("optimized") == "int8"
+        recorded = record.get("engine_options") or {}
+        # "optimized": the option's name in records written before it became cpu_variant
+        int8 = int8 or recorded.get("cpu_variant", recorded.get("optimized")) == "int8"
     if options:  # over the chosen (or recorded) scheduler's config
         spec = call.get("scheduler")
         spec = dict(spec) if isinstance(spec, dict) else parameters.name_spec(spec) if spec else {}
         call["scheduler"] = {**spec, **options}
 
-    engine_options = {"optimized": "int8"} if int8 else {}
+    engine_options = {"cpu_variant": "int8"} if int8 else {}
     with Pipeline.load(model, providers=list(providers) or None, low_memory=low_memory, memory_limit=memory_limit,
                        **engine_options) as pipe:  # fmt: skip
         if options:
@@ -250,7 +252,7 @@ def info(model: Path, verify: bool, as_json: bool) -> None:
     if verify:
         try:
             ClipTokenizer(mf.path / "tokenizer").encode(["a photo of a cat"])
-            schedulers.resolve(None, mf.scheduler_config).plan(20)
+            schedulers.resolve(None, mf.scheduler_config).schedule(20)
         except EdgediffError as e:
             problems.append(str(e))
         try:
@@ -344,7 +346,9 @@ def optimize(model, components, no_fuse, force, int8):
 @click.option("--runs", default=3, show_default=True, type=int, help="Timed runs.")
 @click.option("--low-memory", is_flag=True, help="Load one component at a time and release it after use.")
 @click.option("--optimization", default="all", show_default=True,
-              type=click.Choice(["disable", "basic", "extended", "all"]), help="ONNX Runtime graph optimisation level.")
+              type=click.Choice(["disable", "basic", "extended", "all"]),
+              help="ONNX Runtime graph optimisation level of the exported graph (an `edgediff optimize` CPU variant, "
+                   "loaded where one exists, is saved at level all).")
 @click.option("--no-prepack", is_flag=True, help="ONNX Runtime: no pre-packed weight copies (less memory, slower).")
 @click.option("--int8", is_flag=True, help="ONNX Runtime: the int8 UNet of `edgediff optimize --int8`.")
 @click.option("--memory-limit", default="auto", show_default=True, callback=_memory_limit,
@@ -366,7 +370,7 @@ def bench(model, prompt, steps, width, height, batch, guidance, scheduler, engin
     if engine == "onnxruntime":
         options = {"optimization": optimization, "prepack": not no_prepack}
         if int8:
-            options["optimized"] = "int8"
+            options["cpu_variant"] = "int8"
     bar = tqdm(desc="bench", unit="run", disable=not sys.stderr.isatty(), leave=False)
 
     def progress(i, n):

@@ -74,8 +74,9 @@ class GenerationCancelled(EdgediffError):
 @dataclass
 class GenerationResult:
     """``timings`` (seconds): tokenize, text_encoder, unet (all UNet calls), denoise (the whole
-    loop), host (denoise minus UNet calls: scheduler, guidance, copies), vae_decoder, postprocess
-    (to uint8 and PIL), total, and ``load_<component>`` in low-memory mode. ``unet_calls``: the
+    loop), host (denoise minus the UNet calls and the callback: scheduler, guidance, copies),
+    callback (the progress callback's own time, when one is given), vae_decoder, postprocess (to
+    uint8 and PIL), total, and ``load_<component>`` in low-memory mode. ``unet_calls``: the
     seconds of each UNet call in order."""
 
     images: list[Image.Image]
@@ -219,9 +220,12 @@ class Pipeline:
         eng = self.engines.get("unet")
         model_file = getattr(eng, "model_file", None) if eng is not None else None
         if eng is None and self.engine_name == "onnxruntime":  # low-memory mode: the variant it would load
-            from edgediff.engines.onnxruntime import _optimized_variant
+            from edgediff.engines.onnxruntime import saved_cpu_variant
 
-            model_file = _optimized_variant(self.folder.component_path("unet"), "unet")
+            choice = self._engine_options.get("cpu_variant", "auto")
+            if choice != "off":
+                precision = "int8" if choice == "int8" else "fp32"
+                model_file = saved_cpu_variant(self.folder.component_path("unet"), "unet", precision)
         if model_file is None or Path(model_file).parent.parent.name not in ("ort-cpu", "ort-cpu-int8"):
             return False
         try:
@@ -340,12 +344,12 @@ class Pipeline:
         emb = np.repeat(emb, per_prompt, axis=0)  # each prompt's embedding n times in a row, as diffusers
         emb.flags.writeable = False  # the same array every step: GPU engines keep their device copy
 
-        # 3. Plan the schedule (immutable, per call)
+        # 3. The schedule (immutable, per call)
         if timesteps is None and sigmas is None:
-            plan = sched.plan(steps)
+            schedule = sched.schedule(steps)
         else:
-            plan = sched.plan(timesteps=timesteps, sigmas=sigmas)
-        state = sched.initial_state(plan)
+            schedule = sched.schedule(timesteps=timesteps, sigmas=sigmas)
+        state = sched.initial_state(schedule)
 
         # 4. Starting noise, scaled by the scheduler's init_noise_sigma
         if generator is None:
@@ -353,16 +357,18 @@ class Pipeline:
         seed = getattr(generator, "seed", None)  # what actually draws the noise; None for a foreign generator
         if latents is None:
             latents = generator.randn(shape).astype(np.float32)
-        latents = latents * np.float32(plan.init_noise_sigma)
+        latents = latents * np.float32(schedule.init_noise_sigma)
 
         # 5. Denoising loop
         unet_calls: list[float] = []
+        in_callback = 0.0
         with self._component("unet", timings) as unet:
             t0 = time.perf_counter()
             timestep_spec = unet.inputs["timestep"]
-            for i, t in enumerate(plan.timesteps):
+            n_calls = len(schedule.timesteps)
+            for i, t in enumerate(schedule.timesteps):
                 model_in = np.concatenate([latents, latents]) if do_cfg else latents
-                model_in = sched.scale_model_input(plan, i, model_in)
+                model_in = sched.scale_model_input(schedule, i, model_in)
                 feeds = {"sample": model_in, "timestep": _timestep(timestep_spec, t, model_in.shape[0]),
                          "encoder_hidden_states": emb}  # fmt: skip
                 u0 = time.perf_counter()
@@ -373,18 +379,24 @@ class Pipeline:
                     if do_cfg:
                         uncond, cond = np.split(noise, 2)
                         noise = uncond + np.float32(guidance_scale) * (cond - uncond)
-                    latents, state = sched.step(plan, i, noise, latents, state, generator)
+                    latents, state = sched.step(schedule, i, noise, latents, state, generator)
                 if not np.isfinite(latents).all():
                     raise NonFiniteError(
-                        f"the latents stopped being finite (NaN or infinity) at step {i + 1} of {len(plan.timesteps)} "
+                        f"the latents stopped being finite (NaN or infinity) at step {i + 1} of {n_calls} "
                         f"(timestep {float(t):g}) with {sched.class_name} and guidance_scale {guidance_scale:g}; "
                         "nothing was written. Try another scheduler or scheduler settings, or a lower guidance_scale"
                     )
-                if callback is not None and callback(i, float(t), latents) is False:
-                    raise GenerationCancelled(f"cancelled by the callback at step {i + 1} of {len(plan.timesteps)}")
+                if callback is not None:
+                    c0 = time.perf_counter()
+                    stop = callback(i, float(t), latents) is False
+                    in_callback += time.perf_counter() - c0
+                    if stop:
+                        raise GenerationCancelled(f"cancelled by the callback at step {i + 1} of {n_calls}")
             timings["denoise"] = time.perf_counter() - t0
         timings["unet"] = sum(unet_calls)
-        timings["host"] = timings["denoise"] - timings["unet"]
+        if callback is not None:
+            timings["callback"] = in_callback
+        timings["host"] = timings["denoise"] - timings["unet"] - in_callback
 
         # 6. Decode
         with self._component("vae_decoder", timings) as vae_decoder:
@@ -421,7 +433,7 @@ class Pipeline:
             "model": self.folder.path.name,
             "model_hash": parameters.model_hash(self.folder),
             "engine": self.engine_name,
-            "engine_options": {k: v for k, v in self._engine_options.items() if k in ("optimized", "providers")},
+            "engine_options": {k: v for k, v in self._engine_options.items() if k in ("cpu_variant", "providers")},
             "edgediff_version": __version__,
         }
         return GenerationResult(images, params, timings, unet_calls)

@@ -71,19 +71,19 @@ def drive(diffusers_cls, overrides: dict, steps=None, seed: int = 0, step_kwargs
         ours = schedulers.resolve(dict(base, _class_name=diffusers_cls.__name__, **step_kwargs), {})
     set_kwargs = {k: v for k, v in (("timesteps", timesteps), ("sigmas", sigmas)) if v is not None}
     ref.set_timesteps(steps, **set_kwargs) if steps is not None else ref.set_timesteps(**set_kwargs)
-    plan = ours.plan(steps, **set_kwargs)
+    schedule = ours.schedule(steps, **set_kwargs)
     want_t = ref.timesteps.numpy().astype(np.float32)
-    assert_close_finite(plan.timesteps, want_t, atol=1e-3, err_msg="timesteps differ")
-    assert abs(plan.init_noise_sigma - float(ref.init_noise_sigma)) <= 1e-6 * max(1.0, plan.init_noise_sigma)
+    assert_close_finite(schedule.timesteps, want_t, atol=1e-3, err_msg="timesteps differ")
+    assert abs(schedule.init_noise_sigma - float(ref.init_noise_sigma)) <= 1e-6 * max(1.0, schedule.init_noise_sigma)
     rng = np.random.default_rng(seed)
-    x = (rng.standard_normal((1, 4, 8, 8)) * plan.init_noise_sigma).astype(np.float32)
+    x = (rng.standard_normal((1, 4, 8, 8)) * schedule.init_noise_sigma).astype(np.float32)
     xr = torch.from_numpy(x.copy())
-    state = ours.initial_state(plan)
+    state = ours.initial_state(schedule)
     g_ref = torch.Generator("cpu").manual_seed(seed)
     g_ours = TorchCPUGenerator(seed)
     accepted = inspect.signature(ref.step).parameters
     for i, t in enumerate(ref.timesteps):
-        scaled = ours.scale_model_input(plan, i, x)
+        scaled = ours.scale_model_input(schedule, i, x)
         scaled_ref = ref.scale_model_input(xr, t)
         in_scale = max(1.0, float(np.abs(scaled_ref.numpy()).max()))
         assert_close_finite(scaled, scaled_ref.numpy(), atol=atol * in_scale, err_msg=f"scale_model_input {i}")
@@ -92,7 +92,7 @@ def drive(diffusers_cls, overrides: dict, steps=None, seed: int = 0, step_kwargs
         if "generator" in accepted:
             kwargs["generator"] = g_ref
         xr = ref.step(torch.from_numpy(out), t, xr, **kwargs).prev_sample
-        x, state = ours.step(plan, i, out, x, state, g_ours)
+        x, state = ours.step(schedule, i, out, x, state, g_ours)
         assert x.dtype == np.float32 and x.shape == xr.shape
         scale = max(1.0, float(np.abs(xr.numpy()).max()))
         assert_close_finite(x, xr.numpy(), atol=atol * scale, err_msg=f"step {i} (t={float(t)})")
@@ -100,13 +100,13 @@ def drive(diffusers_cls, overrides: dict, steps=None, seed: int = 0, step_kwargs
 
 
 def refusal(class_name: str, overrides: dict, steps: int, base: dict | None = None) -> str | None:
-    """edgediff's InvalidArgumentError message for this configuration (construction or plan), None if accepted.
+    """edgediff's InvalidArgumentError message for this configuration (construction or schedule), None if accepted.
     ``overrides`` may hold ``eta`` (a DDIM step option, a config key here)."""
     from edgediff.runtime.errors import InvalidArgumentError
 
     cfg = dict(SD_BASE if base is None else base, **overrides, _class_name=class_name)
     try:
-        schedulers.resolve(cfg, {}).plan(steps)
+        schedulers.resolve(cfg, {}).schedule(steps)
     except InvalidArgumentError as e:
         return str(e)
     return None

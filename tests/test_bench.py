@@ -68,6 +68,9 @@ def test_bench_table_and_output_file(tmp_path):
     _check_schema(report, steps=2, runs=1, unet_batch=1)  # guidance 1: no unconditional half
     assert report["settings"]["threads"] == 1
     assert format_table(report).splitlines()[0].startswith("model")
+    # an engine's stats(): per-call lists shown as their median, the rest as they are (TensorRT's keys)
+    report["device"] = {"unet": {"compute_ms": [3.0, 1.0, 2.0], "copy_ms": [], "profile": 0}}
+    assert format_table(report).splitlines()[-1] == "unet         compute_ms median 2.00, profile 0"
 
 
 def _rss_bytes() -> int:
@@ -195,6 +198,30 @@ def test_bad_session_settings_are_named():
         Pipeline.load(optimization="fast")
     with pytest.raises(InvalidArgumentError, match="threads"):
         Pipeline.load(threads=0)
+    with pytest.raises(InvalidArgumentError, match=r"cpu_variant must be 'auto', 'off' or 'int8', got 'fast'"):
+        Pipeline.load(cpu_variant="fast")
+    # the option's old name, too close to optimization=, is refused with the new one
+    with pytest.raises(InvalidArgumentError, match=r"optimized= is now called cpu_variant=.*pass cpu_variant='int8'"):
+        Pipeline.load(optimized="int8")
+
+
+def test_host_time_leaves_the_callback_out(monkeypatch):
+    """timings["host"] is the loop minus the UNet calls and minus the progress callback, which gets its own
+    entry. A stand-in clock that only the callback moves (by 100 s a step) makes the split exact."""
+    from types import SimpleNamespace
+
+    from edgediff.runtime import pipeline
+
+    now = [0.0]
+
+    def callback(i, t, latents):
+        now[0] += 100.0
+
+    with Pipeline.load() as pipe:
+        monkeypatch.setattr(pipeline, "time", SimpleNamespace(perf_counter=lambda: now[0]))
+        timings = pipe("a red circle", num_inference_steps=3, seed=1, callback=callback).timings
+        assert timings["denoise"] == timings["callback"] == 300.0 and timings["host"] == 0.0
+        assert "callback" not in pipe("a red circle", num_inference_steps=3, seed=1).timings  # none given
 
 
 def test_io_binding_keeps_frozen_inputs_and_copies_changed_ones():

@@ -81,13 +81,13 @@ def check_generation(goldens, micro, variant: str, name: str) -> None:
 def check_steps(goldens, name: str, pred: str, steps: int) -> None:
     key = f"sched/{name}/{pred}/{steps}"
     sched = schedulers.resolve(name, dict(SD_BASE, prediction_type=pred))
-    plan = sched.plan(steps)
-    assert_close(plan.timesteps, goldens[f"{key}/timesteps"], 1e-3, f"{key} timesteps")
-    x0, outs = stand_in_outputs(steps, len(plan.timesteps))
-    x = x0 * np.float32(plan.init_noise_sigma)
-    state, g = sched.initial_state(plan), TorchCPUGenerator(steps)
+    schedule = sched.schedule(steps)
+    assert_close(schedule.timesteps, goldens[f"{key}/timesteps"], 1e-3, f"{key} timesteps")
+    x0, outs = stand_in_outputs(steps, len(schedule.timesteps))
+    x = x0 * np.float32(schedule.init_noise_sigma)
+    state, g = sched.initial_state(schedule), TorchCPUGenerator(steps)
     for i, (out, want) in enumerate(zip(outs, goldens[f"{key}/samples"])):
-        x, state = sched.step(plan, i, out, x, state, g)
+        x, state = sched.step(schedule, i, out, x, state, g)
         assert_close(x, want, relative_atol(STEP_RTOL, want), f"{key} step {i}")
 
 

@@ -52,7 +52,7 @@ def test_variant_used_and_same_image(optimized_copy):
     with Pipeline.load(folder) as pipe:
         assert "ort-cpu" in str(pipe.engines["unet"].model_file)
         fast = np.asarray(pipe("a yellow diamond on the right, purple background", **kwargs).images[0], np.int16)
-    with Pipeline.load(folder, optimized="off") as pipe:
+    with Pipeline.load(folder, cpu_variant="off") as pipe:
         assert "ort-cpu" not in str(pipe.engines["unet"].model_file)
         plain = np.asarray(pipe("a yellow diamond on the right, purple background", **kwargs).images[0], np.int16)
     assert np.abs(fast - plain).max() <= 1
@@ -101,7 +101,7 @@ def test_int8_variant_is_opt_in_quantised_and_keeps_fidelity(int8_copy):
     assert "MultiHeadAttention" in ops  # quantised after the fusions, not instead of them
     with Pipeline.load(folder) as pipe:  # not used unless asked for
         assert "ort-cpu-int8" not in str(pipe.engines["unet"].model_file)
-    with Pipeline.load(folder, optimized="int8") as pipe:
+    with Pipeline.load(folder, cpu_variant="int8") as pipe:
         assert "ort-cpu-int8" in str(pipe.engines["unet"].model_file)
         assert "ort-cpu" in str(pipe.engines["vae_decoder"].model_file)  # fp32 variant where no int8 one
         result = fidelity(pipe)
@@ -112,10 +112,31 @@ def test_int8_without_the_variant_names_the_command(tmp_path):
     folder = tmp_path / "m"
     shutil.copytree(embedded_model_path(), folder)
     with pytest.raises(ModelFolderError, match="optimize .* --int8"):
-        Pipeline.load(folder, optimized="int8")
+        Pipeline.load(folder, cpu_variant="int8")
     result = CliRunner().invoke(main, ["generate", "a red circle", "--model", str(folder), "--int8",
                                        "-o", str(tmp_path / "x.png")])  # fmt: skip
     assert result.exit_code == 1 and "--int8" in result.output and not (tmp_path / "x.png").exists()
+
+
+@pytest.mark.parametrize("key", ["cpu_variant", "optimized"])
+def test_recorded_int8_choice_is_used_again(tmp_path, key):
+    """A record's engine_options choose the int8 UNet again, under the option's name and under the name
+    records written before the rename carry ("optimized"): without the variant, the int8 error."""
+    import json
+
+    from cli_check import assert_one_line_error, run_cli
+
+    folder = tmp_path / "m"
+    shutil.copytree(embedded_model_path(), folder)
+    with Pipeline.load(folder) as pipe:
+        record = pipe("a red circle", num_inference_steps=2, seed=1).parameters
+    assert record["engine_options"] == {}  # the default choice is not recorded
+    record["engine_options"] = {key: "int8"}
+    (tmp_path / "p.json").write_text(json.dumps(record))
+    out = tmp_path / "x.png"
+    assert_one_line_error(*run_cli("generate", "--params", tmp_path / "p.json", "--model", folder, "-o", out),
+                          "no int8 variant", "--int8")  # fmt: skip
+    assert not out.exists()
 
 
 def test_generate_suggests_optimize_until_it_is_done(tmp_path, monkeypatch):

@@ -80,7 +80,7 @@ def test_markdown_holds_the_table_image_differences_and_targets(tmp_path):
         _result("diffusers", 512, 10.0, 200.0, 210.0, 5e9),
         {**_result("edgediff", 512, 5.0, 150.0, 168.0, 3e9),
          "image_vs_diffusers": {"mean_abs": 0.01, "max_abs": 1.0, "psnr_db": 70.0}},
-        {**_result("int8", 512, 4.0, 140.0, 160.0, 3e9), "options": {"optimized": "int8"},
+        {**_result("int8", 512, 4.0, 140.0, 160.0, 3e9), "options": {"cpu_variant": "int8"},
          "image_vs_diffusers": {"mean_abs": 3.5, "max_abs": 60.0, "psnr_db": 30.0},
          "image_vs_edgediff": {"mean_abs": 3.4, "max_abs": 59.0, "psnr_db": 30.5}},
     ]  # fmt: skip
@@ -116,7 +116,7 @@ def test_one_command_optimizes_first_and_compares_configurations(tmp_path, monke
     monkeypatch.setattr(peers, "RESULTS", tmp_path / "results")
     peers.main(["--model", str(tmp_path / "no-diffusers-source"), str(folder), "--contenders", "edgediff",
                 "--sizes", "64", "--steps", "3", "--edgediff", "edgediff={}", "--edgediff",
-                'int8={"optimized": "int8"}', "--label", "_t"])  # fmt: skip
+                'int8={"cpu_variant": "int8"}', "--label", "_t"])  # fmt: skip
     assert (folder / "ort-cpu" / "unet" / "optimized.json").is_file()
     assert (folder / "ort-cpu-int8" / "unet" / "optimized.json").is_file()
     report = json.loads((tmp_path / "results" / "peers_sd15_t.json").read_text())

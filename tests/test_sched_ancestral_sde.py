@@ -50,22 +50,22 @@ def _drive_forced(diffusers_cls, ours_cls, overrides, steps, seed=0):
     ref = diffusers_cls.from_config(base)
     ours = ours_cls(**{k: v for k, v in base.items() if not k.startswith("_")})
     ref.set_timesteps(steps)
-    plan = ours.plan(steps)
-    assert_close_finite(plan.timesteps, ref.timesteps.numpy().astype(np.float32), atol=1e-3)
-    assert_close_finite(plan.sigmas, ref.sigmas.numpy(), rtol=1e-5)  # rescaled ᾱ: ~2e-6
-    assert abs(plan.init_noise_sigma - float(ref.init_noise_sigma)) <= 1e-6 * plan.init_noise_sigma
+    schedule = ours.schedule(steps)
+    assert_close_finite(schedule.timesteps, ref.timesteps.numpy().astype(np.float32), atol=1e-3)
+    assert_close_finite(schedule.sigmas, ref.sigmas.numpy(), rtol=1e-5)  # rescaled ᾱ: ~2e-6
+    assert abs(schedule.init_noise_sigma - float(ref.init_noise_sigma)) <= 1e-6 * schedule.init_noise_sigma
     rng = np.random.default_rng(seed)
     x = (rng.standard_normal((1, 4, 8, 8)) * float(ref.init_noise_sigma)).astype(np.float32)
-    state = ours.initial_state(plan)
+    state = ours.initial_state(schedule)
     g_ref, g_ours = torch.Generator("cpu").manual_seed(seed), TorchCPUGenerator(seed)
     worst = 0.0
     for i, t in enumerate(ref.timesteps):
         xt = torch.from_numpy(x.copy())
         scaled_ref = ref.scale_model_input(xt, t).numpy()
-        assert_close_finite(ours.scale_model_input(plan, i, x), scaled_ref, rtol=2e-5, atol=2e-5)
+        assert_close_finite(ours.scale_model_input(schedule, i, x), scaled_ref, rtol=2e-5, atol=2e-5)
         out = rng.standard_normal(x.shape).astype(np.float32)
         xr = ref.step(torch.from_numpy(out), t, xt, generator=g_ref).prev_sample.numpy()
-        mine, state = ours.step(plan, i, out, x, state, g_ours)
+        mine, state = ours.step(schedule, i, out, x, state, g_ours)
         assert mine.dtype == np.float32 and mine.shape == xr.shape
         assert np.isfinite(xr).all() and np.isfinite(mine).all(), f"step {i}: non-finite sample"
         diff = float(np.abs(mine - xr).max())
@@ -126,12 +126,12 @@ def test_euler_ancestral_draws_every_step(steps):
     ref = EulerAncestralDiscreteScheduler.from_config(SD_BASE)
     ours = EulerAncestralDiscrete(**SD_CFG)
     ref.set_timesteps(steps)
-    plan = ours.plan(steps)
+    schedule = ours.schedule(steps)
     x = np.zeros((1, 4, 8, 8), np.float32)
     xr = torch.from_numpy(x)
     for i, t in enumerate(ref.timesteps):
         xr = ref.step(torch.zeros_like(xr), t, xr, generator=g_ref).prev_sample
-        x, _ = ours.step(plan, i, np.zeros_like(x), x, None, g_ours)
+        x, _ = ours.step(schedule, i, np.zeros_like(x), x, None, g_ours)
         assert_close_finite(x, xr.numpy(), atol=1e-5)
     assert_close_finite(g_ours.randn((1, 4, 8, 8)), torch.randn((1, 4, 8, 8), generator=g_ref).numpy(), atol=1e-6)
 
@@ -318,7 +318,7 @@ def test_zero_length_last_step_refused(steps, ramp, algo, order, solver):
         if HAS_TORCH:
             drive(cls, {**overrides, key: value}, steps, seed=steps)
         else:
-            DPMSolverMultistep(**SD_CFG, **{**overrides, key: value}).plan(steps)
+            DPMSolverMultistep(**SD_CFG, **{**overrides, key: value}).schedule(steps)
     assert ("lower_order_final" in msg) == (steps < 15)  # from 15 steps diffusers ignores it at the last step
 
 
@@ -341,17 +341,17 @@ def test_euler_ancestral_steep_step_refused(steps):
 
 def test_noise_needs_a_generator():
     ea = EulerAncestralDiscrete(**SD_CFG)
-    plan = ea.plan(4)
+    schedule = ea.schedule(4)
     x = np.zeros((1, 4, 8, 8), np.float32)
     with pytest.raises(InvalidArgumentError, match="generator"):
-        ea.step(plan, 0, x, x, ea.initial_state(plan), None)
+        ea.step(schedule, 0, x, x, ea.initial_state(schedule), None)
     sde = DPMSolverMultistep(**SD_CFG, algorithm_type="sde-dpmsolver++")
-    plan = sde.plan(4)
+    schedule = sde.schedule(4)
     with pytest.raises(InvalidArgumentError, match="generator"):
-        sde.step(plan, 0, x, x, sde.initial_state(plan), None)
+        sde.step(schedule, 0, x, x, sde.initial_state(schedule), None)
     ode = DPMSolverMultistep(**SD_CFG)  # the ODE solver needs none
-    plan = ode.plan(4)
-    out, _ = ode.step(plan, 0, x, x, ode.initial_state(plan), None)
+    schedule = ode.schedule(4)
+    out, _ = ode.step(schedule, 0, x, x, ode.initial_state(schedule), None)
     assert out.dtype == np.float32
 
 
@@ -389,15 +389,15 @@ def test_one_sigma_schedule_only(cls):
 )
 def test_custom_timesteps_rejected_with_sigma_schedules(cls, key):
     with pytest.raises(InvalidArgumentError, match=key):
-        cls(**SD_CFG, **{key: True}).plan(timesteps=[900, 500, 100])
+        cls(**SD_CFG, **{key: True}).schedule(timesteps=[900, 500, 100])
 
 
 def test_euler_ancestral_takes_steps_only():
     ea = EulerAncestralDiscrete(**SD_CFG)
     with pytest.raises(InvalidArgumentError, match="does not accept custom timesteps"):
-        ea.plan(timesteps=[900, 500])
+        ea.schedule(timesteps=[900, 500])
     with pytest.raises(InvalidArgumentError, match="does not accept custom sigmas"):
-        ea.plan(sigmas=[14.0, 1.0, 0.0])
+        ea.schedule(sigmas=[14.0, 1.0, 0.0])
 
 
 def test_euler_ancestral_names():

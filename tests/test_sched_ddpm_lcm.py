@@ -153,24 +153,24 @@ def test_lcm_diffusers_defaults_and_zero_snr(steps):
 @needs_torch
 @pytest.mark.parametrize("orig,steps", [(50, 4), (50, 50), (100, 7), (1000, 20), (3, 2), (7, 7)])
 def test_lcm_original_steps_argument(orig, steps):
-    """``plan(..., original_inference_steps=)`` as diffusers' ``set_timesteps`` argument."""
+    """``schedule(..., original_inference_steps=)`` as diffusers' ``set_timesteps`` argument."""
     from diffusers import LCMScheduler
 
     ref = LCMScheduler.from_config(SD_BASE)
     ref.set_timesteps(steps, original_inference_steps=orig)
-    plan = LCM(**SD_BASE).plan(steps, original_inference_steps=orig)
-    assert_equal_finite(plan.timesteps, ref.timesteps.numpy().astype(np.float32))
+    schedule = LCM(**SD_BASE).schedule(steps, original_inference_steps=orig)
+    assert_equal_finite(schedule.timesteps, ref.timesteps.numpy().astype(np.float32))
 
 
 def test_lcm_schedule_vectors():
-    assert LCM().plan(4).timesteps.tolist() == [999, 759, 499, 259]
-    assert LCM().plan(1).timesteps.tolist() == [999]
+    assert LCM().schedule(4).timesteps.tolist() == [999, 759, 499, 259]
+    assert LCM().schedule(1).timesteps.tolist() == [999]
 
 
 def test_ddpm_schedule_vectors():
-    assert DDPM(steps_offset=1).plan(4).timesteps.tolist() == [751, 501, 251, 1]
-    assert DDPM(timestep_spacing="trailing").plan(4).timesteps.tolist() == [999, 749, 499, 249]
-    assert DDPM(timestep_spacing="trailing").plan(4).prev_timesteps.tolist() == [749, 499, 249, -1]
+    assert DDPM(steps_offset=1).schedule(4).timesteps.tolist() == [751, 501, 251, 1]
+    assert DDPM(timestep_spacing="trailing").schedule(4).timesteps.tolist() == [999, 749, 499, 249]
+    assert DDPM(timestep_spacing="trailing").schedule(4).prev_timesteps.tolist() == [749, 499, 249, -1]
 
 
 @needs_torch
@@ -195,39 +195,39 @@ def test_unsupported_options_raise(cls, key, value):
         cls(**{key: value})
 
 
-def test_plan_argument_errors():
+def test_schedule_argument_errors():
     with pytest.raises(InvalidArgumentError, match="descending"):
-        DDPM().plan(timesteps=[500, 700])
+        DDPM().schedule(timesteps=[500, 700])
     with pytest.raises(InvalidArgumentError, match="start below"):
-        DDPM().plan(timesteps=[1000, 10])
+        DDPM().schedule(timesteps=[1000, 10])
     with pytest.raises(InvalidArgumentError, match="negative"):
-        DDPM().plan(timesteps=[10, -1])
+        DDPM().schedule(timesteps=[10, -1])
     with pytest.raises(InvalidArgumentError, match="exceed"):
-        DDPM().plan(1001)
+        DDPM().schedule(1001)
     with pytest.raises(InvalidArgumentError, match="exactly one of"):
-        DDPM().plan(4, timesteps=[900, 500])
+        DDPM().schedule(4, timesteps=[900, 500])
     with pytest.raises(InvalidArgumentError, match="original_inference_steps=50"):
-        LCM().plan(51)
+        LCM().schedule(51)
     with pytest.raises(InvalidArgumentError, match="original_inference_steps must be"):
-        LCM().plan(4, original_inference_steps=0)
+        LCM().schedule(4, original_inference_steps=0)
     with pytest.raises(InvalidArgumentError, match="descending"):
-        LCM().plan(timesteps=[999, 999])
+        LCM().schedule(timesteps=[999, 999])
     with pytest.raises(InvalidArgumentError, match="repeat"):
-        LCM().plan(timesteps=[999, 500.7, 500.2])
+        LCM().schedule(timesteps=[999, 500.7, 500.2])
     with pytest.raises(InvalidArgumentError, match="custom sigmas"):
-        LCM().plan(sigmas=[1.0, 0.0])
+        LCM().schedule(sigmas=[1.0, 0.0])
 
 
 def test_generator_needed_only_for_noise():
     x = np.ones((1, 4, 8, 8), np.float32)
     # DDPM: noise for t > 0 only; LCM: noise on every step but the last
     ddpm, lcm = DDPM(clip_sample=False), LCM()
-    p = ddpm.plan(timesteps=[0])
+    p = ddpm.schedule(timesteps=[0])
     out, _ = ddpm.step(p, 0, x, x, None, None)
     assert out.dtype == np.float32
     with pytest.raises(InvalidArgumentError, match="generator"):
-        ddpm.step(ddpm.plan(2), 0, x, x, None, None)
-    p = lcm.plan(2)
+        ddpm.step(ddpm.schedule(2), 0, x, x, None, None)
+    p = lcm.schedule(2)
     with pytest.raises(InvalidArgumentError, match="generator"):
         lcm.step(p, 0, x, x, None, None)
     out, _ = lcm.step(p, 1, x, x, None, None)

@@ -57,8 +57,8 @@ def test_lms_coefficients_match_quad(karras):
     """The exact polynomial integral against diffusers' own formula (scipy quad, float64 here)."""
     from scipy import integrate
 
-    plan = LMSDiscrete(**SD_BASE, use_karras_sigmas=karras).plan(20)
-    s = plan.sigmas.astype(np.float64)
+    schedule = LMSDiscrete(**SD_BASE, use_karras_sigmas=karras).schedule(20)
+    s = schedule.sigmas.astype(np.float64)
     for i in range(20):
         order = min(i + 1, LMS_ORDER)
         for j in range(order):
@@ -67,9 +67,9 @@ def test_lms_coefficients_match_quad(karras):
                 return np.prod([(tau - s[i - k]) / (s[i - j] - s[i - k]) for k in range(order) if k != j])
 
             ref = integrate.quad(basis, s[i], s[i + 1], epsrel=1e-12)[0]
-            assert abs(_lms_coefficient(plan.sigmas, i, order, j) - ref) <= 1e-12 * max(1.0, abs(ref))
-            assert plan.coeffs[i, j] == np.float32(_lms_coefficient(plan.sigmas, i, order, j))
-        assert not plan.coeffs[i, order:].any()
+            assert abs(_lms_coefficient(schedule.sigmas, i, order, j) - ref) <= 1e-12 * max(1.0, abs(ref))
+            assert schedule.coeffs[i, j] == np.float32(_lms_coefficient(schedule.sigmas, i, order, j))
+        assert not schedule.coeffs[i, order:].any()
 
 
 def test_lms_low_orders_are_adams_bashforth():
@@ -83,23 +83,23 @@ def test_lms_low_orders_are_adams_bashforth():
     assert_close_finite(ab4, np.array([-55, 59, -37, 9]) / 24, atol=1e-13)
 
 
-def test_lms_plan_and_state():
+def test_lms_schedule_and_state():
     sched = LMSDiscrete(**SD_BASE)
-    plan = sched.plan(7)
-    assert len(plan.timesteps) == 7 and len(plan.sigmas) == 8 and plan.sigmas[-1] == 0
-    assert plan.timesteps.dtype == np.float32 and plan.sigmas.dtype == np.float32
+    schedule = sched.schedule(7)
+    assert len(schedule.timesteps) == 7 and len(schedule.sigmas) == 8 and schedule.sigmas[-1] == 0
+    assert schedule.timesteps.dtype == np.float32 and schedule.sigmas.dtype == np.float32
     rng = np.random.default_rng(0)
     x = rng.standard_normal((1, 4, 8, 8)).astype(np.float32)
     outs = [rng.standard_normal(x.shape).astype(np.float32) for _ in range(7)]
 
     def run():
-        xs, state = x, sched.initial_state(plan)
+        xs, state = x, sched.initial_state(schedule)
         for i, out in enumerate(outs):
-            xs, state = sched.step(plan, i, out, xs, state)
+            xs, state = sched.step(schedule, i, out, xs, state)
             assert len(state.derivatives) == min(i + 1, LMS_ORDER)
         return xs
 
-    assert_equal_finite(run(), run())  # no hidden state on the scheduler or the plan
+    assert_equal_finite(run(), run())  # no hidden state on the scheduler or the schedule
 
 
 # -- Heun ----------------------------------------------------------------------------------
@@ -139,19 +139,19 @@ def test_heun_two_step_linspace(pred, karras, seed):
     ref = HeunDiscreteScheduler.from_config(cfg)
     ours = HeunDiscrete(**{k: v for k, v in cfg.items() if not k.startswith("_")})
     ref.set_timesteps(steps)
-    plan = ours.plan(steps)
-    assert_close_finite(plan.timesteps, ref.timesteps.numpy(), atol=1e-3)
+    schedule = ours.schedule(steps)
+    assert_close_finite(schedule.timesteps, ref.timesteps.numpy(), atol=1e-3)
     rng = np.random.default_rng(seed)
-    x = (rng.standard_normal((1, 4, 8, 8)) * plan.init_noise_sigma).astype(np.float32)
-    xr, state = torch.from_numpy(x.copy()), ours.initial_state(plan)
+    x = (rng.standard_normal((1, 4, 8, 8)) * schedule.init_noise_sigma).astype(np.float32)
+    xr, state = torch.from_numpy(x.copy()), ours.initial_state(schedule)
     for i, t in enumerate(ref.timesteps):
         tol = 2e-5 * max(1.0, float(np.abs(xr.numpy()).max()))
-        assert_close_finite(ours.scale_model_input(plan, i, x), ref.scale_model_input(xr, t).numpy(), atol=tol,
+        assert_close_finite(ours.scale_model_input(schedule, i, x), ref.scale_model_input(xr, t).numpy(), atol=tol,
                             err_msg=f"scale_model_input {i}")  # fmt: skip
         out = rng.standard_normal(x.shape).astype(np.float32)
         x_in = float(np.abs(xr.numpy()).max())
         xr = ref.step(torch.from_numpy(out), t, xr).prev_sample
-        x, state = ours.step(plan, i, out, x, state)
+        x, state = ours.step(schedule, i, out, x, state)
         # the last step maps |x| ~ 900 to x ≈ x̂_0 ~ 1: its rounding is relative to the input's size
         tol = 2e-5 * max(1.0, x_in, float(np.abs(xr.numpy()).max()))
         assert_close_finite(x, xr.numpy(), atol=tol, err_msg=f"step {i}")
@@ -189,24 +189,24 @@ def test_heun_custom_timesteps(timesteps, pred):
     drive(HeunDiscreteScheduler, {"prediction_type": pred}, timesteps=timesteps, ours_cls=HeunDiscrete)
 
 
-def test_heun_plan_shape():
-    plan = HeunDiscrete(**SD_BASE).plan(4)
-    assert len(plan.timesteps) == 2 * 4 - 1 and len(plan.sigmas) == 2 * 4
-    assert_equal_finite(plan.timesteps[1::2], plan.timesteps[2::2])
-    assert_equal_finite(plan.sigmas[1:-1:2], plan.sigmas[2:-1:2])
-    assert plan.sigmas[-1] == 0 and plan.sigmas.dtype == np.float32 and plan.timesteps.dtype == np.float32
-    one = HeunDiscrete(**SD_BASE).plan(1)
+def test_heun_schedule_shape():
+    schedule = HeunDiscrete(**SD_BASE).schedule(4)
+    assert len(schedule.timesteps) == 2 * 4 - 1 and len(schedule.sigmas) == 2 * 4
+    assert_equal_finite(schedule.timesteps[1::2], schedule.timesteps[2::2])
+    assert_equal_finite(schedule.sigmas[1:-1:2], schedule.sigmas[2:-1:2])
+    assert schedule.sigmas[-1] == 0 and schedule.sigmas.dtype == np.float32 and schedule.timesteps.dtype == np.float32
+    one = HeunDiscrete(**SD_BASE).schedule(1)
     assert len(one.timesteps) == 1 and len(one.sigmas) == 2
 
 
 def test_heun_state_alternates():
     sched = HeunDiscrete(**SD_BASE)
-    plan = sched.plan(3)
+    schedule = sched.schedule(3)
     rng = np.random.default_rng(0)
     x = rng.standard_normal((1, 4, 8, 8)).astype(np.float32)
-    state = sched.initial_state(plan)
-    for i in range(len(plan.timesteps)):
-        x, state = sched.step(plan, i, rng.standard_normal(x.shape).astype(np.float32), x, state)
+    state = sched.initial_state(schedule)
+    for i in range(len(schedule.timesteps)):
+        x, state = sched.step(schedule, i, rng.standard_normal(x.shape).astype(np.float32), x, state)
         assert (state.dt is None) == (i % 2 == 1)  # predictor at even calls, corrector at odd ones
     assert isinstance(state, HeunState)
 
@@ -226,19 +226,19 @@ def test_unsupported_options_raise(cls, key, value):
 
 
 @pytest.mark.parametrize("cls", [LMSDiscrete, HeunDiscrete])
-def test_plan_arguments(cls):
+def test_schedule_arguments(cls):
     sched = cls(**SD_BASE)
     with pytest.raises(InvalidArgumentError):
-        sched.plan(0)
+        sched.schedule(0)
     with pytest.raises(InvalidArgumentError):
-        sched.plan(sigmas=[14.0, 1.0, 0.0])
+        sched.schedule(sigmas=[14.0, 1.0, 0.0])
     if cls is LMSDiscrete:
         with pytest.raises(InvalidArgumentError):
-            sched.plan(timesteps=[999, 500])
+            sched.schedule(timesteps=[999, 500])
     else:
-        assert len(sched.plan(timesteps=[999, 500]).timesteps) == 3
+        assert len(sched.schedule(timesteps=[999, 500]).timesteps) == 3
         with pytest.raises(InvalidArgumentError, match="karras"):
-            cls(**SD_BASE, use_karras_sigmas=True).plan(timesteps=[999, 500])
+            cls(**SD_BASE, use_karras_sigmas=True).schedule(timesteps=[999, 500])
 
 
 @needs_torch

@@ -62,19 +62,19 @@ def _drive_unipc_scaled(overrides, steps, seed=0, atol=1e-4, base=None):
     ref64.set_timesteps(steps)
     ref64.sigmas = ref64.sigmas.double()  # every scalar of the update in float64
     ours = UniPCMultistep(**{k: v for k, v in base.items() if not k.startswith("_")})
-    plan = ours.plan(steps)
-    assert_equal_finite(plan.timesteps, ref.timesteps.numpy().astype(np.float32))
-    assert plan.init_noise_sigma == float(ref.init_noise_sigma)
+    schedule = ours.schedule(steps)
+    assert_equal_finite(schedule.timesteps, ref.timesteps.numpy().astype(np.float32))
+    assert schedule.init_noise_sigma == float(ref.init_noise_sigma)
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((1, 4, 8, 8)).astype(np.float32)
     xr, x64 = torch.from_numpy(x.copy()), torch.from_numpy(x.astype(np.float64))
-    state, worst = ours.initial_state(plan), 0.0
+    state, worst = ours.initial_state(schedule), 0.0
     for i, t in enumerate(ref.timesteps):
-        assert ours.scale_model_input(plan, i, x) is x
+        assert ours.scale_model_input(schedule, i, x) is x
         out = rng.standard_normal(x.shape).astype(np.float32)
         xr = ref.step(torch.from_numpy(out), t, xr).prev_sample
         x64 = ref64.step(torch.from_numpy(out.astype(np.float64)), t, x64).prev_sample
-        x, state = ours.step(plan, i, out, x, state)
+        x, state = ours.step(schedule, i, out, x, state)
         assert x.dtype == np.float32 and x.shape == xr.shape
         assert np.isfinite(xr.numpy()).all() and np.isfinite(x64.numpy()).all(), f"step {i}: diffusers not finite"
         assert np.isfinite(x).all(), f"step {i}: not finite"
@@ -194,7 +194,7 @@ BROKEN_IN_DIFFUSERS = [
 @pytest.mark.parametrize("overrides,steps", BROKEN_IN_DIFFUSERS)
 def test_unipc_refuses_what_diffusers_breaks(overrides, steps):
     with pytest.raises(InvalidArgumentError, match="NaN|singular"):
-        UniPCMultistep(**SD_BASE, **overrides).plan(steps)
+        UniPCMultistep(**SD_BASE, **overrides).schedule(steps)
 
 
 @needs_torch
@@ -218,36 +218,36 @@ def test_unipc_refused_combinations_are_broken_in_diffusers(overrides, steps):
 
 def test_unipc_refused_guards_depend_on_steps():
     # one step is first order, so diffusers is fine there: so are we
-    UniPCMultistep(**SD_BASE, lower_order_final=False).plan(1)
+    UniPCMultistep(**SD_BASE, lower_order_final=False).schedule(1)
     UniPCMultistep(**SD_BASE, lower_order_final=False, solver_order=3, use_karras_sigmas=True,
-                   final_sigmas_type="sigma_min").plan(2)  # fmt: skip
+                   final_sigmas_type="sigma_min").schedule(2)  # fmt: skip
 
 
 def test_unipc_custom_schedules_rejected_as_in_diffusers():
     # diffusers' set_timesteps takes `sigmas` only with use_flow_sigmas (not supported) and no `timesteps`
     s = UniPCMultistep(**SD_BASE)
     with pytest.raises(InvalidArgumentError, match="custom sigmas"):
-        s.plan(sigmas=[14.6, 3.0, 0.0])
+        s.schedule(sigmas=[14.6, 3.0, 0.0])
     with pytest.raises(InvalidArgumentError, match="custom timesteps"):
-        s.plan(timesteps=[999, 500])
+        s.schedule(timesteps=[999, 500])
 
 
 def test_unipc_step_is_pure():
     s = UniPCMultistep(**SD_BASE, solver_order=3)
-    plan = s.plan(10)
+    schedule = s.schedule(10)
     rng = np.random.default_rng(0)
-    x, state = rng.standard_normal((1, 4, 8, 8)).astype(np.float32), s.initial_state(plan)
+    x, state = rng.standard_normal((1, 4, 8, 8)).astype(np.float32), s.initial_state(schedule)
     for i in range(4):
-        x, state = s.step(plan, i, rng.standard_normal(x.shape).astype(np.float32), x, state)
+        x, state = s.step(schedule, i, rng.standard_normal(x.shape).astype(np.float32), x, state)
     out = rng.standard_normal(x.shape).astype(np.float32)
     kept = [m.copy() for m in state.model_outputs], state.last_sample.copy()
-    a, state_a = s.step(plan, 4, out, x, state)
-    b, state_b = s.step(plan, 4, out, x, state)
+    a, state_a = s.step(schedule, 4, out, x, state)
+    b, state_b = s.step(schedule, 4, out, x, state)
     assert_equal_finite(a, b)
     assert all(np.array_equal(m, k) for m, k in zip(state.model_outputs, kept[0]))
     assert_equal_finite(state.last_sample, kept[1])
     assert state_a.this_order == state_b.this_order == 3 and len(state_a.model_outputs) == 3
-    assert a.dtype == np.float32 and plan.timesteps.dtype == np.float32 and plan.sigmas.dtype == np.float32
+    assert a.dtype == np.float32 and schedule.timesteps.dtype == np.float32 and schedule.sigmas.dtype == np.float32
 
 
 # -- PNDM with the Runge-Kutta warm-up ---------------------------------------------------------
@@ -278,17 +278,17 @@ def test_pndm_prk_class_defaults(steps):
 
 def test_pndm_prk_schedule():
     s = PNDM(**dict(SD_BASE, skip_prk_steps=False))
-    plan = s.plan(4)  # leading + 1: 1, 251, 501, 751; δ = 125
-    assert plan.timesteps.tolist() == [751, 626, 626, 501, 501, 376, 376, 251, 251, 126, 126, 1, 1]
-    assert len(s.plan(20).timesteps) == 20 + 9
-    assert len(PNDM(**SD_BASE).plan(20).timesteps) == 20 + 1
+    schedule = s.schedule(4)  # leading + 1: 1, 251, 501, 751; δ = 125
+    assert schedule.timesteps.tolist() == [751, 626, 626, 501, 501, 376, 376, 251, 251, 126, 126, 1, 1]
+    assert len(s.schedule(20).timesteps) == 20 + 9
+    assert len(PNDM(**SD_BASE).schedule(20).timesteps) == 20 + 1
 
 
 @pytest.mark.parametrize("steps", [1, 2, 3])
 def test_pndm_prk_needs_four_steps(steps):
     with pytest.raises(InvalidArgumentError, match=">= 4"):
-        PNDM(**dict(SD_BASE, skip_prk_steps=False)).plan(steps)
-    PNDM(**SD_BASE).plan(steps)  # PLMS alone is fine
+        PNDM(**dict(SD_BASE, skip_prk_steps=False)).schedule(steps)
+    PNDM(**SD_BASE).schedule(steps)  # PLMS alone is fine
 
 
 @needs_torch

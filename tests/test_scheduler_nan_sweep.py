@@ -52,7 +52,7 @@ def _refusals(name: str) -> list[str | None]:
             out.append(sched)
             continue
         try:
-            sched.plan(steps)
+            sched.schedule(steps)
             out.append(None)
         except InvalidArgumentError as e:
             out.append(str(e))

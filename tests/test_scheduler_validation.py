@@ -48,7 +48,7 @@ def _refused(name: str, overrides: dict, fragment: str) -> str:
 def test_defaults_and_sd_config_pass(name):
     assert config_problems({}, name) == []
     assert config_problems(SD_CFG, name) == []
-    SCHEDULERS[name](**SD_CFG).plan(4)
+    SCHEDULERS[name](**SD_CFG).schedule(4)
 
 
 @pytest.mark.parametrize("path", SHIPPED_CONFIGS, ids=lambda p: p.parts[-3])
@@ -59,7 +59,7 @@ def test_shipped_configs_pass_with_every_scheduler(path):
     for name in schedulers.known_names():
         sched = schedulers.resolve(name, base)
         assert config_problems(base, sched.class_name) == []
-        sched.plan(4)
+        sched.schedule(4)
 
 
 def test_every_config_key_has_a_rule():
@@ -226,7 +226,7 @@ def test_switching_classes_keeps_working_configs():
     # a DDPM one switched to DPM, a UniPC one (solver_type bh2) switched to DPM: diffusers runs all three
     dpm = json.loads(SHIPPED_CONFIGS[2].read_text())
     assert schedulers.resolve("ddpm", dpm).config["variance_type"] is None
-    assert schedulers.resolve("dpmpp_2m", {**SD_BASE, "variance_type": "fixed_small"}).plan(4)
+    assert schedulers.resolve("dpmpp_2m", {**SD_BASE, "variance_type": "fixed_small"}).schedule(4)
     assert schedulers.resolve("dpmpp_2m", {**SD_BASE, "solver_type": "bh2"}).config["solver_type"] == "midpoint"
 
 
@@ -256,7 +256,7 @@ def test_ddim_eta_allowed(eta):
 def test_eta_reaches_ddim_only():
     # diffusers' pipeline passes eta only to schedulers whose step takes it (DDIM among ours)
     assert [n for n, c in SCHEDULERS.items() if "eta" in c.step_options] == ["DDIMScheduler"]
-    schedulers.resolve("euler", SD_BASE, eta=NAN).plan(4)
+    schedulers.resolve("euler", SD_BASE, eta=NAN).schedule(4)
 
 
 def test_eta_above_one_is_nan_in_diffusers():
@@ -274,7 +274,7 @@ def test_eta_above_one_is_nan_in_diffusers():
 
 
 # -- C. more steps than training timesteps -----------------------------------------------------------
-T_SMALL = 100  # the same rules at any T; small keeps 1000-step plans out of the test time
+T_SMALL = 100  # the same rules at any T; small keeps 1000-step schedules out of the test time
 SMALL = {**SD_CFG, "num_train_timesteps": T_SMALL}
 SPACINGS = ["linspace", "leading", "trailing"]
 # (class, spacing, karras) -> the largest accepted num_inference_steps (None: no limit)
@@ -301,10 +301,10 @@ def _step_grid(name: str, timesteps: np.ndarray, sigmas: np.ndarray | None, n: i
     return sigmas if sigmas is not None else timesteps
 
 
-def _sane(name, plan, n) -> bool:
+def _sane(name, schedule, n) -> bool:
     """No zero-length step and every UNet timestep inside the training range."""
-    grid = _step_grid(name, np.asarray(plan.timesteps), getattr(plan, "sigmas", None), n)
-    inside = plan.timesteps.min() >= 0 and plan.timesteps.max() <= T_SMALL - 1
+    grid = _step_grid(name, np.asarray(schedule.timesteps), getattr(schedule, "sigmas", None), n)
+    inside = schedule.timesteps.min() >= 0 and schedule.timesteps.max() <= T_SMALL - 1
     return bool(inside and np.all(np.diff(grid) < 0))
 
 
@@ -320,25 +320,25 @@ def test_too_many_steps_refused_where_the_schedule_breaks(name, spacing, karras)
     for n in (T_SMALL - 1, T_SMALL, T_SMALL + 1, 3 * T_SMALL // 2):
         if limit is not None and n > limit:
             with pytest.raises(InvalidArgumentError, match=f"{name}.* needs num_inference_steps <= {limit}") as err:
-                sched.plan(n)
+                sched.schedule(n)
             if n > T_SMALL:
                 assert f"num_inference_steps={n} exceeds the model's {T_SMALL} training timesteps" in str(err.value)
         else:
-            assert _sane(name, sched.plan(n), n), (name, spacing, karras, n)
+            assert _sane(name, sched.schedule(n), n), (name, spacing, karras, n)
 
 
 def test_brief_example_message():
     with pytest.raises(InvalidArgumentError) as err:
-        schedulers.resolve("ddim", SD_BASE).plan(1500)
+        schedulers.resolve("ddim", SD_BASE).schedule(1500)
     assert str(err.value) == ("num_inference_steps=1500 exceeds the model's 1000 training timesteps; "
                               "DDIMScheduler needs num_inference_steps <= 1000")  # fmt: skip
 
 
 def test_lcm_steps_limited_by_original_inference_steps():
     with pytest.raises(InvalidArgumentError, match="exceeds the model's 1000 training timesteps"):
-        SCHEDULERS["LCMScheduler"]().plan(1001)
+        SCHEDULERS["LCMScheduler"]().schedule(1001)
     with pytest.raises(InvalidArgumentError, match="cannot exceed original_inference_steps=50"):
-        SCHEDULERS["LCMScheduler"]().plan(51)
+        SCHEDULERS["LCMScheduler"]().schedule(51)
 
 
 @pytest.mark.parametrize("name", [n for n in NAMES if n not in ("LCMScheduler",)])
@@ -348,8 +348,8 @@ def test_steps_offset_past_the_last_timestep_refused(name):
     limit = 999 if name in MULTISTEP else 1000
     with pytest.raises(InvalidArgumentError, match="steps_offset=1 puts a timestep at 1000, past the model's last "
                                                    "training timestep 999"):  # fmt: skip
-        sched.plan(limit)
-    sched.plan(limit // 2)
+        sched.schedule(limit)
+    sched.schedule(limit // 2)
 
 
 def test_refused_step_counts_break_in_diffusers():
@@ -418,28 +418,28 @@ def test_which_classes_take_custom_schedules():
 )
 def test_bad_custom_timesteps_refused(name, timesteps, fragment):
     with pytest.raises(InvalidArgumentError) as err:
-        SCHEDULERS[name](**SD_CFG).plan(timesteps=timesteps)
+        SCHEDULERS[name](**SD_CFG).schedule(timesteps=timesteps)
     assert fragment in str(err.value) and str(err.value).startswith(f"{name}: ")
 
 
 @pytest.mark.parametrize("name", TAKE_TIMESTEPS)
 def test_custom_timesteps_inside_the_training_range_allowed(name):
     sched = SCHEDULERS[name](**SD_CFG)
-    assert len(sched.plan(timesteps=[999.4, 10, 0]).timesteps) >= 3  # below T once truncated, or fractional
+    assert len(sched.schedule(timesteps=[999.4, 10, 0]).timesteps) >= 3  # below T once truncated, or fractional
     with pytest.raises(InvalidArgumentError, match="start below"):
-        sched.plan(timesteps=[1000.0, 10])
+        sched.schedule(timesteps=[1000.0, 10])
 
 
 @pytest.mark.parametrize("name", TRUNCATING)
 def test_truncation_repeats_refused(name):
     with pytest.raises(InvalidArgumentError, match=r"timesteps\[1\]=500.7 and timesteps\[2\]=500.2 both give 500"):
-        SCHEDULERS[name](**SD_CFG).plan(timesteps=[999, 500.7, 500.2])
+        SCHEDULERS[name](**SD_CFG).schedule(timesteps=[999, 500.7, 500.2])
 
 
 @pytest.mark.parametrize("name", [n for n in TAKE_TIMESTEPS if n not in TRUNCATING])
 def test_fractional_custom_timesteps_kept(name):
-    plan = SCHEDULERS[name](**SD_CFG).plan(timesteps=[999, 500.7, 500.2])
-    assert 500.7 in np.round(plan.timesteps.astype(np.float64), 3)
+    schedule = SCHEDULERS[name](**SD_CFG).schedule(timesteps=[999, 500.7, 500.2])
+    assert 500.7 in np.round(schedule.timesteps.astype(np.float64), 3)
 
 
 @pytest.mark.parametrize(
@@ -457,15 +457,15 @@ def test_fractional_custom_timesteps_kept(name):
 )
 def test_bad_custom_sigmas_refused(sigmas, fragment):
     with pytest.raises(InvalidArgumentError) as err:
-        SCHEDULERS["EulerDiscreteScheduler"](**SD_CFG).plan(sigmas=sigmas)
+        SCHEDULERS["EulerDiscreteScheduler"](**SD_CFG).schedule(sigmas=sigmas)
     assert fragment in str(err.value)
 
 
 def test_good_custom_sigmas_allowed():
     euler = SCHEDULERS["EulerDiscreteScheduler"](**SD_CFG)
-    assert euler.plan(sigmas=[14.6, 7.0, 0.0]).sigmas[-1] == 0
+    assert euler.schedule(sigmas=[14.6, 7.0, 0.0]).sigmas[-1] == 0
     # Align-Your-Steps style lists end on σ_min, not 0
-    assert euler.plan(sigmas=np.array([14.615, 3.861, 0.029])).sigmas[-1] == np.float32(0.029)
+    assert euler.schedule(sigmas=np.array([14.615, 3.861, 0.029])).sigmas[-1] == np.float32(0.029)
 
 
 # -- end to end: the pipeline passes these through --------------------------------------------------

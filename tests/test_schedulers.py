@@ -139,6 +139,6 @@ def test_custom_schedule_rules():
     from edgediff.runtime.errors import InvalidArgumentError
 
     with pytest.raises(InvalidArgumentError, match="does not accept custom timesteps"):
-        schedulers.resolve("ddim", SD_BASE).plan(timesteps=[900, 500])
+        schedulers.resolve("ddim", SD_BASE).schedule(timesteps=[900, 500])
     with pytest.raises(InvalidArgumentError, match="exactly one of"):
-        schedulers.resolve("euler", SD_BASE).plan(4, timesteps=[900, 500])
+        schedulers.resolve("euler", SD_BASE).schedule(4, timesteps=[900, 500])

@@ -36,6 +36,7 @@ from edgediff.runtime.engine import create_engine
 from edgediff.runtime.errors import BuildError, EngineUnavailableError, PlanError, ResourceError
 
 OK = 0
+COPY_MS, EXECUTE_MS = 1.0, 10.0  # the stand-in stream's clock: each copy and each execution takes this long
 MICRO = Path(__file__).parent / "fixtures" / "micro-sd1"  # latent 16x16, text 77x16, fp32 ONNX
 
 
@@ -53,6 +54,7 @@ class FakeCudart:
         self.streams: dict[int, threading.Thread | None] = {}  # handle -> thread between its first copy and sync
         self.events = 0
         self.interleaved = 0
+        self.clock: dict[int, float] = {}  # stream -> milliseconds of work enqueued on it so far
 
     def cudaGetDeviceCount(self):
         return (OK, 1)
@@ -100,11 +102,13 @@ class FakeCudart:
         live = table.get(dst) if kind == self.cudaMemcpyKind.cudaMemcpyHostToDevice else None
         assert live is None or len(live) >= n, "copy past the end of a device buffer"
         ctypes.memmove(dst, src, n)
+        self.clock[stream] += COPY_MS
         return (OK,)
 
     def cudaStreamCreate(self):
         handle = 1000 + len(self.streams)
         self.streams[handle] = None
+        self.clock[handle] = 0.0
         return (OK, handle)
 
     def cudaStreamDestroy(self, s):
@@ -117,13 +121,15 @@ class FakeCudart:
 
     def cudaEventCreate(self):
         self.events += 1
-        return (OK, object())
+        return (OK, SimpleNamespace(at=None))
 
     def cudaEventRecord(self, ev, s):
+        ev.at = self.clock[s]
         return (OK,)
 
     def cudaEventElapsedTime(self, a, b):
-        return (OK, 0.25)
+        assert a.at is not None and b.at is not None, "elapsed time of an event never recorded"
+        return (OK, b.at - a.at)
 
     def cudaEventDestroy(self, ev):
         self.events -= 1
@@ -193,6 +199,7 @@ class FakeContext:
         x, t, e = self._array("sample"), self._array("timestep"), self._array("encoder_hidden_states")
         self._array("out_sample")[...] = x * self.engine.scale + t + e.mean(axis=(1, 2))[:, None, None, None]
         self.executions += 1
+        self.cudart.clock[stream] += EXECUTE_MS
         return True
 
 
@@ -447,7 +454,9 @@ def test_run_reuses_buffers_and_returns_copies(fake):
         np.testing.assert_allclose(out1, expected(f1), rtol=1e-6)  # out1 was a copy, still intact
         np.testing.assert_allclose(out2, expected(f2), rtol=1e-6)
         stats = eng.stats()
-        assert stats["gpu_ms"] == [0.25, 0.25] and stats["scratch_bytes"] == 1000 and stats["profile"] == 0
+        # the events split each call into its execution and its copies: 3 inputs in, 1 output out
+        assert stats["compute_ms"] == [EXECUTE_MS] * 2 and stats["copy_ms"] == [4 * COPY_MS] * 2
+        assert stats["scratch_bytes"] == 1000 and stats["profile"] == 0
         assert stats["io_bytes"] == 2 * (2 * 4 * 16 * 16 * 4) + 4 + 2 * 77 * 16 * 4
     assert fake.cudart.streams == {} and fake.cudart.events == 0
 

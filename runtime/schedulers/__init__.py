@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..errors import UnknownSchedulerError
-from .base import Plan, Scheduler
+from .base import Schedule, Scheduler
 from .ddim import DDIM
 from .ddpm import DDPM
 from .dpmsolver_multistep import DPMSolverMultistep
@@ -100,7 +100,9 @@ def resolve(spec: str | dict | Scheduler | None, base_config: dict[str, Any], **
         else:
             class_name = name
     else:
-        raise UnknownSchedulerError(f"scheduler must be a name, a config dict or a Scheduler, got {type(spec).__name__}")
+        raise UnknownSchedulerError(
+            f"scheduler must be a name, a config dict or a Scheduler, got {type(spec).__name__}"
+        )
     if class_name not in SCHEDULERS:
         raise _unknown(repr(class_name))
     cls = SCHEDULERS[class_name]
@@ -111,6 +113,6 @@ def resolve(spec: str | dict | Scheduler | None, base_config: dict[str, Any], **
 
 
 __all__ = [
-    "SCHEDULERS", "SHORT_NAMES", "Plan", "Scheduler", "known_names", "resolve", "apply_pipeline_corrections",
-    "config_problems",
+    "SCHEDULERS", "SHORT_NAMES", "Schedule", "Scheduler", "apply_pipeline_corrections", "config_problems",
+    "known_names", "resolve",
 ]  # fmt: skip

@@ -29,12 +29,12 @@ _META_KEYS = {"_class_name", "_diffusers_version", "_use_default_values", "_name
 
 
 @dataclass(frozen=True)
-class Plan:
-    """The immutable result of ``Scheduler.plan(num_inference_steps)``.
+class Schedule:
+    """The immutable result of ``Scheduler.schedule(num_inference_steps)``.
 
     ``timesteps`` holds one value per UNet call (float32, what the UNet is fed); subclasses add
-    the arrays their ``step`` needs. Nothing in a plan changes during sampling, so one plan may
-    be shared by concurrent calls.
+    the arrays their ``step`` needs. Nothing in a schedule changes during sampling, so one
+    schedule may be shared by concurrent calls.
     """
 
     timesteps: np.ndarray
@@ -43,9 +43,9 @@ class Plan:
 
 class Scheduler:
     """Base class. Subclasses set ``class_name``, ``defaults`` (diffusers' constructor defaults)
-    and implement ``plan``, ``scale_model_input``, ``initial_state`` and ``step``.
+    and implement ``schedule``, ``scale_model_input``, ``initial_state`` and ``step``.
 
-    ``step(plan, i, model_output, sample, state, generator) -> (prev_sample, state)`` is a
+    ``step(schedule, i, model_output, sample, state, generator) -> (prev_sample, state)`` is a
     function of its arguments: multistep history lives in ``state``, which the sampling loop
     owns and passes back in, never on the scheduler object.
     """
@@ -94,12 +94,12 @@ class Scheduler:
     # Per-call options that diffusers passes to ``step`` and we take as constructor arguments
     # (DDIM's ``eta``); the pipeline forwards them only to classes that list them, as diffusers does.
     step_options: ClassVar[tuple[str, ...]] = ()
-    # Which custom schedules ``plan`` accepts, as diffusers' ``set_timesteps`` does for this class.
+    # Which custom schedules ``schedule`` accepts, as diffusers' ``set_timesteps`` does for this class.
     accepts_timesteps: ClassVar[bool] = False
     accepts_sigmas: ClassVar[bool] = False
 
     # -- interface -------------------------------------------------------------------------
-    def plan(self, num_inference_steps: int | None = None, timesteps=None, sigmas=None) -> Plan:
+    def schedule(self, num_inference_steps: int | None = None, timesteps=None, sigmas=None) -> Schedule:
         """The immutable schedule for one call: ``num_inference_steps``, or a custom list of
         ``timesteps`` / ``sigmas`` where the diffusers class accepts one."""
         raise NotImplementedError
@@ -113,14 +113,15 @@ class Scheduler:
         timestep, as diffusers' DDIM enforces."""
         return self.config["num_train_timesteps"]
 
-    def _check_plan_args(self, num_inference_steps, timesteps=None, sigmas=None) -> None:
+    def _check_schedule_args(self, num_inference_steps, timesteps=None, sigmas=None) -> None:
         """diffusers' rules: exactly one of the three; custom lists only where the class takes them;
         plus what diffusers lets through into NaN or noise: too many steps, bad custom values."""
         given = [n for n, v in (("num_inference_steps", num_inference_steps), ("timesteps", timesteps),
                                 ("sigmas", sigmas)) if v is not None]  # fmt: skip
         if len(given) != 1:
             raise InvalidArgumentError(
-                f"{self.class_name}: pass exactly one of num_inference_steps, timesteps or sigmas (got {given or 'none'})"
+                f"{self.class_name}: pass exactly one of num_inference_steps, timesteps or sigmas "
+                f"(got {given or 'none'})"
             )
         if timesteps is not None and not self.accepts_timesteps:
             raise InvalidArgumentError(f"{self.class_name} does not accept custom timesteps (as in diffusers)")
@@ -173,13 +174,15 @@ class Scheduler:
                 "prediction_type='v_prediction' (what zero-SNR models are trained with) or clip_sample=True"
             )
 
-    def scale_model_input(self, plan: Plan, i: int, sample: np.ndarray) -> np.ndarray:
+    def scale_model_input(self, schedule: Schedule, i: int, sample: np.ndarray) -> np.ndarray:
         return sample
 
-    def initial_state(self, plan: Plan) -> Any:
+    def initial_state(self, schedule: Schedule) -> Any:
         return None
 
-    def step(self, plan: Plan, i: int, model_output: np.ndarray, sample: np.ndarray, state: Any, generator=None):
+    def step(
+        self, schedule: Schedule, i: int, model_output: np.ndarray, sample: np.ndarray, state: Any, generator=None
+    ):
         raise NotImplementedError
 
 

@@ -14,21 +14,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import InvalidArgumentError
-from .base import Plan, Scheduler
-
-
-def _spaced_int_timesteps(config: dict, n: int) -> np.ndarray:
-    """DDIM's and DDPM's int64 schedule timesteps (descending) for ``timestep_spacing``."""
-    big_t, spacing = config["num_train_timesteps"], config["timestep_spacing"]
-    if spacing == "linspace":
-        return np.linspace(0, big_t - 1, n).round()[::-1].astype(np.int64)
-    if spacing == "leading":
-        return (np.arange(0, n) * (big_t // n)).round()[::-1].astype(np.int64) + config["steps_offset"]
-    return np.round(np.arange(big_t, 0, -big_t / n)).astype(np.int64) - 1  # trailing
+from .base import Schedule, Scheduler
+from .sigmas import spaced_int_timesteps
 
 
 @dataclass(frozen=True)
-class DDIMPlan(Plan):
+class DDIMSchedule(Schedule):
     int_timesteps: np.ndarray  # int64 schedule timesteps
     step_ratio: int  # T // N: prev_t = t - step_ratio, whatever the spacing (as diffusers)
 
@@ -60,20 +51,20 @@ class DDIM(Scheduler):
         self.eta = float(eta)
         self.final_alpha_cumprod = np.float32(1.0) if self.config["set_alpha_to_one"] else self.alphas_cumprod[0]
 
-    def plan(self, num_inference_steps=None, timesteps=None, sigmas=None) -> DDIMPlan:
-        self._check_plan_args(num_inference_steps, timesteps, sigmas)
+    def schedule(self, num_inference_steps=None, timesteps=None, sigmas=None) -> DDIMSchedule:
+        self._check_schedule_args(num_inference_steps, timesteps, sigmas)
         n, big_t = num_inference_steps, self.config["num_train_timesteps"]
-        t = _spaced_int_timesteps(self.config, n)
+        t = spaced_int_timesteps(self.config, n)
         self._check_timestep_range(n, t)
-        plan = DDIMPlan(t.astype(np.float32), 1.0, t, big_t // n)
+        schedule = DDIMSchedule(t.astype(np.float32), 1.0, t, big_t // n)
         self._check_x0_from_epsilon(t)
-        self._check_direction(plan)
-        return plan
+        self._check_direction(schedule)
+        return schedule
 
-    def _coefficients(self, plan: DDIMPlan, i: int):
+    def _coefficients(self, schedule: DDIMSchedule, i: int):
         """(ᾱ_t, ᾱ_prev, 1 − ᾱ_t, σ_t, 1 − ᾱ_prev − σ_t²) of step i, in diffusers' float32 arithmetic."""
-        t = int(plan.int_timesteps[i])
-        prev_t = t - plan.step_ratio
+        t = int(schedule.int_timesteps[i])
+        prev_t = t - schedule.step_ratio
         a_t = self.alphas_cumprod[t]
         a_prev = self.alphas_cumprod[prev_t] if prev_t >= 0 else self.final_alpha_cumprod
         b_t = 1 - a_t
@@ -81,7 +72,7 @@ class DDIM(Scheduler):
         std = np.float32(self.eta) * variance**0.5
         return a_t, a_prev, b_t, std, 1 - a_prev - std**2
 
-    def _check_direction(self, plan: DDIMPlan) -> None:
+    def _check_direction(self, schedule: DDIMSchedule) -> None:
         """1 − ᾱ_prev − σ_t² = (1 − ᾱ_prev)·(1 − η²·(1 − ᾱ_t/ᾱ_prev)/(1 − ᾱ_t)) ≥ 0, but at η = 1 and ᾱ_t ≈ 0 (the
         zero-SNR last timestep, the cosine schedule's ᾱ_999 = 2.4e-9) it is within float32 rounding of 0, and
         diffusers takes the square root of whatever its rounding gives: NaN where that is negative (one ulp off in
@@ -91,12 +82,12 @@ class DDIM(Scheduler):
         if self.eta == 0:
             return
         eta_sq = np.float64(self.eta) ** 2
-        for i in range(len(plan.int_timesteps)):
-            a_t, a_prev = (np.float64(a) for a in self._coefficients(plan, i)[:2])
+        for i in range(len(schedule.int_timesteps)):
+            a_t, a_prev = (np.float64(a) for a in self._coefficients(schedule, i)[:2])
             room = 1 - a_prev
             exact = room - eta_sq * room / (1 - a_t) * (1 - a_t / a_prev)
             if room > 0 and exact < 2.0**-21 * room:
-                n, t = len(plan.int_timesteps), int(plan.int_timesteps[i])
+                n, t = len(schedule.int_timesteps), int(schedule.int_timesteps[i])
                 raise InvalidArgumentError(
                     f"{self.class_name}: eta={self.eta:g} with num_inference_steps={n} leaves 1 - alpha_prev - "
                     f"sigma_t^2 within float32 rounding of 0 at step {i} (timestep {t}, alphas_cumprod "
@@ -104,12 +95,12 @@ class DDIM(Scheduler):
                     "use eta <= 0.99"
                 )
 
-    def step(self, plan: DDIMPlan, i, model_output, sample, state=None, generator=None):
-        a_t, a_prev, b_t, std, direction_sq = self._coefficients(plan, i)
+    def step(self, schedule: DDIMSchedule, i, model_output, sample, state=None, generator=None):
+        a_t, a_prev, b_t, std, direction_sq = self._coefficients(schedule, i)
         # 1. predicted x_0 and ε from the model output (eq. 12, "predicted x_0")
         kind = self.config["prediction_type"]
         if kind == "epsilon":
-            with np.errstate(divide="ignore"):  # ᾱ_t = 0 gets here only with clip_sample (plan), which clips ±inf
+            with np.errstate(divide="ignore"):  # ᾱ_t = 0 reaches here only with clip_sample, which clips ±inf
                 x0 = (sample - b_t**0.5 * model_output) / a_t**0.5
             eps = model_output
         elif kind == "sample":

@@ -18,12 +18,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import InvalidArgumentError
-from .base import Plan, Scheduler
-from .ddim import _spaced_int_timesteps
+from .base import Schedule, Scheduler
+from .sigmas import spaced_int_timesteps
 
 
 @dataclass(frozen=True)
-class DDPMPlan(Plan):
+class DDPMSchedule(Schedule):
     int_timesteps: np.ndarray  # int64 schedule timesteps
     prev_timesteps: np.ndarray  # int64 t_prev of each step (-1 after the last), diffusers' previous_timestep
 
@@ -68,18 +68,18 @@ class DDPM(Scheduler):
     accepts_timesteps = True
     int_timesteps = True
 
-    def plan(self, num_inference_steps=None, timesteps=None, sigmas=None) -> DDPMPlan:
-        self._check_plan_args(num_inference_steps, timesteps, sigmas)
+    def schedule(self, num_inference_steps=None, timesteps=None, sigmas=None) -> DDPMSchedule:
+        self._check_schedule_args(num_inference_steps, timesteps, sigmas)
         if timesteps is not None:
             t = np.array(timesteps, dtype=np.float64).astype(np.int64)  # diffusers truncates fractional values
         else:
-            t = _spaced_int_timesteps(self.config, num_inference_steps)
+            t = spaced_int_timesteps(self.config, num_inference_steps)
             self._check_timestep_range(num_inference_steps, t)
         self._check_x0_from_epsilon(t)
-        return DDPMPlan(t.astype(np.float32), 1.0, t, _previous_timesteps(t))
+        return DDPMSchedule(t.astype(np.float32), 1.0, t, _previous_timesteps(t))
 
-    def step(self, plan: DDPMPlan, i, model_output, sample, state=None, generator=None):
-        t, prev_t = int(plan.int_timesteps[i]), int(plan.prev_timesteps[i])
+    def step(self, schedule: DDPMSchedule, i, model_output, sample, state=None, generator=None):
+        t, prev_t = int(schedule.int_timesteps[i]), int(schedule.prev_timesteps[i])
         # 1. ᾱ_t, ᾱ_prev and the step's own α_t, β_t
         a_t = self.alphas_cumprod[t]
         a_prev = self.alphas_cumprod[prev_t] if prev_t >= 0 else np.float32(1.0)
@@ -90,7 +90,7 @@ class DDPM(Scheduler):
         # 2. predicted x̂_0 (eq. 15)
         kind = self.config["prediction_type"]
         if kind == "epsilon":
-            with np.errstate(divide="ignore"):  # ᾱ_t = 0 gets here only with clip_sample (plan), which clips ±inf
+            with np.errstate(divide="ignore"):  # ᾱ_t = 0 reaches here only with clip_sample, which clips ±inf
                 x0 = (sample - b_t**0.5 * model_output) / a_t**0.5
         elif kind == "sample":
             x0 = model_output

@@ -34,12 +34,20 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import InvalidArgumentError
-from .base import Plan, Scheduler
-from .euler import _exponential_sigmas, _karras_sigmas, _one_sigma_schedule_problems, _sigma_to_t, _uses_sigma_ramp
+from .base import Schedule, Scheduler
+from .sigmas import (
+    exponential_sigmas,
+    karras_sigmas,
+    multistep_max_steps,
+    multistep_timesteps,
+    one_sigma_schedule_problems,
+    sigma_to_t,
+    uses_sigma_ramp,
+)
 
 
 @dataclass(frozen=True)
-class DPMPlan(Plan):
+class DPMSchedule(Schedule):
     sigmas: np.ndarray  # float32, N+1 values (last 0 or σ_min)
 
 
@@ -47,30 +55,6 @@ class DPMPlan(Plan):
 class DPMState:
     x0_history: tuple = ()  # last `solver_order` converted model outputs, oldest first
     lower_order_nums: int = 0
-
-
-def _multistep_timesteps(config: dict, n: int) -> np.ndarray:
-    """DPM-Solver++'s and UniPC's int64 timesteps for ``timestep_spacing`` (n + 1 points, the last dropped)."""
-    big_t = config["num_train_timesteps"]
-    if config["timestep_spacing"] == "linspace":
-        return np.linspace(0, big_t - 1, n + 1).round()[::-1][:-1].astype(np.int64)
-    if config["timestep_spacing"] == "leading":
-        ratio = big_t // (n + 1)
-        return (np.arange(0, n + 1) * ratio).round()[::-1][:-1].astype(np.int64) + config["steps_offset"]
-    return np.arange(big_t, 0, -big_t / n).round().astype(np.int64) - 1  # trailing
-
-
-def _multistep_max_steps(self) -> int | None:
-    """DPM-Solver++ and UniPC interpolate σ at integer timesteps: one repeated timestep is a step with
-    h = 0, and the next multistep update divides by it (NaN in diffusers from num_inference_steps=1000 with
-    linspace, an index error with leading). Their n + 1-point linspace / leading grids repeat from n = T,
-    trailing from n = T + 1. Karras / Lu / exponential σ come from a ramp over the table's ends and stay
-    distinct for any n (the rounded timesteps the UNet sees then repeat, as they already do in diffusers
-    at 25 steps), so no limit there."""
-    cfg, big_t = self.config, self.config["num_train_timesteps"]
-    if _uses_sigma_ramp(cfg):
-        return None
-    return big_t if cfg["timestep_spacing"] == "trailing" else big_t - 1
 
 
 def _alpha_sigma(sigma):
@@ -130,7 +114,7 @@ class DPMSolverMultistep(Scheduler):
 
     accepts_timesteps = True
     int_timesteps = True
-    max_inference_steps = _multistep_max_steps
+    max_inference_steps = multistep_max_steps
 
     @classmethod
     def normalize_config(cls, config):
@@ -143,14 +127,14 @@ class DPMSolverMultistep(Scheduler):
 
     @classmethod
     def class_problems(cls, config):
-        return _one_sigma_schedule_problems(config)
+        return one_sigma_schedule_problems(config)
 
     @property
     def stochastic(self) -> bool:
         return self.config["algorithm_type"] == "sde-dpmsolver++"
 
-    def plan(self, num_inference_steps=None, timesteps=None, sigmas=None) -> DPMPlan:
-        self._check_plan_args(num_inference_steps, timesteps, sigmas)
+    def schedule(self, num_inference_steps=None, timesteps=None, sigmas=None) -> DPMSchedule:
+        self._check_schedule_args(num_inference_steps, timesteps, sigmas)
         cfg = self.config
         for key in ("use_karras_sigmas", "use_lu_lambdas", "use_exponential_sigmas"):
             if timesteps is not None and cfg[key]:
@@ -159,32 +143,32 @@ class DPMSolverMultistep(Scheduler):
         if timesteps is not None:
             t = np.asarray(timesteps, dtype=np.float64).astype(np.int64)
         else:
-            t = _multistep_timesteps(cfg, n)
-            if not _uses_sigma_ramp(cfg):
+            t = multistep_timesteps(cfg, n)
+            if not uses_sigma_ramp(cfg):
                 self._check_timestep_range(n, t)
         ac = self.alphas_cumprod
         table = ((1 - ac) / ac) ** 0.5  # float32
         log_table = np.log(table)  # float32, as diffusers' np.log of the torch table
         rounded = cfg["beta_schedule"] != "squaredcos_cap_v2"
         if cfg["use_karras_sigmas"]:
-            sigmas = _karras_sigmas(float(table[0]), float(table[-1]), n)
+            sigmas = karras_sigmas(float(table[0]), float(table[-1]), n)
         elif cfg["use_lu_lambdas"]:
             # diffusers' "lambdas" here are log σ (= −λ): a linear ramp from log σ_max to log σ_min
             lam_min, lam_max = float(log_table[0]), float(log_table[-1])
             sigmas = np.exp(lam_max + np.linspace(0, 1, n) * (lam_min - lam_max))  # ρ = 1
         elif cfg["use_exponential_sigmas"]:
-            sigmas, rounded = _exponential_sigmas(float(table[0]), float(table[-1]), n), False
+            sigmas, rounded = exponential_sigmas(float(table[0]), float(table[-1]), n), False
         else:
             sigmas = np.interp(t, np.arange(0, len(table)), table)
         if cfg["use_karras_sigmas"] or cfg["use_lu_lambdas"] or cfg["use_exponential_sigmas"]:
-            t = np.array([_sigma_to_t(s, log_table) for s in sigmas])
+            t = np.array([sigma_to_t(s, log_table) for s in sigmas])
             if rounded:
                 t = t.round()
         last = float(((1 - ac[0]) / ac[0]) ** 0.5) if cfg["final_sigmas_type"] == "sigma_min" else 0.0
         sigmas = np.concatenate([sigmas, [last]]).astype(np.float32)
         self._check_last_step(len(t), int(t[-1]), timesteps is not None)
         # diffusers feeds the UNet int64 timesteps (Karras/Lu ones rounded, exponential ones truncated)
-        return DPMPlan(t.astype(np.int64).astype(np.float32), 1.0, sigmas)
+        return DPMSchedule(t.astype(np.int64).astype(np.float32), 1.0, sigmas)
 
     def _last_order(self, n: int) -> int:
         """The solver order ``step`` uses at the last of ``n`` steps (diffusers' rules)."""
@@ -216,25 +200,25 @@ class DPMSolverMultistep(Scheduler):
             f"last step; {n} steps), whose {update} update diffusers turns into NaN; use {fixes}"
         )
 
-    def initial_state(self, plan):
+    def initial_state(self, schedule):
         return DPMState()
 
-    def _to_x0(self, plan, i, model_output, sample):
+    def _to_x0(self, schedule, i, model_output, sample):
         kind = self.config["prediction_type"]
         if kind == "sample":
             return model_output
-        alpha_t, sigma_t = _alpha_sigma(plan.sigmas[i])
+        alpha_t, sigma_t = _alpha_sigma(schedule.sigmas[i])
         if kind == "epsilon":
             return (sample - sigma_t * model_output) / alpha_t
         return alpha_t * sample - sigma_t * model_output  # v_prediction
 
-    def step(self, plan: DPMPlan, i, model_output, sample, state: DPMState, generator=None):
-        cfg, n = self.config, len(plan.timesteps)
+    def step(self, schedule: DPMSchedule, i, model_output, sample, state: DPMState, generator=None):
+        cfg, n = self.config, len(schedule.timesteps)
         lower_order_final = (i == n - 1) and (
             cfg["euler_at_final"] or (cfg["lower_order_final"] and n < 15) or cfg["final_sigmas_type"] == "zero"
         )
         lower_order_second = (i == n - 2) and cfg["lower_order_final"] and n < 15
-        x0 = self._to_x0(plan, i, model_output, sample)
+        x0 = self._to_x0(schedule, i, model_output, sample)
         history = (*state.x0_history, x0)[-cfg["solver_order"] :]
         sample = sample.astype(np.float32, copy=False)
         noise = None
@@ -247,25 +231,25 @@ class DPMSolverMultistep(Scheduler):
             noise = np.asarray(generator.randn(np.shape(model_output)), dtype=np.float32)
         with np.errstate(divide="ignore"):  # σ_t = 0 at the end: λ_t = +inf, e^{-h} = 0, exact
             if cfg["solver_order"] == 1 or state.lower_order_nums < 1 or lower_order_final:
-                prev = self._first_order(plan, i, x0, sample, noise)
+                prev = self._first_order(schedule, i, x0, sample, noise)
             elif cfg["solver_order"] == 2 or state.lower_order_nums < 2 or lower_order_second:
-                prev = self._second_order(plan, i, history, sample, noise)
+                prev = self._second_order(schedule, i, history, sample, noise)
             else:
-                prev = self._third_order(plan, i, history, sample, noise)
+                prev = self._third_order(schedule, i, history, sample, noise)
         nums = min(state.lower_order_nums + 1, cfg["solver_order"])
         return prev.astype(np.float32), DPMState(history, nums)
 
     @staticmethod
-    def _lambdas(plan, i, k):
+    def _lambdas(schedule, i, k):
         """(α_t, σ_t, λ_t) at σ_{i+1}, then (α, σ, λ) at s0 = σ_i, s1 = σ_{i−1}, … (k of them)."""
         out = []
         for j in (i + 1, *range(i, i - k, -1)):
-            alpha, sigma = _alpha_sigma(plan.sigmas[j])
+            alpha, sigma = _alpha_sigma(schedule.sigmas[j])
             out.append((alpha, sigma, _log(alpha) - _log(sigma)))
         return out
 
-    def _first_order(self, plan, i, d0, sample, noise):
-        (alpha_t, sigma_t, lambda_t), (_, sigma_s, lambda_s) = self._lambdas(plan, i, 1)
+    def _first_order(self, schedule, i, d0, sample, noise):
+        (alpha_t, sigma_t, lambda_t), (_, sigma_s, lambda_s) = self._lambdas(schedule, i, 1)
         h = lambda_t - lambda_s
         if noise is None:
             return (sigma_t / sigma_s) * sample - (alpha_t * (_exp(-h) - 1.0)) * d0
@@ -275,8 +259,8 @@ class DPMSolverMultistep(Scheduler):
             + sigma_t * np.sqrt(1.0 - _exp(-2 * h)) * noise
         )
 
-    def _second_order(self, plan, i, history, sample, noise):
-        (alpha_t, sigma_t, lambda_t), (_, sigma_s0, lambda_s0), (_, _, lambda_s1) = self._lambdas(plan, i, 2)
+    def _second_order(self, schedule, i, history, sample, noise):
+        (alpha_t, sigma_t, lambda_t), (_, sigma_s0, lambda_s0), (_, _, lambda_s1) = self._lambdas(schedule, i, 2)
         m0, m1 = history[-1], history[-2]
         h, h_0 = lambda_t - lambda_s0, lambda_s0 - lambda_s1
         r0 = h_0 / h
@@ -299,8 +283,8 @@ class DPMSolverMultistep(Scheduler):
             + sigma_t * np.sqrt(1.0 - _exp(-2 * h)) * noise
         )
 
-    def _third_order(self, plan, i, history, sample, noise):
-        lam = self._lambdas(plan, i, 3)
+    def _third_order(self, schedule, i, history, sample, noise):
+        lam = self._lambdas(schedule, i, 3)
         (alpha_t, sigma_t, lambda_t), (_, sigma_s0, lambda_s0) = lam[0], lam[1]
         lambda_s1, lambda_s2 = lam[2][2], lam[3][2]
         m0, m1, m2 = history[-1], history[-2], history[-3]

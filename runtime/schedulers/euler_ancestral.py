@@ -22,12 +22,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import InvalidArgumentError
-from .base import Plan, Scheduler
-from .euler import _sigma_family_max_steps, _sigma_table, _spaced_timesteps
+from .base import Schedule, Scheduler
+from .sigmas import sigma_family_max_steps, sigma_table, spaced_timesteps
 
 
 @dataclass(frozen=True)
-class EulerAncestralPlan(Plan):
+class EulerAncestralSchedule(Schedule):
     sigmas: np.ndarray  # float32, N+1 values (last 0)
 
 
@@ -55,20 +55,20 @@ class EulerAncestralDiscrete(Scheduler):
         "timestep_spacing": ("linspace", "leading", "trailing"),
     }
 
-    max_inference_steps = _sigma_family_max_steps
+    max_inference_steps = sigma_family_max_steps
 
-    def plan(self, num_inference_steps=None, timesteps=None, sigmas=None) -> EulerAncestralPlan:
-        self._check_plan_args(num_inference_steps, timesteps, sigmas)
+    def schedule(self, num_inference_steps=None, timesteps=None, sigmas=None) -> EulerAncestralSchedule:
+        self._check_schedule_args(num_inference_steps, timesteps, sigmas)
         cfg, n = self.config, num_inference_steps
-        timesteps = _spaced_timesteps(cfg, n)
+        timesteps = spaced_timesteps(cfg, n)
         self._check_timestep_range(n, timesteps)
         ac = self.alphas_cumprod
-        table = _sigma_table(ac)
+        table = sigma_table(ac)
         sigmas = np.concatenate([np.interp(timesteps, np.arange(0, len(table)), table), [0.0]]).astype(np.float32)
         self._check_splits(sigmas, n)
         s_max = sigmas.max()
         init = s_max if cfg["timestep_spacing"] in ("linspace", "trailing") else (s_max**2 + 1) ** 0.5
-        return EulerAncestralPlan(timesteps.astype(np.float32), float(init), sigmas)
+        return EulerAncestralSchedule(timesteps.astype(np.float32), float(init), sigmas)
 
     def _check_splits(self, sigmas: np.ndarray, n: int) -> None:
         """σ_down² = σ_to² − σ_up² is σ_to⁴/σ_from² in exact arithmetic, but in float32 it is a difference of two
@@ -86,16 +86,16 @@ class EulerAncestralDiscrete(Scheduler):
                     "timestep_spacing"
                 )
 
-    def scale_model_input(self, plan: EulerAncestralPlan, i, sample):
-        sigma = plan.sigmas[i]
+    def scale_model_input(self, schedule: EulerAncestralSchedule, i, sample):
+        sigma = schedule.sigmas[i]
         return (sample / ((sigma**2 + 1) ** 0.5)).astype(np.float32)
 
-    def step(self, plan: EulerAncestralPlan, i, model_output, sample, state=None, generator=None):
+    def step(self, schedule: EulerAncestralSchedule, i, model_output, sample, state=None, generator=None):
         if generator is None:
             raise InvalidArgumentError(
                 f"{self.class_name} draws fresh noise every step: pass a generator (e.g. a seed)"
             )
-        sigma = plan.sigmas[i]
+        sigma = schedule.sigmas[i]
         sample = sample.astype(np.float32, copy=False)
         # 1. denoised estimate x̂_0 = D(x; σ)
         if self.config["prediction_type"] == "epsilon":
@@ -103,7 +103,7 @@ class EulerAncestralDiscrete(Scheduler):
         else:  # v_prediction
             x0 = model_output * (-sigma / (sigma**2 + 1) ** 0.5) + (sample / (sigma**2 + 1))
         # 2. split σ_{i+1}² into the deterministic part σ_down² and the fresh noise σ_up²
-        sigma_up, down_sq = _split(plan.sigmas[i], plan.sigmas[i + 1])
+        sigma_up, down_sq = _split(schedule.sigmas[i], schedule.sigmas[i + 1])
         sigma_down = down_sq**0.5
         # 3. Euler step to σ_down on the ODE derivative, then add noise (drawn even when σ_up = 0)
         derivative = (sample - x0) / sigma

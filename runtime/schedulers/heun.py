@@ -9,7 +9,7 @@ Notation:
     corrector (Heun):    d'  = (x' − D(x'; σ_{i+1}))/σ_{i+1}
                          x_{i+1} = x_i + ½(d_i + d')·(σ_{i+1} − σ_i)
 The last step (σ_N = 0) is the predictor alone, so N steps take 2N − 1 UNet calls. As in diffusers
-the plan repeats every σ and timestep but the first:
+the schedule repeats every σ and timestep but the first:
     timesteps  t_0, t_1, t_1, t_2, t_2, …, t_{N−1}, t_{N−1}          (2N − 1, one per call)
     sigmas     σ_0, σ_1, σ_1, σ_2, σ_2, …, σ_{N−1}, σ_{N−1}, 0       (2N)
 Call k is a predictor when the state holds no pending step (k even for a fresh schedule) and
@@ -28,12 +28,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import InvalidArgumentError
-from .base import Plan, Scheduler
-from .euler import _karras_sigmas, _sigma_family_max_steps, _sigma_table, _sigma_to_t, _spaced_timesteps
+from .base import Schedule, Scheduler
+from .sigmas import karras_sigmas, sigma_family_max_steps, sigma_table, sigma_to_t, spaced_timesteps
 
 
 @dataclass(frozen=True)
-class HeunPlan(Plan):
+class HeunSchedule(Schedule):
     sigmas: np.ndarray  # float32, 2N values: σ_0, then σ_1..σ_{N−1} each twice, then 0
 
 
@@ -74,48 +74,48 @@ class HeunDiscrete(Scheduler):
     # diffusers' HeunDiscreteScheduler.set_timesteps takes custom timesteps, not custom sigmas.
     accepts_timesteps = True
     accepts_sigmas = False
-    max_inference_steps = _sigma_family_max_steps
+    max_inference_steps = sigma_family_max_steps
 
-    def plan(self, num_inference_steps=None, timesteps=None, sigmas=None) -> HeunPlan:
-        self._check_plan_args(num_inference_steps, timesteps, sigmas)
+    def schedule(self, num_inference_steps=None, timesteps=None, sigmas=None) -> HeunSchedule:
+        self._check_schedule_args(num_inference_steps, timesteps, sigmas)
         cfg = self.config
         if timesteps is not None and cfg["use_karras_sigmas"]:
             raise InvalidArgumentError("custom timesteps cannot be combined with use_karras_sigmas (as in diffusers)")
         ac = self.alphas_cumprod
-        table = _sigma_table(ac)
+        table = sigma_table(ac)
         log_table = np.log(table)
         n = num_inference_steps if timesteps is None else len(timesteps)
         if timesteps is not None:
             timesteps = np.asarray(timesteps, dtype=np.float32)
         else:
-            timesteps = _spaced_timesteps(cfg, n)
+            timesteps = spaced_timesteps(cfg, n)
             if not cfg["use_karras_sigmas"]:
                 self._check_timestep_range(n, timesteps)
         sigmas = np.interp(timesteps, np.arange(0, len(table)), table)
         if cfg["use_karras_sigmas"]:
-            sigmas = _karras_sigmas(float(sigmas[-1]), float(sigmas[0]), n)
-            timesteps = np.array([_sigma_to_t(s, log_table) for s in sigmas])
+            sigmas = karras_sigmas(float(sigmas[-1]), float(sigmas[0]), n)
+            timesteps = np.array([sigma_to_t(s, log_table) for s in sigmas])
         sigmas = np.concatenate([sigmas, [0.0]]).astype(np.float32)
         # one entry per UNet call: every σ and t but the first (and the final 0) repeated
         sigmas = np.concatenate([sigmas[:1], np.repeat(sigmas[1:-1], 2), sigmas[-1:]])
         timesteps = np.concatenate([timesteps[:1], np.repeat(timesteps[1:], 2)]).astype(np.float32)
         s_max = sigmas.max()
         init = s_max if cfg["timestep_spacing"] in ("linspace", "trailing") else (s_max**2 + 1) ** 0.5
-        return HeunPlan(timesteps, float(init), sigmas)
+        return HeunSchedule(timesteps, float(init), sigmas)
 
-    def initial_state(self, plan: HeunPlan) -> HeunState:
+    def initial_state(self, schedule: HeunSchedule) -> HeunState:
         return HeunState()
 
-    def scale_model_input(self, plan: HeunPlan, i, sample):
-        sigma = plan.sigmas[i]
+    def scale_model_input(self, schedule: HeunSchedule, i, sample):
+        sigma = schedule.sigmas[i]
         return (sample / ((sigma**2 + 1) ** 0.5)).astype(np.float32)
 
-    def step(self, plan: HeunPlan, i, model_output, sample, state: HeunState, generator=None):
+    def step(self, schedule: HeunSchedule, i, model_output, sample, state: HeunState, generator=None):
         first_order = state.dt is None
         if first_order:  # predictor
-            sigma, sigma_next = plan.sigmas[i], plan.sigmas[i + 1]
+            sigma, sigma_next = schedule.sigmas[i], schedule.sigmas[i + 1]
         else:  # corrector
-            sigma, sigma_next = plan.sigmas[i - 1], plan.sigmas[i]
+            sigma, sigma_next = schedule.sigmas[i - 1], schedule.sigmas[i]
         sigma_hat = sigma  # γ = 0 (the only value diffusers supports)
         # 1. denoised estimate x̂_0 at the σ this call's model output belongs to
         sigma_input = sigma_hat if first_order else sigma_next

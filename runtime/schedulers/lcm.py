@@ -19,13 +19,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import InvalidArgumentError
-from .base import Plan, Scheduler
+from .base import Schedule, Scheduler
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class LCMPlan(Plan):
+class LCMSchedule(Schedule):
     int_timesteps: np.ndarray  # int64 schedule timesteps
 
 
@@ -68,10 +68,12 @@ class LCM(Scheduler):
         super().__init__(**config)
         self.final_alpha_cumprod = np.float32(1.0) if self.config["set_alpha_to_one"] else self.alphas_cumprod[0]
 
-    def plan(self, num_inference_steps=None, timesteps=None, sigmas=None, original_inference_steps=None) -> LCMPlan:
-        """``original_inference_steps`` overrides the config value for this plan, as the argument
+    def schedule(
+        self, num_inference_steps=None, timesteps=None, sigmas=None, original_inference_steps=None
+    ) -> LCMSchedule:
+        """``original_inference_steps`` overrides the config value for this schedule, as the argument
         of the same name of diffusers' ``set_timesteps``."""
-        self._check_plan_args(num_inference_steps, timesteps, sigmas)
+        self._check_schedule_args(num_inference_steps, timesteps, sigmas)
         big_t = self.config["num_train_timesteps"]
         orig = original_inference_steps
         if orig is None:
@@ -93,11 +95,11 @@ class LCM(Scheduler):
             indices = np.floor(np.linspace(0, len(origin), num=n, endpoint=False)).astype(np.int64)
             t = origin[indices]
         self._check_x0_from_epsilon(t)
-        return LCMPlan(t.astype(np.float32), 1.0, t)
+        return LCMSchedule(t.astype(np.float32), 1.0, t)
 
     @staticmethod
     def _custom(timesteps, origin: np.ndarray, big_t: int) -> np.ndarray:
-        """diffusers' warnings when a custom schedule (checked in ``_check_plan_args``) leaves the
+        """diffusers' warnings when a custom schedule (checked in ``_check_schedule_args``) leaves the
         distillation grid."""
         t = np.array(timesteps, dtype=np.float64).astype(np.int64)  # diffusers truncates fractional values
         if t[0] != big_t - 1:
@@ -110,8 +112,8 @@ class LCM(Scheduler):
             logger.warning("LCM: %d custom timesteps exceed original_inference_steps=%d", len(t), len(origin))
         return t
 
-    def step(self, plan: LCMPlan, i, model_output, sample, state=None, generator=None):
-        ts = plan.int_timesteps
+    def step(self, schedule: LCMSchedule, i, model_output, sample, state=None, generator=None):
+        ts = schedule.int_timesteps
         t = int(ts[i])
         last = i == len(ts) - 1
         prev_t = t if last else int(ts[i + 1])
@@ -125,7 +127,7 @@ class LCM(Scheduler):
         # 3. predicted x̂_0 (as DDIM), optional clipping
         kind = self.config["prediction_type"]
         if kind == "epsilon":
-            with np.errstate(divide="ignore"):  # ᾱ_t = 0 gets here only with clip_sample (plan), which clips ±inf
+            with np.errstate(divide="ignore"):  # ᾱ_t = 0 reaches here only with clip_sample, which clips ±inf
                 x0 = (sample - np.sqrt(b_t) * model_output) / np.sqrt(a_t)
         elif kind == "sample":
             x0 = model_output

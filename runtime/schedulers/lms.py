@@ -14,7 +14,7 @@ The UNet sees x/sqrt(σ²+1) and the (fractional) timestep whose σ is σ_i.
 The solver order is 4: diffusers' ``step(..., order=4)`` default, which its pipelines never
 override, so it is a constant here (LMS_ORDER), not a config option.
 
-The coefficients depend only on the schedule, so they are computed once in ``plan``. diffusers
+The coefficients depend only on the schedule, so they are computed once in ``schedule``. diffusers
 integrates ℓ_j numerically (scipy.integrate.quad, epsrel=1e-4); ℓ_j is a polynomial of degree
 r − 1 ≤ 3, so here it is built and integrated exactly with numpy.polynomial. quad's Gauss–Kronrod
 rule is itself exact on such a polynomial, so the two agree up to float rounding (diffusers
@@ -29,14 +29,14 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.polynomial import Polynomial
 
-from .base import Plan, Scheduler
-from .euler import _karras_sigmas, _sigma_family_max_steps, _sigma_table, _sigma_to_t, _spaced_timesteps
+from .base import Schedule, Scheduler
+from .sigmas import karras_sigmas, sigma_family_max_steps, sigma_table, sigma_to_t, spaced_timesteps
 
 LMS_ORDER = 4  # diffusers' LMSDiscreteScheduler.step(order=4) default
 
 
 @dataclass(frozen=True)
-class LMSPlan(Plan):
+class LMSSchedule(Schedule):
     sigmas: np.ndarray  # float32, N+1 values (last 0)
     coeffs: np.ndarray  # float32 (N, LMS_ORDER): c_j of step i, zero where j >= min(i+1, LMS_ORDER)
 
@@ -79,21 +79,21 @@ class LMSDiscrete(Scheduler):
     # diffusers' LMSDiscreteScheduler.set_timesteps takes neither custom timesteps nor sigmas.
     accepts_timesteps = False
     accepts_sigmas = False
-    max_inference_steps = _sigma_family_max_steps
+    max_inference_steps = sigma_family_max_steps
 
-    def plan(self, num_inference_steps=None, timesteps=None, sigmas=None) -> LMSPlan:
-        self._check_plan_args(num_inference_steps, timesteps, sigmas)
+    def schedule(self, num_inference_steps=None, timesteps=None, sigmas=None) -> LMSSchedule:
+        self._check_schedule_args(num_inference_steps, timesteps, sigmas)
         n, cfg = num_inference_steps, self.config
         ac = self.alphas_cumprod
-        table = _sigma_table(ac)
+        table = sigma_table(ac)
         log_table = np.log(table)
-        timesteps = _spaced_timesteps(cfg, n)
+        timesteps = spaced_timesteps(cfg, n)
         if not cfg["use_karras_sigmas"]:
             self._check_timestep_range(n, timesteps)
         sigmas = np.interp(timesteps, np.arange(0, len(table)), table)
         if cfg["use_karras_sigmas"]:  # LMS takes σ_min/σ_max from the schedule ends, never from config
-            sigmas = _karras_sigmas(float(sigmas[-1]), float(sigmas[0]), n)
-            timesteps = np.array([_sigma_to_t(s, log_table) for s in sigmas])
+            sigmas = karras_sigmas(float(sigmas[-1]), float(sigmas[0]), n)
+            timesteps = np.array([sigma_to_t(s, log_table) for s in sigmas])
         sigmas = np.concatenate([sigmas, [0.0]]).astype(np.float32)
         coeffs = np.zeros((n, LMS_ORDER), dtype=np.float32)
         for i in range(n):
@@ -101,17 +101,17 @@ class LMSDiscrete(Scheduler):
             coeffs[i, :order] = [_lms_coefficient(sigmas, i, order, j) for j in range(order)]
         s_max = sigmas.max()
         init = s_max if cfg["timestep_spacing"] in ("linspace", "trailing") else (s_max**2 + 1) ** 0.5
-        return LMSPlan(timesteps.astype(np.float32), float(init), sigmas, coeffs)
+        return LMSSchedule(timesteps.astype(np.float32), float(init), sigmas, coeffs)
 
-    def initial_state(self, plan: LMSPlan) -> LMSState:
+    def initial_state(self, schedule: LMSSchedule) -> LMSState:
         return LMSState()
 
-    def scale_model_input(self, plan: LMSPlan, i, sample):
-        sigma = plan.sigmas[i]
+    def scale_model_input(self, schedule: LMSSchedule, i, sample):
+        sigma = schedule.sigmas[i]
         return (sample / ((sigma**2 + 1) ** 0.5)).astype(np.float32)
 
-    def step(self, plan: LMSPlan, i, model_output, sample, state: LMSState, generator=None):
-        sigma = plan.sigmas[i]
+    def step(self, schedule: LMSSchedule, i, model_output, sample, state: LMSState, generator=None):
+        sigma = schedule.sigmas[i]
         # 1. denoised estimate x̂_0
         kind = self.config["prediction_type"]
         if kind == "epsilon":
@@ -124,6 +124,6 @@ class LMSDiscrete(Scheduler):
         derivatives = (*state.derivatives, (sample - x0) / sigma)[-LMS_ORDER:]
         # 3. x_{i+1} = x_i + Σ_j c_j·d_{i−j}, summed newest first as diffusers does
         update = 0
-        for coeff, derivative in zip(plan.coeffs[i, : min(i + 1, LMS_ORDER)], reversed(derivatives)):
+        for coeff, derivative in zip(schedule.coeffs[i, : min(i + 1, LMS_ORDER)], reversed(derivatives)):
             update = update + coeff * derivative
         return (sample + update).astype(np.float32), LMSState(derivatives)

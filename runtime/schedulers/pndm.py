@@ -28,11 +28,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import InvalidArgumentError
-from .base import Plan, Scheduler
+from .base import Schedule, Scheduler
 
 
 @dataclass(frozen=True)
-class PNDMPlan(Plan):
+class PNDMSchedule(Schedule):
     int_timesteps: np.ndarray
     step_ratio: int
 
@@ -71,8 +71,8 @@ class PNDM(Scheduler):
         super().__init__(**config)
         self.final_alpha_cumprod = np.float32(1.0) if self.config["set_alpha_to_one"] else self.alphas_cumprod[0]
 
-    def plan(self, num_inference_steps=None, timesteps=None, sigmas=None) -> PNDMPlan:
-        self._check_plan_args(num_inference_steps, timesteps, sigmas)
+    def schedule(self, num_inference_steps=None, timesteps=None, sigmas=None) -> PNDMSchedule:
+        self._check_schedule_args(num_inference_steps, timesteps, sigmas)
         n, big_t = num_inference_steps, self.config["num_train_timesteps"]
         spacing = self.config["timestep_spacing"]
         if spacing == "linspace":
@@ -94,21 +94,21 @@ class PNDM(Scheduler):
             prk = np.asarray(t[-4:]).repeat(2) + np.tile(np.array([0, half]), 4)
             prk = prk[:-1].repeat(2)[1:-1][::-1]  # per step: t, t'+δ, t'+δ, t' (3 steps, t' = next)
             calls = np.concatenate([prk, t[:-3][::-1]]).astype(np.int64)
-        return PNDMPlan(calls.astype(np.float32), 1.0, calls, big_t // n)
+        return PNDMSchedule(calls.astype(np.float32), 1.0, calls, big_t // n)
 
-    def initial_state(self, plan):
+    def initial_state(self, schedule):
         return PNDMState()
 
-    def step(self, plan: PNDMPlan, i, model_output, sample, state: PNDMState, generator=None):
+    def step(self, schedule: PNDMSchedule, i, model_output, sample, state: PNDMState, generator=None):
         if not self.config["skip_prk_steps"] and state.counter < _PRK_CALLS:
-            return self._step_prk(plan, i, model_output, sample, state)
-        t = int(plan.int_timesteps[i])
-        prev_t = t - plan.step_ratio
+            return self._step_prk(schedule, i, model_output, sample, state)
+        t = int(schedule.int_timesteps[i])
+        prev_t = t - schedule.step_ratio
         ets = state.ets
         if state.counter != 1:
             ets = (*ets[-3:], model_output)
         else:  # second call: redo the first interval
-            prev_t, t = t, t + plan.step_ratio
+            prev_t, t = t, t + schedule.step_ratio
         cur_sample = state.cur_sample
         if len(ets) == 1 and state.counter == 0:
             e = model_output
@@ -125,12 +125,12 @@ class PNDM(Scheduler):
         prev = self._prev_sample(sample, t, prev_t, e)
         return prev, PNDMState(ets, cur_sample, state.counter + 1)
 
-    def _step_prk(self, plan: PNDMPlan, i, model_output, sample, state: PNDMState):
+    def _step_prk(self, schedule: PNDMSchedule, i, model_output, sample, state: PNDMState):
         """Call ``counter`` of the Runge-Kutta warm-up (diffusers' ``step_prk``)."""
         counter = state.counter
-        diff_to_prev = 0 if counter % 2 else plan.step_ratio // 2
-        prev_t = int(plan.int_timesteps[i]) - diff_to_prev
-        t = int(plan.int_timesteps[counter // 4 * 4])
+        diff_to_prev = 0 if counter % 2 else schedule.step_ratio // 2
+        prev_t = int(schedule.int_timesteps[i]) - diff_to_prev
+        t = int(schedule.int_timesteps[counter // 4 * 4])
         ets, cur_sample, acc = state.ets, state.cur_sample, state.cur_model_output
         phase = counter % 4
         if phase == 0:

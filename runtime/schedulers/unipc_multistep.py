@@ -27,15 +27,14 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import InvalidArgumentError
-from .base import Plan, Scheduler
-from .dpmsolver_multistep import _multistep_max_steps, _multistep_timesteps
-from .euler import _karras_sigmas, _sigma_to_t
+from .base import Schedule, Scheduler
+from .sigmas import karras_sigmas, multistep_max_steps, multistep_timesteps, sigma_to_t
 
 _F32 = np.float32
 
 
 @dataclass(frozen=True)
-class UniPCPlan(Plan):
+class UniPCSchedule(Schedule):
     sigmas: np.ndarray  # float32, N+1 values (last 0 or σ_min)
 
 
@@ -97,7 +96,7 @@ class UniPCMultistep(Scheduler):
         "final_sigmas_type": ("zero", "sigma_min"),
     }
 
-    max_inference_steps = _multistep_max_steps
+    max_inference_steps = multistep_max_steps
 
     @classmethod
     def normalize_config(cls, config):
@@ -132,11 +131,11 @@ class UniPCMultistep(Scheduler):
                 "use lower_order_final=True"
             )
 
-    def plan(self, num_inference_steps=None, timesteps=None, sigmas=None) -> UniPCPlan:
-        self._check_plan_args(num_inference_steps, timesteps, sigmas)
+    def schedule(self, num_inference_steps=None, timesteps=None, sigmas=None) -> UniPCSchedule:
+        self._check_schedule_args(num_inference_steps, timesteps, sigmas)
         cfg, n = self.config, num_inference_steps
         self._check_last_step(n)
-        t = _multistep_timesteps(cfg, n)
+        t = multistep_timesteps(cfg, n)
         if not cfg["use_karras_sigmas"]:
             self._check_timestep_range(n, t)
         ac = self.alphas_cumprod
@@ -144,23 +143,23 @@ class UniPCMultistep(Scheduler):
         if cfg["use_karras_sigmas"]:
             s_min = cfg["sigma_min"] if cfg["sigma_min"] is not None else float(table[0])
             s_max = cfg["sigma_max"] if cfg["sigma_max"] is not None else float(table[-1])
-            sigmas = _karras_sigmas(s_min, s_max, n)
+            sigmas = karras_sigmas(s_min, s_max, n)
             log_table = np.log(table)
-            t = np.array([_sigma_to_t(s, log_table) for s in sigmas]).round()
+            t = np.array([sigma_to_t(s, log_table) for s in sigmas]).round()
             last = sigmas[-1] if cfg["final_sigmas_type"] == "sigma_min" else 0.0
         else:
             sigmas = np.interp(t, np.arange(0, len(table)), table)
             last = ((1 - ac[0]) / ac[0]) ** 0.5 if cfg["final_sigmas_type"] == "sigma_min" else 0.0
         sigmas = np.concatenate([sigmas, [last]]).astype(np.float32)
         # diffusers feeds the UNet int64 timesteps (Karras ones rounded)
-        return UniPCPlan(t.astype(np.int64).astype(np.float32), 1.0, sigmas)
+        return UniPCSchedule(t.astype(np.int64).astype(np.float32), 1.0, sigmas)
 
-    def initial_state(self, plan):
+    def initial_state(self, schedule):
         return UniPCState()
 
-    def _convert(self, plan, i, model_output, sample):
+    def _convert(self, schedule, i, model_output, sample):
         kind = self.config["prediction_type"]
-        alpha_t, sigma_t = _alpha_sigma(plan.sigmas[i])
+        alpha_t, sigma_t = _alpha_sigma(schedule.sigmas[i])
         if self.config["predict_x0"]:
             if kind == "epsilon":
                 return (sample - sigma_t * model_output) / alpha_t
@@ -173,17 +172,19 @@ class UniPCMultistep(Scheduler):
             return (sample - alpha_t * model_output) / sigma_t
         return alpha_t * model_output + sigma_t * sample  # v_prediction
 
-    def step(self, plan: UniPCPlan, i, model_output, sample, state: UniPCState, generator=None):
-        cfg, n, order = self.config, len(plan.timesteps), self.config["solver_order"]
+    def step(self, schedule: UniPCSchedule, i, model_output, sample, state: UniPCState, generator=None):
+        cfg, n, order = self.config, len(schedule.timesteps), self.config["solver_order"]
         use_corrector = i > 0 and (i - 1) not in cfg["disable_corrector"] and state.last_sample is not None
         with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-            converted = self._convert(plan, i, model_output, sample)
+            converted = self._convert(schedule, i, model_output, sample)
             if use_corrector:
-                sample = self._corrector(plan, i, converted, state.last_sample, state.model_outputs, state.this_order)
+                sample = self._corrector(
+                    schedule, i, converted, state.last_sample, state.model_outputs, state.this_order
+                )
             outputs = (*state.model_outputs, converted)[-order:]
             this_order = min(order, n - i) if cfg["lower_order_final"] else order
             this_order = min(this_order, state.lower_order_nums + 1)  # warm-up
-            prev = self._predictor(plan, i, outputs, sample, this_order)
+            prev = self._predictor(schedule, i, outputs, sample, this_order)
         nums = min(state.lower_order_nums + 1, order)
         return prev.astype(np.float32), UniPCState(outputs, np.asarray(sample, dtype=np.float32), this_order, nums)
 
@@ -211,10 +212,10 @@ class UniPCMultistep(Scheduler):
             return sigma_t / sigma_s0 * x - alpha_t * h_phi_1 * m0, alpha_t
         return alpha_t / alpha_s0 * x - sigma_t * h_phi_1 * m0, sigma_t
 
-    def _predictor(self, plan, i, outputs, x, order):
-        alpha_t, sigma_t, lambda_t = _lambda(plan.sigmas[i + 1])
-        alpha_s0, sigma_s0, lambda_s0 = _lambda(plan.sigmas[i])
-        past = [_lambda(plan.sigmas[i - k])[2] for k in range(1, order)]
+    def _predictor(self, schedule, i, outputs, x, order):
+        alpha_t, sigma_t, lambda_t = _lambda(schedule.sigmas[i + 1])
+        alpha_s0, sigma_s0, lambda_s0 = _lambda(schedule.sigmas[i])
+        past = [_lambda(schedule.sigmas[i - k])[2] for k in range(1, order)]
         h_phi_1, b_h, rks, big_r, b = self._coefficients(lambda_s0, lambda_t, past, order)
         m0 = outputs[-1]
         d1s = [(outputs[-(k + 1)] - m0) / rks[k - 1] for k in range(1, order)]
@@ -225,10 +226,10 @@ class UniPCMultistep(Scheduler):
         pred_res = _weighted_sum(rhos_p.astype(np.float32), d1s)
         return x_t_ - scale * b_h * pred_res
 
-    def _corrector(self, plan, i, model_t, last_sample, outputs, order):
-        alpha_t, sigma_t, lambda_t = _lambda(plan.sigmas[i])
-        alpha_s0, sigma_s0, lambda_s0 = _lambda(plan.sigmas[i - 1])
-        past = [_lambda(plan.sigmas[i - (k + 1)])[2] for k in range(1, order)]
+    def _corrector(self, schedule, i, model_t, last_sample, outputs, order):
+        alpha_t, sigma_t, lambda_t = _lambda(schedule.sigmas[i])
+        alpha_s0, sigma_s0, lambda_s0 = _lambda(schedule.sigmas[i - 1])
+        past = [_lambda(schedule.sigmas[i - (k + 1)])[2] for k in range(1, order)]
         h_phi_1, b_h, rks, big_r, b = self._coefficients(lambda_s0, lambda_t, past, order)
         m0 = outputs[-1]
         d1s = [(outputs[-(k + 1)] - m0) / rks[k - 1] for k in range(1, order)]

@@ -10,7 +10,8 @@ maths, and nothing that a real model's config ships (every diffusers default pas
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -221,7 +222,7 @@ def config_problems(config: dict, class_name: str | None = None) -> list[str]:
     return problems
 
 
-# -- custom schedules (``plan(timesteps=...)`` / ``plan(sigmas=...)``) --------------------------------
+# -- custom schedules (``schedule(timesteps=...)`` / ``schedule(sigmas=...)``) --------------------------------
 def _numbers(name: str, values) -> list[float]:
     if isinstance(values, (str, bytes, dict)) or not hasattr(values, "__iter__"):
         raise ValueError(f"custom {name} must be a list of numbers, got {show(values)}")

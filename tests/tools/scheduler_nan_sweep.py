@@ -187,17 +187,17 @@ def run_edgediff(name: str, base: str, overrides: dict, steps: int, samples=None
 
     try:
         sched = _resolve(name, base, overrides, table)
-        plan = sched.plan(steps)
+        schedule = sched.schedule(steps)
     except InvalidArgumentError as e:
         return "refused", str(e)
-    x, outs = stand_ins(len(plan.timesteps), plan.init_noise_sigma)
-    state, gen = sched.initial_state(plan), TorchCPUGenerator(SEED)
+    x, outs = stand_ins(len(schedule.timesteps), schedule.init_noise_sigma)
+    state, gen = sched.initial_state(schedule), TorchCPUGenerator(SEED)
     worst, ref_error = -np.inf, 0.0
     with np.errstate(all="ignore"):
         for i, out in enumerate(outs):
             x_in = x if samples is None else samples[i]
-            sched.scale_model_input(plan, i, x_in)
-            x, state = sched.step(plan, i, out, x_in, state, gen)
+            sched.scale_model_input(schedule, i, x_in)
+            x, state = sched.step(schedule, i, out, x_in, state, gen)
             if not np.isfinite(x).all():
                 return "accepted", (False if samples is None else np.inf)
             if samples is not None:
