@@ -18,6 +18,7 @@ import ctypes
 import logging
 
 import numpy as np
+
 from edgediff.runtime.errors import EngineUnavailableError
 
 logger = logging.getLogger(__name__)
@@ -118,14 +119,16 @@ class PinnedBuffer:
         self._cudart = cudart
         self.nbytes = int(nbytes)
         self.ptr = int(check(cudart, cudart.cudaMallocHost(max(self.nbytes, 1)), "cudaMallocHost"))
-        self._raw = (ctypes.c_byte * max(self.nbytes, 1)).from_address(self.ptr)
+        self._raw: ctypes.Array[ctypes.c_byte] | None = (ctypes.c_byte * max(self.nbytes, 1)).from_address(self.ptr)
 
     def view(self, shape: tuple[int, ...], dtype) -> np.ndarray:
         dtype = np.dtype(dtype)
         count = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
         if count > self.nbytes:
             raise ValueError(f"{list(shape)} {dtype} needs {count} bytes, the buffer has {self.nbytes}")
-        return np.frombuffer(self._raw, dtype=np.uint8, count=count).view(dtype).reshape(shape)
+        if self._raw is None:
+            raise ValueError("view() of a freed PinnedBuffer")
+        return np.frombuffer(memoryview(self._raw), dtype=np.uint8, count=count).view(dtype).reshape(shape)
 
     def free(self) -> None:
         if self.ptr:

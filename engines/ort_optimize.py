@@ -77,15 +77,16 @@ def _use_cpu_attention_fusion() -> None:
        [batch, heads, tokens, tokens] score matrix: at 512 px that matrix is 1 GiB per
        self-attention layer (4096 tokens), the largest activation in the UNet."""
     import onnxruntime.transformers.optimizer  # noqa: F401  (puts the tools' folder on sys.path)
+
+    # isort: split
     import fusion_attention_unet
     import onnx_model_unet
     from onnx import helper
 
-    base = fusion_attention_unet.FusionAttentionUnet
     if getattr(onnx_model_unet.FusionAttentionUnet, "_edgediff_fix", False):
         return
 
-    class FusionAttentionUnetNumpy2(base):
+    class FusionAttentionUnetNumpy2(fusion_attention_unet.FusionAttentionUnet):
         _edgediff_fix = True
 
         def get_num_heads(self, reshape_q, is_torch2: bool = False) -> int:
@@ -120,7 +121,7 @@ def _use_cpu_attention_fusion() -> None:
 
 
 def _cpu_identity() -> dict:
-    from edgediff.runtime.bench import machine_info
+    from edgediff.runtime.measure import machine_info
 
     m = machine_info()
     return {"cpu": m["cpu"], "flags": m["flags"], "onnxruntime": ort.__version__}
@@ -262,7 +263,8 @@ def optimize_folder(model: str | os.PathLike, components=None, fuse: bool = True
         work.mkdir(parents=True)
         t0 = time.time()
         try:
-            fused_stats, model_in = {}, source
+            fused_stats: dict = {}
+            model_in = source
             if fuse:
                 try:
                     model_in, fused_stats = _fuse(source, component, work)
@@ -277,8 +279,10 @@ def optimize_folder(model: str | os.PathLike, components=None, fuse: bool = True
             _save_optimized(model_in, stage / "model.onnx")
             error = _check_same_outputs(source, stage / "model.onnx", component, _probe_shapes(folder, component))
             if not error <= tolerance:
-                raise OptimizeError(f"{component}: the {precision} optimised graph differs from the original by "
-                                    f"{error:.2e} (relative; tolerance {tolerance:g}); nothing was written")
+                raise OptimizeError(
+                    f"{component}: the {precision} optimised graph differs from the original by "
+                    f"{error:.2e} (relative; tolerance {tolerance:g}); nothing was written"
+                )
             key = variant_key(source, bool(fused_stats), precision)
             report = {**key, "fusions": fused_stats, "max_relative_difference": error, "seconds": time.time() - t0}
             (stage / KEY_FILE).write_text(json.dumps(report, indent=1) + "\n")

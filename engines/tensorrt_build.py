@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
 from edgediff.runtime.errors import BuildError, EngineUnavailableError, PlanError
 from edgediff.runtime.files import replace_dir, write_atomic
 from edgediff.runtime.model_folder import ModelFolder
@@ -110,7 +111,8 @@ def _progress_monitor(trt, label: str):
 
 
 def _read_io(trt, engine, component: str) -> tuple[list[TensorSpec], list[TensorSpec]]:
-    inputs, outputs = [], []
+    inputs: list[TensorSpec] = []
+    outputs: list[TensorSpec] = []
     for i in range(engine.num_io_tensors):
         name = engine.get_tensor_name(i)
         is_input = engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT
@@ -202,7 +204,7 @@ def build_component(
     if mode.fp16_flag:
         config.set_flag(trt.BuilderFlag.FP16)
     # profiles only constrain dynamic inputs; a network without any gets TensorRT's implicit one
-    dynamic_inputs = [t for t in net_inputs if any(d < 0 for d in t.shape)]
+    dynamic_inputs = [t for t in net_inputs if any(isinstance(d, str) or d < 0 for d in t.shape)]
     for profile in profiles if dynamic_inputs else ():
         trt_profile = builder.create_optimization_profile()
         for t in dynamic_inputs:
@@ -313,6 +315,7 @@ def build_model(
         results.append(result)
         records, _ = plans.discover_plans(mf.path, name)
         for r in plans.superseded(records, result.key, env, prune):
+            assert r.path is not None  # discover_plans records the folder it read
             shutil.rmtree(r.path, ignore_errors=True)
             logger.warning("%s: deleted plan %s (%s)", name, r.key, "replaced" if r.environment == env else "pruned")
     return results

@@ -37,6 +37,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+
 from edgediff.runtime.errors import BuildError, PlanError
 from edgediff.runtime.files import write_atomic
 from edgediff.runtime.model_folder import sha256_file  # one hashing routine for manifests and plan keys
@@ -131,7 +132,7 @@ class ModelFacts:
     vae_downscale: int
     latent_channels: int  # C
     text_length: int  # tokenizer max length (S)
-    text_dim: int | None  # text encoder hidden size (D); None when unknown: then symbols' D, or a fixed one in the ONNX
+    text_dim: int | None  # text encoder hidden size (D); None when unknown: then symbols' D, or the ONNX's fixed one
     # the model's other fixed symbols (``ModelFolder.model_symbols``: family defaults, C_in, C_out, ...);
     # the fields above win over these
     symbols: Mapping[str, int] = field(default_factory=dict, hash=False)
@@ -207,7 +208,7 @@ def contract_symbol(component: str, tensor: str, axis: int, rank: int, kind: str
 
 
 def _is_dynamic(dim) -> bool:
-    return not isinstance(dim, (int, np.integer)) or dim < 0
+    return not isinstance(dim, (int, np.integer)) or bool(dim < 0)
 
 
 def derive_profile(component: str, inputs: Sequence[TensorSpec], ranges: Mapping[str, tuple]) -> Profile:
@@ -398,7 +399,8 @@ def read_build_json(folder: Path) -> BuildRecord:
 def discover_plans(model_dir: Path, component: str | None = None) -> tuple[list[BuildRecord], list[str]]:
     """Every readable ``build.json`` under ``MODEL/engines`` (of ``component`` if given), and the
     problems met (damaged records, missing or truncated plans) as sentences."""
-    records, problems = [], []
+    records: list[BuildRecord] = []
+    problems: list[str] = []
     root = Path(model_dir) / ENGINES_DIR
     if not root.is_dir():
         return records, problems
@@ -530,7 +532,7 @@ def superseded(records: Sequence[BuildRecord], key: str, env: Environment, prune
 
 def symbolize(component: str, name: str, dtype, shape: Sequence[int], kind: str) -> TensorSpec:
     """A spec for a tensor read from a plan: -1 dims become the contract's symbol (or "?")."""
-    dims = []
+    dims: list[int | str] = []
     for axis, d in enumerate(shape):
         if int(d) >= 0:
             dims.append(int(d))

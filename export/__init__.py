@@ -282,11 +282,10 @@ def export_model(
 
 
 def _load(source: Path, device: str):
-    import torch
-    from diffusers import StableDiffusionPipeline
-
     import diffusers.utils.logging as diffusers_logging
+    import torch
     import transformers.utils.logging as transformers_logging
+    from diffusers import StableDiffusionPipeline
 
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ExportError(f"--device {device}: this torch build sees no CUDA GPU; use --device cpu")

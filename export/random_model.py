@@ -8,6 +8,7 @@ word ends and CLIP's special tokens), with merges learned on the spot from a sma
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections import Counter
 from pathlib import Path
@@ -25,7 +26,9 @@ _WORDS = (
 
 def _bytes_to_unicode() -> dict[int, str]:
     """GPT-2/CLIP's reversible byte -> printable unicode map."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    bs = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    )
     cs = bs[:]
     n = 0
     for b in range(256):
@@ -51,7 +54,7 @@ def write_clip_tokenizer(
     for _ in range(num_merges):  # classic BPE training, deterministic tie-break
         pairs: Counter = Counter()
         for word, freq in words.items():
-            for a, b in zip(word, word[1:]):
+            for a, b in itertools.pairwise(word):
                 pairs[(a, b)] += freq
         if not pairs:
             break

@@ -13,10 +13,10 @@ Stages, each checkpointed every ``--checkpoint-every`` steps into ``--workdir`` 
    dropped (empty prompt) 10% of the time so classifier-free guidance works; EMA weights are kept
    and shipped.
 Checkpoints carry the compute seconds spent so far, so ``training.json`` reports the whole
-training time across resumes. Data are drawn per step from the seed (``shapes.dataset(batch, seed=f(seed, stage, step))``), so a
-resumed run sees exactly the batches an uninterrupted one would. Held-out combinations of colour,
-shape and background never appear in training. The loss curves, settings and timings go to
-``OUT/training.json``.
+training time across resumes. Data are drawn per step from the seed
+(``shapes.dataset(batch, seed=f(seed, stage, step))``), so a resumed run sees exactly the batches an uninterrupted
+one would. Held-out combinations of colour, shape and background never appear in training. The loss curves,
+settings and timings go to ``OUT/training.json``.
 """
 
 from __future__ import annotations
@@ -161,10 +161,10 @@ def train_unet(args, vae, tokenizer, ckpt: Checkpoints, log: dict):
 
     torch.manual_seed(args.seed + 1)
     unet = UNet2DConditionModel(**UNET)
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                       pad_token_id=tokenizer.pad_token_id, **TEXT)  # fmt: skip
-    )
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, **TEXT,
+    ))  # fmt: skip
     params = list(unet.parameters()) + list(text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=args.unet_lr, weight_decay=0.01)
     ema_unet, ema_text = copy.deepcopy(unet).requires_grad_(False), copy.deepcopy(text_encoder).requires_grad_(False)
@@ -193,7 +193,11 @@ def train_unet(args, vae, tokenizer, ckpt: Checkpoints, log: dict):
         noise = torch.randn(latents.shape, generator=g)
         t = torch.randint(0, SCHEDULE["num_train_timesteps"], (args.batch,), generator=g)
         noisy = noise_schedule.add_noise(latents, noise, t)
-        lr = args.unet_lr * min(1.0, (step + 1) / 200) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / args.unet_steps)))
+        lr = (
+            args.unet_lr
+            * min(1.0, (step + 1) / 200)
+            * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / args.unet_steps)))
+        )
         for group in opt.param_groups:
             group["lr"] = lr
         pred = unet(noisy, t, text_encoder(ids)[0]).sample
@@ -209,11 +213,14 @@ def train_unet(args, vae, tokenizer, ckpt: Checkpoints, log: dict):
                     pe.mul_(decay).add_(pl.detach(), alpha=1 - decay)
         if step % 25 == 0 or step == args.unet_steps - 1:
             curve.append([step, float(loss.detach())])
-            logger.info("unet step %d/%d loss %.4f lr %.2e (%.1f s)", step, args.unet_steps, float(loss), lr, time.time() - t0)
+            logger.info(
+                "unet step %d/%d loss %.4f lr %.2e (%.1f s)", step, args.unet_steps, float(loss), lr, time.time() - t0
+            )
         if (step + 1) % args.checkpoint_every == 0 or step == args.unet_steps - 1:
             ckpt.save("unet", {"step": step + 1, "unet": unet.state_dict(), "text": text_encoder.state_dict(),
                                "ema_unet": ema_unet.state_dict(), "ema_text": ema_text.state_dict(),
-                               "opt": opt.state_dict(), "curve": curve, "seconds": spent + time.time() - t0})  # fmt: skip
+                               "opt": opt.state_dict(), "curve": curve,
+                               "seconds": spent + time.time() - t0})  # fmt: skip
     log["unet"] = {"steps": args.unet_steps, "batch": args.batch, "lr": args.unet_lr, "ema": args.ema,
                    "uncond_prob": args.uncond_prob, "pool": args.pool, "curve": curve,
                    "seconds": spent + time.time() - t0}  # fmt: skip

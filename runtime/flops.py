@@ -22,8 +22,8 @@ def _dims(value_info) -> list[int] | None:
     t = value_info.type.tensor_type
     if not t.HasField("shape"):
         return None
-    dims = [d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim]
-    return None if any(d is None or d <= 0 for d in dims) else dims
+    dims = [d.dim_value if d.HasField("dim_value") else 0 for d in t.shape.dim]  # 0: a symbolic dimension
+    return None if any(d <= 0 for d in dims) else dims
 
 
 def count_flops(path: str | Path, input_shapes: dict[str, list[int]]) -> dict:

@@ -12,10 +12,11 @@ import hashlib
 import json
 import logging
 import math
+import os
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 import numpy as np
 
@@ -59,11 +60,11 @@ PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 DEFAULT_UNET_DOWNSCALE = 8
 
 
-def _is_int(v) -> bool:
+def _is_int(v) -> TypeGuard[int]:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _is_number(v) -> bool:
+def _is_number(v) -> TypeGuard[float]:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
@@ -84,8 +85,10 @@ def _describe_folder(path: Path) -> str | None:
         isinstance(cls_name, str) and cls_name.endswith("Pipeline") and not cls_name.startswith(("Onnx", "ORT"))
     )
     if torch_class and not has_onnx_unet and cls_name not in specs.source_pipelines():
-        return (f"{path} is a diffusers {cls_name} (PyTorch) folder, which edgediff does not export; it exports "
-                f"{', '.join(specs.source_pipelines())} models (`edgediff export SOURCE OUT`)")
+        return (
+            f"{path} is a diffusers {cls_name} (PyTorch) folder, which edgediff does not export; it exports "
+            f"{', '.join(specs.source_pipelines())} models (`edgediff export SOURCE OUT`)"
+        )
     if pytorch or (torch_class and not has_onnx_unet):
         return (f"{path} is a diffusers (PyTorch) model folder that has not been exported; run "
                 f"`edgediff export {path} OUT` first (needs the export extra), then pass OUT")  # fmt: skip
@@ -135,7 +138,7 @@ class ModelFolder:
     def family(self) -> Family:
         """The manifest's model family (``specs.FAMILIES``); the default family for an unknown name,
         which ``open()`` refuses."""
-        return FAMILIES.get(self.manifest.get("family"), FAMILIES[specs.DEFAULT_FAMILY])
+        return FAMILIES.get(self.manifest.get("family", specs.DEFAULT_FAMILY), FAMILIES[specs.DEFAULT_FAMILY])
 
     @property
     def required_components(self) -> tuple[str, ...]:
@@ -207,7 +210,7 @@ class ModelFolder:
 
     # -- loading ----------------------------------------------------------------------------
     @classmethod
-    def open(cls, path: str | Path) -> ModelFolder:
+    def open(cls, path: str | os.PathLike[str]) -> ModelFolder:
         """Open and validate a model folder. Every problem found in its files and config values is
         collected and raised as one error that names each file: ``ModelFolderError`` for missing or
         truncated files, ``ModelConfigError`` (``ManifestError`` when only edgediff.json) for values."""
@@ -332,7 +335,7 @@ class ModelFolder:
         return problems
 
 
-_REQUIRED_KEYS = {
+_REQUIRED_KEYS: dict[str, type | tuple[type, ...]] = {
     "format": int,
     "family": str,
     "prediction_type": str,

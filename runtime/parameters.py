@@ -17,13 +17,14 @@ import hashlib
 import json
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from . import schedulers
-from .errors import InvalidArgumentError, ParametersError, UnknownSchedulerError
+from .errors import ParametersError, UnknownSchedulerError
 from .model_folder import CONFIG_SUFFIXES
 
 TEXT_KEY = "parameters"  # A1111's chunk name
@@ -98,8 +99,10 @@ _A1111_SAMPLERS = {
 _SIGMA_CLASSES = {"EulerAncestralDiscreteScheduler", "EulerDiscreteScheduler", "LMSDiscreteScheduler",
                   "HeunDiscreteScheduler", "DPMSolverMultistepScheduler"}  # fmt: skip
 # A1111 schedule type -> diffusers option (diffusers' overview; Uniform is the plain spaced schedule)
-_A1111_SCHEDULES = {"Karras": {"use_karras_sigmas": True}, "Exponential": {"use_exponential_sigmas": True},
-                    "Beta": {"use_beta_sigmas": True}, "SGM Uniform": {"timestep_spacing": "trailing"}, "Uniform": {}}
+_A1111_SCHEDULES: dict[str, dict[str, Any]] = {
+    "Karras": {"use_karras_sigmas": True}, "Exponential": {"use_exponential_sigmas": True},
+    "Beta": {"use_beta_sigmas": True}, "SGM Uniform": {"timestep_spacing": "trailing"}, "Uniform": {},
+}  # fmt: skip
 # What A1111's "Automatic" schedule type means for the samplers whose default is not the model's
 _A1111_AUTOMATIC = {"DPM++ 2M": "Karras", "DPM++ 2M SDE": "Exponential", "DPM++ 2M SDE Heun": "Exponential",
                     "DPM++ 3M SDE": "Exponential"}  # fmt: skip
@@ -133,7 +136,7 @@ def _from_a1111(sampler: str, schedule: str | None) -> tuple[str, dict[str, Any]
     name and the options it does not say. Also takes edgediff's own names (older edgediff PNGs)."""
     if sampler in schedulers.known_names():
         return sampler, {}
-    base, options = sampler, {}
+    base, options = sampler, dict[str, Any]()
     for label in _A1111_SCHEDULES:
         if sampler.endswith(" " + label) and schedule in (None, "Automatic"):
             base, schedule = sampler[: -len(label) - 1], label
@@ -157,7 +160,7 @@ def _from_a1111(sampler: str, schedule: str | None) -> tuple[str, dict[str, Any]
     if schedule is not None and schedule not in _A1111_SCHEDULES:
         raise ParametersError(f"the schedule type {schedule!r} has no edgediff equivalent; known: "
                               f"{', '.join(['Automatic', *_A1111_SCHEDULES])}")  # fmt: skip
-    options.update(_A1111_SCHEDULES.get(schedule, {}))
+    options.update(_A1111_SCHEDULES[schedule] if schedule is not None else {})
     cls = schedulers.SCHEDULERS[name_spec(name)["_class_name"]]
     unknown = [k for k in options if k not in cls.defaults]
     if unknown:
@@ -310,7 +313,9 @@ def parse_parameters_text(text: str, where: str = "the parameters text") -> dict
     if len(_PARAM.findall(last)) < 3:
         lines.append(last)
         last = ""
-    prompt, negative, in_negative = [], [], False
+    prompt: list[str] = []
+    negative: list[str] = []
+    in_negative = False
     for line in lines:
         line = line.strip()
         if line.startswith("Negative prompt:"):
@@ -330,7 +335,7 @@ def parse_parameters_text(text: str, where: str = "the parameters text") -> dict
     record: dict[str, Any] = {"prompt": "\n".join(prompt)}
     if in_negative:
         record["negative_prompt"] = "\n".join(negative)
-    convert = {
+    convert: dict[str, tuple[str, Callable[[str], Any]]] = {
         "Steps": ("num_inference_steps", int), "CFG scale": ("guidance_scale", float), "Seed": ("seed", int),
         "Eta DDIM": ("eta", float), "Scheduler options": ("scheduler_options", _parse_options),
         "Timesteps": ("timesteps", json.loads), "Sigmas": ("sigmas", json.loads), "Model": ("model", str),

@@ -21,6 +21,7 @@ works (a CUDA-Philox emulation can slot in later).
 from __future__ import annotations
 
 import math
+import secrets
 from typing import Protocol
 
 import numpy as np
@@ -109,5 +110,5 @@ class TorchCPUGenerator:
 def make_generator(seed: int | None) -> TorchCPUGenerator:
     """The default generator for a seed; a random seed (recorded in the result) when None."""
     if seed is None:
-        seed = int(np.random.SeedSequence().entropy % (2**32))
+        seed = secrets.randbits(32)
     return TorchCPUGenerator(seed)

@@ -54,6 +54,7 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cache, lru_cache
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -77,10 +78,17 @@ ATTRIBUTES = ("colour", "background", "shape", "position", "size")
 
 SIZE_FRACTION = {"small": 1 / 4, "large": 7 / 16}
 POSITION_CENTRE = {  # (x, y) as fractions of (W, H)
-    "left": (0.25, 0.5), "right": (0.75, 0.5), "top": (0.5, 0.25), "bottom": (0.5, 0.75), "centre": (0.5, 0.5),
+    "left": (0.25, 0.5),
+    "right": (0.75, 0.5),
+    "top": (0.5, 0.25),
+    "bottom": (0.5, 0.75),
+    "centre": (0.5, 0.5),
 }
 POSITION_PHRASE = {
-    "left": "on the left", "right": "on the right", "top": "at the top", "bottom": "at the bottom",
+    "left": "on the left",
+    "right": "on the right",
+    "top": "at the top",
+    "bottom": "at the bottom",
     "centre": "in the centre",
 }
 _PAL = np.array([PALETTE[c] for c in COLOURS], dtype=np.float32)
@@ -95,8 +103,13 @@ class Scene:
     position: str = DEFAULT_POSITION
 
     def __post_init__(self):
-        for value, allowed in ((self.shape, SHAPES), (self.colour, COLOURS), (self.background, COLOURS),
-                               (self.size, SIZES), (self.position, POSITIONS)):
+        for value, allowed in (
+            (self.shape, SHAPES),
+            (self.colour, COLOURS),
+            (self.background, COLOURS),
+            (self.size, SIZES),
+            (self.position, POSITIONS),
+        ):
             if value not in allowed:
                 raise ValueError(f"{value!r} is not one of {allowed}")
         if self.colour == self.background:
@@ -104,6 +117,7 @@ class Scene:
 
 
 # ---------------------------------------------------------------- held-out split
+
 
 def _held_out_combo(colour: str, shape: str, background: str) -> bool:
     return (COLOURS.index(colour) + SHAPES.index(shape) + 2 * COLOURS.index(background)) % 8 == 0
@@ -137,6 +151,7 @@ def sample_scenes(n: int, seed: int, split: str = "train") -> list[Scene]:
 
 
 # ---------------------------------------------------------------- rendering
+
 
 def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, box: tuple[float, float, float, float], fill) -> None:
     x0, y0, x1, y1 = box  # inclusive pixel coordinates
@@ -186,12 +201,19 @@ TEMPLATES = tuple(t for t, _ in _TEMPLATES)
 
 def caption(scene: Scene, rng: np.random.Generator) -> str:
     """A caption for ``scene``, its wording drawn from ``rng``."""
-    usable = [t for t, omits in _TEMPLATES
-              if ("size" not in omits or scene.size == DEFAULT_SIZE)
-              and ("position" not in omits or scene.position == DEFAULT_POSITION)]
+    usable = [
+        t
+        for t, omits in _TEMPLATES
+        if ("size" not in omits or scene.size == DEFAULT_SIZE)
+        and ("position" not in omits or scene.position == DEFAULT_POSITION)
+    ]
     text = usable[int(rng.integers(len(usable)))].format(
-        size=scene.size, colour=scene.colour, shape=scene.shape, pos=POSITION_PHRASE[scene.position],
-        bg=scene.background)
+        size=scene.size,
+        colour=scene.colour,
+        shape=scene.shape,
+        pos=POSITION_PHRASE[scene.position],
+        bg=scene.background,
+    )
     return re.sub(r"\ba (?=[aeiou])", "an ", text)
 
 
@@ -200,7 +222,7 @@ _SYNONYMS = {
     "little": "small", "plus": "cross", "rhombus": "diamond", "violet": "purple",
     "disc": "circle", "disk": "circle", "circles": "circle", "squares": "square", "triangles": "triangle",
     "crosses": "cross", "diamonds": "diamond", "upper": "top", "lower": "bottom",
-}
+}  # fmt: skip
 _BG_NOUNS = {"background", "backdrop", "image", "picture", "canvas", "bg"}
 
 
@@ -215,12 +237,15 @@ def parse_prompt(text: str) -> dict:
 
     def names_background(i: int) -> bool:
         nxt = tokens[i + 1] if i + 1 < len(tokens) else ""
-        prev = tokens[max(0, i - 2):i]
-        return nxt in _BG_NOUNS or prev[-1:] in (["background"], ["backdrop"]) or prev in (
-            ["background", "is"], ["backdrop", "is"])
+        prev = tokens[max(0, i - 2) : i]
+        return (
+            nxt in _BG_NOUNS
+            or prev[-1:] in (["background"], ["backdrop"])
+            or prev in (["background", "is"], ["backdrop", "is"])
+        )
 
     def names_object(i: int) -> bool:
-        return any(t in SHAPES for t in tokens[i + 1:i + 3])
+        return any(t in SHAPES for t in tokens[i + 1 : i + 3])
 
     bg = next((i for i in colours if names_background(i)), None)
     rest = [i for i in colours if i != bg]
@@ -228,13 +253,14 @@ def parse_prompt(text: str) -> dict:
     if bg is None:
         others = [i for i in colours if i != obj]
         on = [i for i in others if i > 0 and tokens[i - 1] in ("on", "over", "against")]
-        bg = (on or others or [None])[0]
+        bg = next(iter(on or others), None)
     out["colour"] = tokens[obj] if obj is not None else None
     out["background"] = tokens[bg] if bg is not None else None
     return out
 
 
 # ---------------------------------------------------------------- datasets
+
 
 def _make(rng: np.random.Generator, n: int, split: str, size: int) -> tuple[np.ndarray, list[str]]:
     scenes = _draw_scenes(rng, n, split)
@@ -258,6 +284,7 @@ def batches(
 
 # ---------------------------------------------------------------- the judge
 
+
 def _nearest_colour(rgb: np.ndarray) -> str:
     return COLOURS[int(np.argmin(((_PAL - rgb) ** 2).sum(-1)))]
 
@@ -265,7 +292,7 @@ def _nearest_colour(rgb: np.ndarray) -> str:
 def _box3(x: np.ndarray) -> np.ndarray:
     p = np.pad(x, ((1, 1), (1, 1), (0, 0)), mode="edge")
     h, w = x.shape[:2]
-    return sum(p[i:i + h, j:j + w] for i in range(3) for j in range(3)) / 9.0
+    return sum((p[i : i + h, j : j + w] for i in range(3) for j in range(3)), np.zeros_like(x)) / 9.0
 
 
 def _largest_component(mask: np.ndarray) -> np.ndarray:
@@ -307,7 +334,7 @@ def _blur_matrix(n: int, sigma: float) -> np.ndarray:
     r = int(np.ceil(3 * sigma))
     d = np.arange(n)[:, None] - np.arange(n)[None, :]
     k = np.where(np.abs(d) <= r, np.exp(-(d**2) / (2 * sigma**2)), 0.0)
-    return (k / np.exp(-np.arange(-r, r + 1) ** 2 / (2 * sigma**2)).sum()).astype(np.float32)
+    return (k / np.exp(-(np.arange(-r, r + 1) ** 2) / (2 * sigma**2)).sum()).astype(np.float32)
 
 
 def _gaussian_blur(x: np.ndarray, sigma: float) -> np.ndarray:
@@ -354,8 +381,11 @@ def _to_rgb_uint8(image) -> np.ndarray:
         img = np.clip(np.rint(img), 0, 255).astype(np.uint8)
     if max(img.shape[:2]) > 128:  # judge at <= 128 px: faster, and box-downsampling averages noise away
         s = 128 / max(img.shape[:2])
-        img = np.asarray(Image.fromarray(img).resize(
-            (max(1, round(img.shape[1] * s)), max(1, round(img.shape[0] * s))), Image.BOX))
+        img = np.asarray(
+            Image.fromarray(img).resize(
+                (max(1, round(img.shape[1] * s)), max(1, round(img.shape[0] * s))), Image.Resampling.BOX
+            )
+        )
     return img
 
 
@@ -387,8 +417,9 @@ def analyse(image) -> dict:
     fg_rgb = np.median(img[inner if inner.sum() >= 4 else mask], axis=0)
     ys, xs = np.nonzero(mask)
     cx, cy = xs.mean() / w, ys.mean() / h
-    result["position"] = min(POSITIONS, key=lambda k: (POSITION_CENTRE[k][0] - cx) ** 2
-                             + (POSITION_CENTRE[k][1] - cy) ** 2)
+    result["position"] = min(
+        POSITIONS, key=lambda k: (POSITION_CENTRE[k][0] - cx) ** 2 + (POSITION_CENTRE[k][1] - cy) ** 2
+    )
     extent = max((xs.max() - xs.min() + 1) / w, (ys.max() - ys.min() + 1) / h)
     result["size"] = "small" if extent < 0.34 else "large"
     # shape: match ideal shapes against the soft occupancy (0 = background colour, 1 = object colour)
@@ -410,7 +441,8 @@ def score(prompts: list[str], images: list[np.ndarray]) -> dict:
     """
     if len(prompts) != len(images):
         raise ValueError(f"{len(prompts)} prompts but {len(images)} images")
-    items, hits, counts = [], dict.fromkeys(ATTRIBUTES, 0), dict.fromkeys(ATTRIBUTES, 0)
+    items: list[dict[str, Any]] = []
+    hits, counts = dict.fromkeys(ATTRIBUTES, 0), dict.fromkeys(ATTRIBUTES, 0)
     for prompt, image in zip(prompts, images):
         stated, analysed = parse_prompt(prompt), analyse(image)
         correct = {k: analysed[k] == v for k, v in stated.items() if v is not None}

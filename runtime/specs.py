@@ -107,6 +107,7 @@ def dummy_inputs(spec: SubmodelSpec, symbols: Mapping[str, int], rng: np.random.
     for t in spec.inputs:
         shape, kind, *args = shapes[t.name], *t.fill
         args = [symbols[a] if isinstance(a, str) else a for a in args]
+        value: np.ndarray
         if kind == "integers":
             value = rng.integers(args[0], args[1], size=shape)
         elif kind == "uniform":

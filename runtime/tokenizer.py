@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -229,20 +230,24 @@ def _load(folder: Path, max_positions: int | None) -> tuple[Tokenizer | None, di
     files = [(lbl("special_tokens_map.json"), special), (lbl("tokenizer_config.json"), config)]  # first one wins
     specials = _special_tokens(files, problems)
     decoder = _added_tokens_decoder(config, lbl("tokenizer_config.json"), problems)
-    tokens = {k: specials[k][0] if k in specials else _DEFAULTS.get(k) for k in _SPECIAL_KEYS}
-    source = {k: specials[k][2] if k in specials else "CLIP's default" for k in _SPECIAL_KEYS}
-    if "pad_token" not in specials:  # CLIP pads with its end token unless told otherwise
-        tokens["pad_token"], source["pad_token"] = tokens["eos_token"], source["eos_token"]
+    tokens = {k: specials[k][0] if k in specials else _DEFAULTS[k] for k in _SPECIAL_KEYS if k != "pad_token"}
+    source = {k: specials[k][2] if k in specials else "CLIP's default" for k in _SPECIAL_KEYS if k != "pad_token"}
+    pad = specials.get("pad_token")  # CLIP pads with its end token unless told otherwise
+    tokens["pad_token"], source["pad_token"] = (pad[0], pad[2]) if pad else (tokens["eos_token"], source["eos_token"])
     length = _max_length(config.get("model_max_length"), lbl("tokenizer_config.json"), max_positions, problems)
     settings = dict(tokens, max_length=length)
 
-    tok = vocab = merges = lookup = None
+    tok: Tokenizer | None = None
+    vocab: dict | None = None
+    merges: list[str] | None = None
+    lookup: Callable[[str], object] | None = None
+    needed: tuple[str, ...] = ()
     if (folder / "tokenizer.json").is_file():
         vocab_label, needed = lbl("tokenizer.json"), ("eos_token", "pad_token")
         text = _read_text(folder / "tokenizer.json", vocab_label, problems)
         try:
             tok = Tokenizer.from_str(text) if text is not None else None
-            lookup = tok and tok.token_to_id
+            lookup = tok.token_to_id if tok is not None else None
         except Exception as e:  # tokenizers raises a bare Exception with serde's message
             version = tokenizers.__version__
             problems.append(f"{vocab_label}: tokenizers {version} cannot load it ({_first_line(e)}); {_version_fix()}")
@@ -312,6 +317,7 @@ class ClipTokenizer:
                 f"tokenizer folder {folder} cannot be loaded: {'; '.join(problems)} "
                 "(fix these files or re-export the model)"
             )
+        assert tok is not None  # _load returns a tokenizer whenever it finds no problem
         self._tok = tok
         self.max_length = settings["max_length"]
         self.pad_token = settings["pad_token"]
