@@ -35,13 +35,12 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
 
     sys.path.insert(0, str(HERE))
-    from provenance import command_and_date
-    from shapes_fidelity import prompts_for
-
     from edgediff.engines.ort_optimize import optimize_folder
     from edgediff.runtime import Pipeline, measure, shapes
     from edgediff.runtime.bench import machine_info
     from edgediff.runtime.pipeline import embedded_model_path
+    from provenance import command_and_date
+    from shapes_fidelity import prompts_for
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "shapes"
@@ -97,7 +96,8 @@ def main(argv: list[str] | None = None) -> None:
         "optimize`'s variant, int8 = `edgediff optimize --int8`'s.",
         "",
         "| split | mean abs diff (0-255) | max abs diff | PSNR median (dB) | PSNR worst (dB) | "
-        + " | ".join(f"{a} fp32 → int8" for a in attrs) + " |",
+        + " | ".join(f"{a} fp32 → int8" for a in attrs)
+        + " |",
         "|---|---|---|---|---|" + "---|" * len(attrs),
     ]
     for split, r in splits.items():

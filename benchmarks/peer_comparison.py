@@ -13,11 +13,11 @@ thread count, on this machine, in one run:
 The model is the random-weight SD 1.5-architecture model of ``full_size_models.py`` (built and
 exported first if missing; ``edgediff optimize`` is run on it, as users run it on a CPU, and
 ``--int8`` when an ``--edgediff`` configuration asks for the int8 variant). Every contender runs
-in its own fresh process, one after the other, so cold start (process start to first PNG written) and peak memory (the process's peak RSS) are
-its own. Per contender and size: one cold image, ``--warmup`` untimed images, ``--runs`` timed
-images; every UNet call is timed by wrapping the pipeline's UNet. Results (with the machine) go to
-``benchmarks/results/peers_<arch>.{json,md}`` and a chart ``peers_<arch>.png``; ratios are edgediff
-over each peer from this one run.
+in its own fresh process, one after the other, so cold start (process start to first PNG written)
+and peak memory (the process's peak RSS) are its own. Per contender and size: one cold image,
+``--warmup`` untimed images, ``--runs`` timed images; every UNet call is timed by wrapping the
+pipeline's UNet. Results (with the machine) go to ``benchmarks/results/peers_<arch>.{json,md}``
+and a chart ``peers_<arch>.png``; ratios are edgediff over each peer from this one run.
 """
 
 from __future__ import annotations
@@ -87,8 +87,9 @@ def _worker(args) -> dict:
         if args.worker == "diffusers":
             from diffusers import StableDiffusionPipeline
 
-            pipe = StableDiffusionPipeline.from_pretrained(args.source, safety_checker=None, requires_safety_checker=False,
-                                                           local_files_only=True)  # fmt: skip
+            pipe = StableDiffusionPipeline.from_pretrained(
+                args.source, safety_checker=None, requires_safety_checker=False, local_files_only=True
+            )
         else:
             import onnxruntime as ort
             from optimum.onnxruntime import ORTStableDiffusionPipeline
@@ -260,8 +261,13 @@ def write_markdown(path: Path, report: dict) -> None:
         lines += [f"- {r['size']} px, {r['contender']}: mean {r['image_vs_edgediff']['mean_abs']:.2f}, max "
                   f"{r['image_vs_edgediff']['max_abs']:.0f} (0-255), PSNR {r['image_vs_edgediff']['psnr_db']:.1f} dB"
                   for r in variants]  # fmt: skip
-    lines += ["", "Ratios, edgediff / peer (lower is better for edgediff):", "",
-              "| size | edgediff | peer | UNet call | end to end | cold start | peak memory |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines += [
+        "",
+        "Ratios, edgediff / peer (lower is better for edgediff):",
+        "",
+        "| size | edgediff | peer | UNet call | end to end | cold start | peak memory |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for row in report["ratios"]:
         lines.append(
             f"| {row['size']} | {row['edgediff']} | {row['peer']} | "
@@ -332,8 +338,13 @@ def main(argv: list[str] | None = None) -> None:
                         'e.g. \'lowmem={"low_memory": true}\' (repeatable; default: edgediff={})')  # fmt: skip
     p.add_argument("--edgediff-options", default="{}", help=argparse.SUPPRESS)  # worker-only
     p.add_argument("--label", default="", help="suffix of the results files")
-    p.add_argument("--report", type=Path, default=None, metavar="JSON",
-                   help="only re-render the .md and .png of an earlier run's JSON (no benchmarking)")
+    p.add_argument(
+        "--report",
+        type=Path,
+        default=None,
+        metavar="JSON",
+        help="only re-render the .md and .png of an earlier run's JSON (no benchmarking)",
+    )
     p.add_argument("--root", type=Path, default=None, help="where full_size_models.py keeps the models")
     p.add_argument("--model", nargs=2, metavar=("DIFFUSERS_DIR", "EDGEDIFF_DIR"),
                    help="compare on these folders instead of the random-weight --arch model")  # fmt: skip
@@ -405,7 +416,7 @@ def main(argv: list[str] | None = None) -> None:
             "edgediff_variants": variants,
             **command_and_date(__file__, argv),
             "largest_component_bytes": largest_component_bytes(folder),
-        },  # fmt: skip
+        },
         "results": results,
     }
     RESULTS.mkdir(exist_ok=True)

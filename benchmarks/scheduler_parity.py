@@ -118,13 +118,16 @@ def main() -> None:
     lines = [
         "# Scheduler parity with diffusers",
         "",
-        f"Measured by `python benchmarks/scheduler_parity.py` on {platform.machine()} / {platform.processor() or 'cpu'}, "
+        "Measured by `python benchmarks/scheduler_parity.py` on "
+        f"{platform.machine()} / {platform.processor() or 'cpu'}, "
         f"diffusers {diffusers.__version__}, torch {torch.__version__}, numpy {np.__version__}.",
         "",
-        "- **per step**: largest |edgediff − diffusers| / max(1, max|diffusers sample|) over every step, driving both with "
+        "- **per step**: largest |edgediff − diffusers| / max(1, max|diffusers sample|) over every step, "
+        "driving both with "
         f"the same stand-in model outputs and the same noise; SD 1.x config, prediction epsilon and v, steps {STEPS}, "
         f"seeds {SEEDS}.",
-        "- **per image**: the whole pipeline with `seed=42` against diffusers with `torch.Generator('cpu').manual_seed(42)`; "
+        "- **per image**: the whole pipeline with `seed=42` against diffusers with "
+        "`torch.Generator('cpu').manual_seed(42)`; "
         "tiny random-weight models (SD1-style epsilon, SD2-style v-prediction), 32×32, 20 steps, guidance 7.5, "
         "2 prompts × 2 images; max and mean per-pixel difference in 1/255.",
         "",

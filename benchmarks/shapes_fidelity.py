@@ -100,9 +100,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, default=RESULTS, help="where the results go (default: benchmarks/results)")
     args = p.parse_args(argv)
     sys.path.insert(0, str(HERE))
+    from edgediff.runtime.measure import machine_info
     from provenance import command_and_date
-
-    from edgediff.runtime.bench import machine_info
 
     load_before = os.getloadavg()[0]
     pipe = Pipeline.load(args.model)

@@ -49,10 +49,10 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     sys.path.insert(0, str(HERE))
     import numpy as np
-    from provenance import command_and_date
 
     from edgediff.runtime.bench import machine_info, run_bench
     from edgediff.runtime.model_folder import sha256_file
+    from provenance import command_and_date
 
     load_before = os.getloadavg()
     bench = run_bench(MODEL, prompt=PROMPT, steps=args.steps, warmup=1, runs=args.runs, flops=False)

@@ -83,8 +83,23 @@ def run(unet: Path, size: int, calls: int, threads: int) -> list[dict]:
         reference = None
         for label, options in CONFIGS.items():
             out = Path(tmp) / f"{len(rows)}.npy"
-            cmd = [sys.executable, __file__, "--worker", "--unet", str(unet), "--size", str(size), "--calls",
-                   str(calls), "--threads", str(threads), "--options", json.dumps(options), "--out", str(out)]  # fmt: skip
+            cmd = [
+                sys.executable,
+                __file__,
+                "--worker",
+                "--unet",
+                str(unet),
+                "--size",
+                str(size),
+                "--calls",
+                str(calls),
+                "--threads",
+                str(threads),
+                "--options",
+                json.dumps(options),
+                "--out",
+                str(out),
+            ]
             print(f"{size} px: {label.strip()} ...", file=sys.stderr, flush=True)
             proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
             row = {"size": size, "config": label, "options": options}
@@ -146,10 +161,9 @@ def main(argv: list[str] | None = None) -> None:
         return
 
     sys.path.insert(0, str(HERE))
+    from edgediff.runtime.measure import machine_info
     from full_size_models import DEFAULT_ROOT, ensure
     from provenance import command_and_date
-
-    from edgediff.runtime.bench import machine_info
 
     folder = args.model or ensure(args.arch, DEFAULT_ROOT)[1]
     results = [row for size in args.sizes for row in run(Path(folder) / "unet" / "model.onnx", size, args.calls,

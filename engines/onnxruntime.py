@@ -36,6 +36,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
+
 from edgediff.runtime.engine import check_feed
 from edgediff.runtime.errors import (
     EngineRunError,

@@ -14,25 +14,17 @@ from __future__ import annotations
 
 import io
 import os
-import platform
-import re
-import sys
 import time
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .measure import peak_rss_bytes
+from .measure import machine_info, peak_rss_bytes
 from .specs import SUBMODELS
 
 SCHEMA_VERSION = 1
 STAGES = ("tokenize", "text_encoder", "unet", "host", "denoise", "vae_decoder", "postprocess", "image_encode", "total")
-_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni", "amx_bf16", "amx_int8", "neon",
-          "asimd", "asimddp", "bf16", "i8mm", "sve")  # fmt: skip
-_LIBRARIES = ("edgediff", "numpy", "onnxruntime", "onnxruntime-gpu", "tokenizers", "pillow", "onnx", "tensorrt",
-              "cuda-python", "torch", "diffusers", "optimum-onnx")  # fmt: skip
 
 
 def _percentile(values, q: float) -> float | None:
@@ -50,61 +42,6 @@ def summary(values) -> dict[str, float | None]:
         "max": float(np.max(values)) if len(values) else None,
         "n": len(values),
     }
-
-
-def machine_info() -> dict[str, Any]:
-    """CPU model, core counts, the SIMD flags that matter for inference, memory, OS and library versions."""
-    cpu, flags, mhz = platform.processor() or platform.machine(), set(), None
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-        m = re.search(r"^model name\s*:\s*(.+)$", text, re.MULTILINE)
-        cpu = m.group(1).strip() if m else cpu
-        m = re.search(r"^(?:flags|Features)\s*:\s*(.+)$", text, re.MULTILINE)
-        flags = set(m.group(1).split()) if m else set()
-        m = re.search(r"^cpu MHz\s*:\s*([\d.]+)$", text, re.MULTILINE)
-        mhz = float(m.group(1)) if m else None
-    except OSError:
-        pass
-    memory = None
-    try:
-        m = re.search(r"^MemTotal:\s*(\d+) kB", Path("/proc/meminfo").read_text(), re.MULTILINE)
-        memory = int(m.group(1)) * 1024 if m else None
-    except OSError:
-        pass
-    versions = {}
-    for lib in _LIBRARIES:
-        try:
-            versions[lib] = metadata.version(lib)
-        except metadata.PackageNotFoundError:
-            pass
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return {
-        "cpu": cpu,
-        "arch": platform.machine(),
-        "logical_cpus": os.cpu_count(),
-        "usable_cpus": cores,
-        "cpu_mhz": mhz,
-        "flags": sorted(f for f in _FLAGS if f in flags),
-        "memory_bytes": memory,
-        "os": platform.platform(),
-        "python": platform.python_version(),
-        "libraries": versions,
-        "gpu": _gpu_name(),
-    }
-
-
-def _gpu_name() -> str | None:
-    import shutil
-    import subprocess
-
-    if not shutil.which("nvidia-smi"):
-        return None
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=10)  # fmt: skip
-        return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
-    except (OSError, subprocess.SubprocessError):
-        return None
 
 
 def cpu_peak_gflops(machine: dict[str, Any], threads: int | None) -> float | None:
@@ -213,11 +150,21 @@ def run_bench(
         "machine": machine,
         "model": str(pipe.folder.path),
         "settings": {
-            "engine": engine, "providers": providers, "threads": threads, "low_memory": low_memory,
-            "steps": n_steps, "width": params["width"], "height": params["height"], "batch": batch,
-            "guidance": guidance, "scheduler": params["scheduler"], "warmup": warmup, "runs": runs,
-            "unet_batch": batch * (2 if guidance > 1 else 1), "engine_options": options,
-        },  # fmt: skip
+            "engine": engine,
+            "providers": providers,
+            "threads": threads,
+            "low_memory": low_memory,
+            "steps": n_steps,
+            "width": params["width"],
+            "height": params["height"],
+            "batch": batch,
+            "guidance": guidance,
+            "scheduler": params["scheduler"],
+            "warmup": warmup,
+            "runs": runs,
+            "unet_batch": batch * (2 if guidance > 1 else 1),
+            "engine_options": options,
+        },
         "engine_files": files,
         "load": {"total": load_total, **{f"{k}": v for k, v in pipe.load_times.items()}},
         "cold_run": {k: v for k, v in cold[0].items()},
@@ -302,7 +249,9 @@ def format_table(report: dict[str, Any]) -> str:
         f"peak RSS     {_mib(report['peak_rss_bytes'])}",
     ]
     if report.get("unet_flops"):
-        line = f"UNet         {report['unet_flops'] / 1e9:.1f} GFLOP per call, {report['unet_gflops_per_s']:.1f} GFLOP/s"
+        line = (
+            f"UNet         {report['unet_flops'] / 1e9:.1f} GFLOP per call, {report['unet_gflops_per_s']:.1f} GFLOP/s"
+        )
         if report.get("cpu_peak_gflops"):
             line += (
                 f" = {report['unet_fraction_of_peak'] * 100:.0f} % of the CPU's nominal "
@@ -310,11 +259,11 @@ def format_table(report: dict[str, Any]) -> str:
                 + (" (at the reported clock; this CPU boosts above it)" if report["unet_fraction_of_peak"] > 1 else "")
             )
         if report.get("sgemm_gflops"):
-            line += f", {report['unet_fraction_of_sgemm'] * 100:.0f} % of numpy's SGEMM ({report['sgemm_gflops']:.0f} GFLOP/s)"
+            share = report["unet_fraction_of_sgemm"] * 100
+            line += f", {share:.0f} % of numpy's SGEMM ({report['sgemm_gflops']:.0f} GFLOP/s)"
         lines.append(line)
     for name, stats in (report.get("device") or {}).items():  # per-call lists (every call since load): medians
         parts = [f"{k} median {np.median(v):.2f}" if isinstance(v, list) else f"{k} {v}"
                  for k, v in stats.items() if v != []]  # fmt: skip
         lines.append(f"{name:<13}" + ", ".join(parts))
     return "\n".join(lines)
-

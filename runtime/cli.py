@@ -40,10 +40,14 @@ def main(verbose: bool) -> None:
 @main.command()
 @click.argument("source", type=click.Path(path_type=Path))
 @click.argument("out", type=click.Path(path_type=Path))
-@click.option("--fp16", is_flag=True, help="Write fp16 components (timestep stays fp32; VAE decoder kept fp32 if needed).")
+@click.option(
+    "--fp16", is_flag=True, help="Write fp16 components (timestep stays fp32; VAE decoder kept fp32 if needed)."
+)
 @click.option("--force", is_flag=True, help="Replace OUT if it is an ONNX model folder (never SOURCE or other files).")
 @click.option("--opset", default=17, show_default=True, type=int, help="ONNX opset (14 to 20).")
-@click.option("--device", default="cpu", show_default=True, help="Trace and validate on this torch device (cpu, cuda).")
+@click.option(
+    "--device", default="cpu", show_default=True, help="Trace and validate on this torch device (cpu, cuda)."
+)
 def export(source: Path, out: Path, fp16: bool, force: bool, opset: int, device: str) -> None:
     """Export the diffusers Stable Diffusion folder SOURCE to the ONNX model folder OUT."""
     try:
@@ -52,7 +56,9 @@ def export(source: Path, out: Path, fp16: bool, force: bool, opset: int, device:
         raise click.ClickException(
             f"export needs the PyTorch side ({e.name or e} is missing): pip install 'edgediff[export]'"
         ) from None
-    folder = export_model(source, out, fp16=fp16, force=force, opset=opset, progress=sys.stderr.isatty(), device=device)
+    folder = export_model(
+        source, out, fp16=fp16, force=force, opset=opset, progress=sys.stderr.isatty(), device=device
+    )
     click.echo(f"exported {source} -> {folder}")
 
 
@@ -111,14 +117,27 @@ def _scheduler_options(pairs: tuple[str, ...]) -> dict:
 
 
 # generate's options that map to a Pipeline call argument: with --from-png, those given override the record
-_CALL_OPTIONS = {"prompt": "prompt", "negative_prompt": "negative_prompt", "steps": "num_inference_steps",
-                 "guidance": "guidance_scale", "width": "width", "height": "height", "seed": "seed", "eta": "eta"}
+_CALL_OPTIONS = {
+    "prompt": "prompt",
+    "negative_prompt": "negative_prompt",
+    "steps": "num_inference_steps",
+    "guidance": "guidance_scale",
+    "width": "width",
+    "height": "height",
+    "seed": "seed",
+    "eta": "eta",
+}
 
 
 @main.command()
 @click.argument("prompt", required=False)
-@click.option("--model", "model", default=None, type=click.Path(path_type=Path),
-              help="Model folder. Default: the embedded shapes model.")
+@click.option(
+    "--model",
+    "model",
+    default=None,
+    type=click.Path(path_type=Path),
+    help="Model folder. Default: the embedded shapes model.",
+)
 @click.option("-o", "--output", default="out.png", show_default=True, type=click.Path(path_type=Path))
 @click.option("--negative-prompt", default=None)
 @click.option("--steps", default=50, show_default=True, type=int)
@@ -126,24 +145,55 @@ _CALL_OPTIONS = {"prompt": "prompt", "negative_prompt": "negative_prompt", "step
 @click.option("--width", default=None, type=int, help="Default: the model's native size.")
 @click.option("--height", default=None, type=int, help="Default: the model's native size.")
 @click.option("--seed", default=None, type=int, help="Same seed, same image as diffusers with a CPU generator.")
-@click.option("--scheduler", default=None, help=f"One of: {', '.join(schedulers.known_names())}. Default: the model's own.")
-@click.option("--scheduler-option", "scheduler_option", multiple=True, metavar="KEY=VALUE",
-              help="A scheduler config option over the chosen scheduler, e.g. solver_order=3 (repeatable).")
+@click.option(
+    "--scheduler", default=None, help=f"One of: {', '.join(schedulers.known_names())}. Default: the model's own."
+)
+@click.option(
+    "--scheduler-option",
+    "scheduler_option",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="A scheduler config option over the chosen scheduler, e.g. solver_order=3 (repeatable).",
+)
 @click.option("--eta", default=0.0, show_default=True, type=float, help="DDIM's eta (ignored by other schedulers).")
-@click.option("--timesteps", default=None, metavar="T1,T2,...",
-              help="Custom timesteps, descending (schedulers that accept them; replaces --steps).")
-@click.option("--sigmas", default=None, metavar="S1,S2,...",
-              help="Custom sigmas, descending, the last usually 0 (schedulers that accept them; replaces --steps).")
-@click.option("--from-png", "from_png", default=None, type=click.Path(path_type=Path),
-              help="Regenerate the image this PNG records; options given here override the recorded ones.")
-@click.option("--params", "params_file", default=None, type=click.Path(path_type=Path),
-              help="The same from a file: the JSON record (the PNG's edgediff chunk) or an A1111 infotext.")
+@click.option(
+    "--timesteps",
+    default=None,
+    metavar="T1,T2,...",
+    help="Custom timesteps, descending (schedulers that accept them; replaces --steps).",
+)
+@click.option(
+    "--sigmas",
+    default=None,
+    metavar="S1,S2,...",
+    help="Custom sigmas, descending, the last usually 0 (schedulers that accept them; replaces --steps).",
+)
+@click.option(
+    "--from-png",
+    "from_png",
+    default=None,
+    type=click.Path(path_type=Path),
+    help="Regenerate the image this PNG records; options given here override the recorded ones.",
+)
+@click.option(
+    "--params",
+    "params_file",
+    default=None,
+    type=click.Path(path_type=Path),
+    help="The same from a file: the JSON record (the PNG's edgediff chunk) or an A1111 infotext.",
+)
 @click.option("--provider", "providers", multiple=True, help="ONNX Runtime execution provider (repeatable).")
 @click.option("--low-memory", is_flag=True, help="Load one component at a time and release it after use.")
-@click.option("--int8", is_flag=True,
-              help="Use the int8 UNet of `edgediff optimize --int8` (faster on CPUs; changes the image).")
-@click.option("--memory-limit", default="auto", show_default=True, callback=_memory_limit,
-              help="GiB a call may use (estimated before it runs), 'auto' (what is available) or 'off'.")
+@click.option(
+    "--int8", is_flag=True, help="Use the int8 UNet of `edgediff optimize --int8` (faster on CPUs; changes the image)."
+)
+@click.option(
+    "--memory-limit",
+    default="auto",
+    show_default=True,
+    callback=_memory_limit,
+    help="GiB a call may use (estimated before it runs), 'auto' (what is available) or 'off'.",
+)
 @click.pass_context
 def generate(ctx, prompt, model, output, negative_prompt, steps, guidance, width, height, seed, scheduler,
              scheduler_option, eta, timesteps, sigmas, from_png, params_file, providers, low_memory, int8,
@@ -312,8 +362,11 @@ def info(model: Path, verify: bool, as_json: bool) -> None:
 @click.option("--component", "components", multiple=True, help="Only these components (repeatable).")
 @click.option("--no-fuse", is_flag=True, help="Skip ONNX Runtime's transformer fusions (attention, LayerNorm).")
 @click.option("--force", is_flag=True, help="Redo variants that are up to date.")
-@click.option("--int8", is_flag=True,
-              help="Make the opt-in int8 variant instead (dynamic int8 MatMuls; default component: unet).")
+@click.option(
+    "--int8",
+    is_flag=True,
+    help="Make the opt-in int8 variant instead (dynamic int8 MatMuls; default component: unet).",
+)
 def optimize(model, components, no_fuse, force, int8):
     """Make ONNX Runtime CPU variants of MODEL's components (fused attention, saved optimised graph)."""
     try:
@@ -336,7 +389,13 @@ def optimize(model, components, no_fuse, force, int8):
 @click.option("--steps", default=20, show_default=True, type=int)
 @click.option("--width", default=None, type=int, help="Default: the model's native size.")
 @click.option("--height", default=None, type=int, help="Default: the model's native size.")
-@click.option("--batch", default=1, show_default=True, type=int, help="Images per call (the UNet sees twice as many with guidance).")
+@click.option(
+    "--batch",
+    default=1,
+    show_default=True,
+    type=int,
+    help="Images per call (the UNet sees twice as many with guidance).",
+)
 @click.option("--guidance", default=7.5, show_default=True, type=float)
 @click.option("--scheduler", default=None, help="Default: the model's own.")
 @click.option("--engine", default="onnxruntime", show_default=True, help="onnxruntime or tensorrt.")
@@ -345,14 +404,23 @@ def optimize(model, components, no_fuse, force, int8):
 @click.option("--warmup", default=1, show_default=True, type=int, help="Untimed runs after the cold first run.")
 @click.option("--runs", default=3, show_default=True, type=int, help="Timed runs.")
 @click.option("--low-memory", is_flag=True, help="Load one component at a time and release it after use.")
-@click.option("--optimization", default="all", show_default=True,
-              type=click.Choice(["disable", "basic", "extended", "all"]),
-              help="ONNX Runtime graph optimisation level of the exported graph (an `edgediff optimize` CPU variant, "
-                   "loaded where one exists, is saved at level all).")
+@click.option(
+    "--optimization",
+    default="all",
+    show_default=True,
+    type=click.Choice(["disable", "basic", "extended", "all"]),
+    help="ONNX Runtime graph optimisation level of the exported graph (an `edgediff optimize` CPU variant, "
+    "loaded where one exists, is saved at level all).",
+)
 @click.option("--no-prepack", is_flag=True, help="ONNX Runtime: no pre-packed weight copies (less memory, slower).")
 @click.option("--int8", is_flag=True, help="ONNX Runtime: the int8 UNet of `edgediff optimize --int8`.")
-@click.option("--memory-limit", default="auto", show_default=True, callback=_memory_limit,
-              help="GiB a call may use (estimated before it runs), 'auto' (what is available) or 'off'.")
+@click.option(
+    "--memory-limit",
+    default="auto",
+    show_default=True,
+    callback=_memory_limit,
+    help="GiB a call may use (estimated before it runs), 'auto' (what is available) or 'off'.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON instead of a table.")
 @click.option("-o", "--output", default=None, type=click.Path(path_type=Path), help="Also write the JSON report here.")
 def bench(model, prompt, steps, width, height, batch, guidance, scheduler, engine, providers, threads, warmup, runs,
@@ -391,24 +459,49 @@ def bench(model, prompt, steps, width, height, batch, guidance, scheduler, engin
 
 @main.command()
 @click.argument("model", type=click.Path(path_type=Path))
-@click.option("--component", "components", multiple=True,
-              help="Build only this component (repeatable). Default: the ones the pipeline runs.")
+@click.option(
+    "--component",
+    "components",
+    multiple=True,
+    help="Build only this component (repeatable). Default: the ones the pipeline runs.",
+)
 @click.option("--batch", default=1, show_default=True, type=int, help="Images per call the plans are built for.")
 @click.option("--width", default=None, type=int, help="Default: the model's native size.")
 @click.option("--height", default=None, type=int, help="Default: the model's native size.")
-@click.option("--guidance/--no-guidance", default=True, show_default=True,
-              help="Text encoder and UNet take twice the batch (classifier-free guidance, guidance_scale > 1).")
+@click.option(
+    "--guidance/--no-guidance",
+    default=True,
+    show_default=True,
+    help="Text encoder and UNet take twice the batch (classifier-free guidance, guidance_scale > 1).",
+)
 @click.option("--dynamic", is_flag=True, help="Add a profile for a range of sizes and batches to each plan.")
-@click.option("--min-size", default=None, type=int,
-              help="--dynamic: smallest side in pixels. Default: 256 (or the native size if smaller).")
-@click.option("--max-size", default=None, type=int,
-              help="--dynamic: largest side in pixels. Default: 1024 (or the native size if larger).")
+@click.option(
+    "--min-size",
+    default=None,
+    type=int,
+    help="--dynamic: smallest side in pixels. Default: 256 (or the native size if smaller).",
+)
+@click.option(
+    "--max-size",
+    default=None,
+    type=int,
+    help="--dynamic: largest side in pixels. Default: 1024 (or the native size if larger).",
+)
 @click.option("--max-batch", default=4, show_default=True, type=int, help="--dynamic: most images per call.")
-@click.option("--opt-level", default=3, show_default=True, type=click.IntRange(0, 5),
-              help="TensorRT builder optimisation level (lower builds faster).")
+@click.option(
+    "--opt-level",
+    default=3,
+    show_default=True,
+    type=click.IntRange(0, 5),
+    help="TensorRT builder optimisation level (lower builds faster).",
+)
 @click.option("--workspace", default=None, type=int, help="Builder workspace limit in MiB (small GPUs, Jetson).")
-@click.option("--timing-cache/--no-timing-cache", default=True, show_default=True,
-              help="Reuse and update MODEL/engines/timing-*.cache.")
+@click.option(
+    "--timing-cache/--no-timing-cache",
+    default=True,
+    show_default=True,
+    help="Reuse and update MODEL/engines/timing-*.cache.",
+)
 @click.option("--force", is_flag=True, help="Rebuild plans that are already up to date.")
 @click.option("--prune", is_flag=True, help="Also delete plans built for another TensorRT version or GPU.")
 @click.option("--device", default=0, show_default=True, type=int, help="CUDA device index.")

@@ -2,6 +2,7 @@
 error must have (exit code 1, one line starting ``error: ``, no traceback)."""
 
 from click.testing import CliRunner
+
 from edgediff.runtime.cli import main
 
 

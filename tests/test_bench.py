@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import needs_torch
 
+from conftest import needs_torch
 from edgediff.runtime import Pipeline
 from edgediff.runtime.bench import STAGES, format_table, run_bench
 from edgediff.runtime.cli import main
@@ -27,7 +27,9 @@ def _check_schema(report, steps, runs, unet_batch):
     checks them against measures taken outside bench."""
     assert report["schema"] == 1
     m = report["machine"]
-    assert {"cpu", "arch", "logical_cpus", "usable_cpus", "flags", "memory_bytes", "os", "python", "libraries"} <= set(m)
+    assert {"cpu", "arch", "logical_cpus", "usable_cpus", "flags", "memory_bytes", "os", "python", "libraries"} <= set(
+        m
+    )
     assert "onnxruntime" in m["libraries"] and "numpy" in m["libraries"]
     s = report["settings"]
     assert s["steps"] == steps and s["runs"] == runs and s["unet_batch"] == unet_batch
@@ -59,7 +61,21 @@ def test_bench_json_schema_on_embedded_model():
 
 def test_bench_table_and_output_file(tmp_path):
     out = tmp_path / "r" / "bench.json"
-    args = ["bench", "--steps", "2", "--runs", "1", "--warmup", "0", "--guidance", "1", "--threads", "1", "-o", str(out)]
+    args = [
+        "bench",
+        "--steps",
+        "2",
+        "--runs",
+        "1",
+        "--warmup",
+        "0",
+        "--guidance",
+        "1",
+        "--threads",
+        "1",
+        "-o",
+        str(out),
+    ]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     for label in ("machine", "libraries", "load", "cold run", "UNet call", "host/step", "steps/s", "peak RSS"):
@@ -180,8 +196,13 @@ def test_low_memory_mode_same_image_and_releases_engines():
 
 @pytest.mark.parametrize(
     "options",
-    [{"optimization": "disable"}, {"optimization": "basic", "threads": 1}, {"prepack": False},
-     {"mem_arena": False, "mem_pattern": False}, {"io_binding": True}],  # fmt: skip
+    [
+        {"optimization": "disable"},
+        {"optimization": "basic", "threads": 1},
+        {"prepack": False},
+        {"mem_arena": False, "mem_pattern": False},
+        {"io_binding": True},
+    ],
 )
 def test_session_settings_keep_the_image(options):
     """Every ONNX Runtime setting changes speed or memory, never the result (fp32: within 1/255)."""
@@ -258,8 +279,10 @@ def test_flop_count_matches_torch_flop_counter(tiny_source, tiny_export):
     hidden = torch.randn(3, 77, unet.config.cross_attention_dim)
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         unet(sample, torch.tensor(10.0), hidden)
-    ours = count_flops(tiny_export("sd1") / "unet" / "model.onnx",
-                       {"sample": list(sample.shape), "timestep": [], "encoder_hidden_states": list(hidden.shape)})  # fmt: skip
+    ours = count_flops(
+        tiny_export("sd1") / "unet" / "model.onnx",
+        {"sample": list(sample.shape), "timestep": [], "encoder_hidden_states": list(hidden.shape)},
+    )
     assert ours["uncounted"] == []
     assert ours["total"] == pytest.approx(counter.get_total_flops(), rel=1e-9)
 

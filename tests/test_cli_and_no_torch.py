@@ -9,9 +9,9 @@ import textwrap
 
 import pytest
 from click.testing import CliRunner
-from conftest import needs_torch
 from PIL import Image
 
+from conftest import needs_torch
 from edgediff.runtime.cli import main
 from edgediff.runtime.image import format_parameters
 
@@ -54,10 +54,22 @@ def test_info_reports_valid_folder(tiny_export):
 
 
 def test_parameters_format_without_negative():
-    text = format_parameters({"prompt": "cat", "num_inference_steps": 20, "scheduler": "dpmpp_2m_karras",
-                              "guidance_scale": 7.5, "seed": 1, "width": 512, "height": 512, "model": "m"})  # fmt: skip
-    pairs = ("Steps: 20, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7.5, Seed: 1, Size: 512x512, Model: m, "
-             "RNG: CPU, Scheduler: dpmpp_2m_karras, Version: edgediff")
+    text = format_parameters(
+        {
+            "prompt": "cat",
+            "num_inference_steps": 20,
+            "scheduler": "dpmpp_2m_karras",
+            "guidance_scale": 7.5,
+            "seed": 1,
+            "width": 512,
+            "height": 512,
+            "model": "m",
+        }
+    )
+    pairs = (
+        "Steps: 20, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7.5, Seed: 1, Size: 512x512, Model: m, "
+        "RNG: CPU, Scheduler: dpmpp_2m_karras, Version: edgediff"
+    )
     assert text.splitlines() == ["cat", pairs]
 
 
@@ -69,7 +81,8 @@ def test_full_generate_imports_no_torch(tiny_export, tmp_path):
         from edgediff.runtime import Pipeline
         from edgediff.runtime.cli import main
         pipe = Pipeline.load({str(tiny_export("sd1"))!r})
-        pipe("a cat", num_inference_steps=3, seed=1, scheduler="dpmpp_2m_karras").images[0].save({str(tmp_path / "a.png")!r})
+        result = pipe("a cat", num_inference_steps=3, seed=1, scheduler="dpmpp_2m_karras")
+        result.images[0].save({str(tmp_path / "a.png")!r})
         try:
             main(["generate", "a dog", "--model", {str(tiny_export("sd2"))!r}, "-o", {str(tmp_path / "b.png")!r},
                   "--steps", "2"], standalone_mode=False)
@@ -87,6 +100,7 @@ def test_full_generate_imports_no_torch(tiny_export, tmp_path):
 
 @pytest.mark.parametrize("module", ["edgediff.runtime", "edgediff.engines.onnxruntime", "edgediff.runtime.cli"])
 def test_runtime_modules_import_without_torch(module):
-    code = f"import sys, {module}; print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch','diffusers','transformers')))"
+    banned = "('torch', 'diffusers', 'transformers')"
+    code = f"import sys, {module}; print(sorted(m for m in sys.modules if m.split('.')[0] in {banned}))"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stdout + proc.stderr

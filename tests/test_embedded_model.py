@@ -10,7 +10,6 @@ import textwrap
 import pytest
 
 from edgediff.runtime import Pipeline, shapes
-
 from shapes_check import fidelity, passes  # tests/ is on sys.path (pytest rootdir import mode)
 
 
@@ -50,8 +49,8 @@ def test_loads_and_generates_without_torch(tmp_path):
         image = Pipeline.load()("a red circle on a blue background", num_inference_steps=20, seed=0).images[0]
         print("ANALYSED", shapes.analyse(np.asarray(image)))
         try:
-            main(["generate", "a yellow square on a black background", "-o", {str(tmp_path / "out.png")!r}, "--steps", "20"],
-                 standalone_mode=False)
+            args = ["generate", "a yellow square on a black background", "-o", {str(tmp_path / "out.png")!r}]
+            main([*args, "--steps", "20"], standalone_mode=False)
         except SystemExit:
             pass
         print("BANNED", sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "diffusers", "transformers")))

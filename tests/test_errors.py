@@ -7,6 +7,7 @@ import sys
 
 import numpy as np
 import pytest
+
 from cli_check import assert_one_line_error, run_cli
 from conftest import needs_torch
 from edgediff.runtime import (
@@ -29,9 +30,6 @@ def model_copy(tiny_export, tmp_path):
     return dst
 
 
-
-
-
 # ---- model folder ---------------------------------------------------------------------------
 def test_missing_folder(tmp_path):
     with pytest.raises(ModelFolderError, match="does not exist"):
@@ -40,7 +38,7 @@ def test_missing_folder(tmp_path):
 
 
 def test_not_a_model_folder(tmp_path):
-    with pytest.raises(ModelFolderError, match="model_index.json"):
+    with pytest.raises(ModelFolderError, match=r"model_index.json"):
         Pipeline.load(tmp_path)
 
 
@@ -71,7 +69,7 @@ def test_damaged_component_detected_by_hash(model_copy):
 @pytest.mark.parametrize("content", ["{not json", "[]", json.dumps({"format": 1})])  # unreadable: no further check
 def test_corrupted_manifest(model_copy, content):
     (model_copy / "edgediff.json").write_text(content)
-    with pytest.raises(ManifestError, match="edgediff.json is corrupted"):
+    with pytest.raises(ManifestError, match=r"edgediff.json is corrupted"):
         Pipeline.load(model_copy)
     assert_one_line_error(*run_cli("generate", "x", "--model", model_copy), "edgediff.json is corrupted")
 
@@ -109,7 +107,9 @@ def test_unknown_scheduler(pipe, tiny_export):
     assert_one_line_error(*run_cli("generate", "x", "--model", tiny_export("sd1"), "--scheduler", "warp"), "warp")
 
 
-@pytest.mark.parametrize("args,needle", [(["--width", "31"], "width must be"), (["--steps", "0"], "num_inference_steps")])
+@pytest.mark.parametrize(
+    "args,needle", [(["--width", "31"], "width must be"), (["--steps", "0"], "num_inference_steps")]
+)
 def test_cli_bad_arguments(tiny_export, tmp_path, args, needle):
     out = tmp_path / "o.png"
     assert_one_line_error(*run_cli("generate", "x", "--model", tiny_export("sd1"), "-o", out, *args), needle)

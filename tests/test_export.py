@@ -7,8 +7,8 @@ import json
 import numpy as np
 import onnxruntime as ort
 import pytest
-from conftest import needs_torch
 
+from conftest import needs_torch
 from edgediff.runtime import ExportError, ExportValidationError, ModelFolder, Pipeline
 from edgediff.runtime.model_folder import sha256_file
 

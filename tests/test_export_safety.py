@@ -11,6 +11,7 @@ import sys
 from importlib import metadata
 
 import pytest
+
 from cli_check import assert_one_line_error, run_cli
 from conftest import needs_torch
 from edgediff.runtime import ExportError
@@ -73,9 +74,6 @@ def _hashes(root):
 
 def _leftovers(folder):
     return sorted(p.name for p in folder.iterdir() if any(t in p.name for t in (".partial-", ".old-", ".lock")))
-
-
-
 
 
 def _refused(src, out, force, *needles):

@@ -17,6 +17,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from edgediff.runtime import Pipeline, schedulers
+from edgediff.runtime.rng import TorchCPUGenerator
+from edgediff.runtime.tokenizer import ClipTokenizer
 from golden_cases import (
     PIPELINE_KW,
     PIPELINE_PROMPTS,
@@ -28,10 +32,6 @@ from golden_cases import (
 )
 from scheduler_harness import SD_BASE
 from tools.record_goldens import SCHED_PREDICTIONS, SCHED_STEPS, stand_in_outputs
-
-from edgediff.runtime import Pipeline, schedulers
-from edgediff.runtime.rng import TorchCPUGenerator
-from edgediff.runtime.tokenizer import ClipTokenizer
 
 FIXTURES = Path(__file__).parent / "fixtures"
 VARIANTS = ("sd1", "sd2")

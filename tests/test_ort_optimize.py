@@ -111,7 +111,7 @@ def test_int8_variant_is_opt_in_quantised_and_keeps_fidelity(int8_copy):
 def test_int8_without_the_variant_names_the_command(tmp_path):
     folder = tmp_path / "m"
     shutil.copytree(embedded_model_path(), folder)
-    with pytest.raises(ModelFolderError, match="optimize .* --int8"):
+    with pytest.raises(ModelFolderError, match=r"optimize .* --int8"):
         Pipeline.load(folder, cpu_variant="int8")
     result = CliRunner().invoke(main, ["generate", "a red circle", "--model", str(folder), "--int8",
                                        "-o", str(tmp_path / "x.png")])  # fmt: skip

@@ -6,11 +6,10 @@ Tiny random-weight models: an SD1-style epsilon model and an SD2-style v-predict
 
 import numpy as np
 import pytest
+
 from conftest import needs_torch
-
-from golden_cases import SCHEDULER_NAMES, edgediff_spec
-
 from edgediff.runtime import Pipeline
+from golden_cases import SCHEDULER_NAMES, edgediff_spec
 
 pytestmark = needs_torch
 
@@ -142,7 +141,9 @@ def test_optimum_export_loads_and_matches_diffusers(tiny_source, diffusers_pipe,
     pipe = Pipeline.load(out)
     assert pipe.folder.inferred and pipe.folder.native_size == (32, 32) and pipe.folder.vae_downscale == 2
     latents = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(5))
-    want = _diffusers_images(diffusers_pipe("sd1"), "own (PNDM)", prompt=PROMPTS[0], latents=latents, num_inference_steps=8)
+    want = _diffusers_images(
+        diffusers_pipe("sd1"), "own (PNDM)", prompt=PROMPTS[0], latents=latents, num_inference_steps=8
+    )
     got = _ours(pipe(PROMPTS[0], latents=latents.numpy(), num_inference_steps=8))
     _assert_close(got, want, "optimum folder")
 

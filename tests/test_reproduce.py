@@ -8,9 +8,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from cli_check import assert_one_line_error, run_cli
 from PIL import Image, PngImagePlugin
 
+from cli_check import assert_one_line_error, run_cli
 from edgediff.runtime import schedulers
 from edgediff.runtime.model_folder import ModelFolder
 from edgediff.runtime.parameters import (
@@ -219,9 +219,9 @@ def test_text_uses_a1111_names_and_keeps_ours():
     lines = format_parameters(record).splitlines()
     assert lines[:2] == ["a cat", "Negative prompt: ugly"]
     assert lines[2] == (
-        'Steps: 20, Sampler: DPM++ 2M SDE, Schedule type: Karras, CFG scale: 7.0, Seed: 42, Size: 512x768, '
+        "Steps: 20, Sampler: DPM++ 2M SDE, Schedule type: Karras, CFG scale: 7.0, Seed: 42, Size: 512x768, "
         'Model hash: 0123456789, Model: "sd15, fp16", RNG: CPU, Scheduler: dpmpp_2m_sde_karras, '
-        'Scheduler options: lower_order_final=false, Version: edgediff 0.1.0'
+        "Scheduler options: lower_order_final=false, Version: edgediff 0.1.0"
     )
     parsed = parse_parameters_text("\n".join(lines))
     assert parsed["model"] == "sd15, fp16" and parsed["scheduler_options"] == {"lower_order_final": False}

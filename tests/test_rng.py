@@ -2,8 +2,8 @@
 
 import numpy as np
 import pytest
-from conftest import needs_torch
 
+from conftest import needs_torch
 from edgediff.runtime.errors import InvalidArgumentError
 from edgediff.runtime.rng import TorchCPUGenerator
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from cli_check import assert_one_line_error, run_cli
 from edgediff.runtime import (
     EngineUnavailableError,
@@ -78,7 +79,7 @@ def test_size_rule_is_vae_factor_times_unet_downsampling(embedded, micro):
     assert micro.folder.size_multiple == 4
     with pytest.raises(InvalidArgumentError, match="got 34; nearest valid: 32 or 36"):
         micro("x", width=34, num_inference_steps=1)
-    with pytest.raises(InvalidArgumentError, match="got 2; nearest valid: 4$"):
+    with pytest.raises(InvalidArgumentError, match=r"got 2; nearest valid: 4$"):
         micro("x", height=2, num_inference_steps=1)
     micro("x", width=36, height=28, num_inference_steps=1)  # valid non-native sizes still run
 
@@ -139,7 +140,7 @@ def test_allocation_failure_inside_the_engine_is_a_resource_error():
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
-    line = [ln for ln in proc.stdout.splitlines() if ln.startswith(("RESOURCE", "RAN"))][0]
+    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith(("RESOURCE", "RAN")))
     assert line.startswith("RESOURCE") and "ran out of memory" in line and "reduce the width/height" in line, line
     assert "bfc_arena.cc" not in line  # the C++ location is cut, the node and the size stay
     assert "Failed to allocate memory" in line
@@ -435,7 +436,7 @@ def test_config_files_validated_with_the_folder(model, rel, changes, needle):
 
 def test_special_tokens_map_that_is_a_list(model):
     (model / "tokenizer" / "special_tokens_map.json").write_text("[]")
-    with pytest.raises(ModelConfigError, match="tokenizer/special_tokens_map.json"):
+    with pytest.raises(ModelConfigError, match=r"tokenizer/special_tokens_map.json"):
         Pipeline.load(model)
 
 

@@ -6,17 +6,22 @@ import itertools
 
 import numpy as np
 import pytest
-from conftest import HAS_TORCH, needs_torch
 
+from conftest import HAS_TORCH, needs_torch
 from edgediff.runtime import schedulers
 from edgediff.runtime.errors import InvalidArgumentError
 from edgediff.runtime.rng import TorchCPUGenerator
 from edgediff.runtime.schedulers.dpmsolver_multistep import DPMSolverMultistep
 from edgediff.runtime.schedulers.euler import EulerDiscrete
 from edgediff.runtime.schedulers.euler_ancestral import EulerAncestralDiscrete
-
 from scheduler_harness import (
-    PREDICTIONS, SD_BASE, SPACINGS, STEPS, assert_close_finite, assert_refused_where_diffusers_breaks, drive,
+    PREDICTIONS,
+    SD_BASE,
+    SPACINGS,
+    STEPS,
+    assert_close_finite,
+    assert_refused_where_diffusers_breaks,
+    drive,
 )  # fmt: skip
 
 SEEDS = [0, 1, 1234]

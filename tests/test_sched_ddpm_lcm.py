@@ -7,15 +7,20 @@ import itertools
 
 import numpy as np
 import pytest
-from conftest import HAS_TORCH, needs_torch
 
+from conftest import HAS_TORCH, needs_torch
 from edgediff.runtime.errors import InvalidArgumentError
 from edgediff.runtime.rng import TorchCPUGenerator
 from edgediff.runtime.schedulers.ddpm import DDPM
 from edgediff.runtime.schedulers.lcm import LCM
-
 from scheduler_harness import (
-    SD_BASE, SPACINGS, STEPS, assert_equal_finite, assert_refused_where_diffusers_breaks, drive, refusal,
+    SD_BASE,
+    SPACINGS,
+    STEPS,
+    assert_equal_finite,
+    assert_refused_where_diffusers_breaks,
+    drive,
+    refusal,
 )  # fmt: skip
 
 PREDS = ["epsilon", "v_prediction", "sample"]

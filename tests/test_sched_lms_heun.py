@@ -10,12 +10,11 @@ import itertools
 
 import numpy as np
 import pytest
-from conftest import needs_torch
 
+from conftest import needs_torch
 from edgediff.runtime.errors import InvalidArgumentError
 from edgediff.runtime.schedulers.heun import HeunDiscrete, HeunState
 from edgediff.runtime.schedulers.lms import LMS_ORDER, LMSDiscrete, _lms_coefficient
-
 from scheduler_harness import SD_BASE, SPACINGS, STEPS, assert_close_finite, assert_equal_finite, drive
 
 HAS_SCIPY = importlib.util.find_spec("scipy") is not None
@@ -217,8 +216,12 @@ def test_heun_state_alternates():
 @pytest.mark.parametrize("cls", [LMSDiscrete, HeunDiscrete])
 @pytest.mark.parametrize(
     "key,value",
-    [("use_exponential_sigmas", True), ("use_beta_sigmas", True), ("prediction_type", "original_sample"),
-     ("timestep_spacing", "karras")],  # fmt: skip
+    [
+        ("use_exponential_sigmas", True),
+        ("use_beta_sigmas", True),
+        ("prediction_type", "original_sample"),
+        ("timestep_spacing", "karras"),
+    ],
 )
 def test_unsupported_options_raise(cls, key, value):
     with pytest.raises(InvalidArgumentError, match=key):

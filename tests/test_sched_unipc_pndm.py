@@ -16,12 +16,11 @@ import itertools
 
 import numpy as np
 import pytest
-from conftest import needs_torch
 
+from conftest import needs_torch
 from edgediff.runtime.errors import InvalidArgumentError
 from edgediff.runtime.schedulers.pndm import PNDM
 from edgediff.runtime.schedulers.unipc_multistep import UniPCMultistep
-
 from scheduler_harness import PREDICTIONS, SD_BASE, SPACINGS, STEPS, assert_close_finite, assert_equal_finite, drive
 
 UNIPC_PREDICTIONS = [*PREDICTIONS, "sample"]
@@ -193,7 +192,7 @@ BROKEN_IN_DIFFUSERS = [
 
 @pytest.mark.parametrize("overrides,steps", BROKEN_IN_DIFFUSERS)
 def test_unipc_refuses_what_diffusers_breaks(overrides, steps):
-    with pytest.raises(InvalidArgumentError, match="NaN|singular"):
+    with pytest.raises(InvalidArgumentError, match=r"NaN|singular"):
         UniPCMultistep(**SD_BASE, **overrides).schedule(steps)
 
 

@@ -14,11 +14,10 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from conftest import needs_torch
 
+from conftest import needs_torch
 from edgediff.runtime.errors import InvalidArgumentError
 from edgediff.runtime.schedulers import SCHEDULERS
-
 from tools.scheduler_nan_sweep import GRIDS, RESULTS, _resolve, cases, run_edgediff, verdict
 
 TABLE = json.loads((RESULTS / "scheduler_nan_sweep.json").read_text())["classes"]

@@ -11,12 +11,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from scheduler_harness import SD_BASE, assert_close_finite
 
 from edgediff.runtime import schedulers
 from edgediff.runtime.errors import InvalidArgumentError
 from edgediff.runtime.schedulers import SCHEDULERS, config_problems
 from edgediff.runtime.schedulers.validation import RULES, SCHEDULE_KEYS, UNCHECKED_KEYS
+from scheduler_harness import SD_BASE, assert_close_finite
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED_CONFIGS = [
@@ -233,6 +233,7 @@ def test_switching_classes_keeps_working_configs():
 def test_switched_configs_match_diffusers():
     pytest.importorskip("diffusers")
     from diffusers import DDPMScheduler, DPMSolverMultistepScheduler
+
     from scheduler_harness import drive
 
     drive(DDPMScheduler, {"variance_type": None}, 4)
@@ -379,6 +380,7 @@ def test_refused_step_counts_break_in_diffusers():
 def test_accepted_step_counts_beyond_t_match_diffusers():
     pytest.importorskip("torch")
     from diffusers import EulerDiscreteScheduler
+
     from scheduler_harness import drive
 
     x = drive(EulerDiscreteScheduler, {"num_train_timesteps": T_SMALL}, 3 * T_SMALL // 2)

@@ -4,14 +4,19 @@ same noise), compared at every step (tolerance in scheduler_harness)."""
 import itertools
 
 import pytest
-from conftest import needs_torch
 
+from conftest import needs_torch
 from edgediff.runtime import schedulers
 from edgediff.runtime.errors import UnknownSchedulerError
-
 from scheduler_harness import (
-    PREDICTIONS, SD_BASE, SPACINGS, STEPS, assert_close_finite, assert_equal_finite,
-    assert_refused_where_diffusers_breaks, drive,
+    PREDICTIONS,
+    SD_BASE,
+    SPACINGS,
+    STEPS,
+    assert_close_finite,
+    assert_equal_finite,
+    assert_refused_where_diffusers_breaks,
+    drive,
 )  # fmt: skip
 
 
@@ -47,7 +52,12 @@ def test_pndm(steps, pred, spacing):
 def test_ddim(steps, pred, spacing, clip, alpha_one, eta):
     from diffusers import DDIMScheduler
 
-    overrides = {"prediction_type": pred, "timestep_spacing": spacing, "clip_sample": clip, "set_alpha_to_one": alpha_one}
+    overrides = {
+        "prediction_type": pred,
+        "timestep_spacing": spacing,
+        "clip_sample": clip,
+        "set_alpha_to_one": alpha_one,
+    }
     drive(DDIMScheduler, overrides, steps, step_kwargs={"eta": eta} if eta else None)
 
 
@@ -70,7 +80,11 @@ def test_euler(steps, pred, spacing, karras, final):
     [
         (s, p, sp, k, o, so, lf, f)
         for s, p, sp, k in itertools.product(STEPS, [*PREDICTIONS, "sample"], SPACINGS, [False, True])
-        for o, so, lf, f in [(2, "midpoint", True, "zero"), (2, "heun", False, "sigma_min"), (1, "midpoint", True, "zero")]
+        for o, so, lf, f in [
+            (2, "midpoint", True, "zero"),
+            (2, "heun", False, "sigma_min"),
+            (1, "midpoint", True, "zero"),
+        ]
     ],
 )
 def test_dpmpp_2m(steps, pred, spacing, karras, order, solver, lower_final, final):
@@ -117,7 +131,7 @@ def test_names_resolve():
 
 
 def test_unknown_name_lists_known_ones():
-    with pytest.raises(UnknownSchedulerError, match="known: .*euler.*dpmpp_2m_karras"):
+    with pytest.raises(UnknownSchedulerError, match=r"known: .*euler.*dpmpp_2m_karras"):
         schedulers.resolve("eulerish", SD_BASE)
 
 

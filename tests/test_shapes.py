@@ -8,8 +8,9 @@ import sys
 
 import numpy as np
 import pytest
-from edgediff.runtime import shapes as S
 from PIL import Image, ImageFilter
+
+from edgediff.runtime import shapes as S
 
 
 def _perturb(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -18,8 +19,11 @@ def _perturb(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     img = np.asarray(image).astype(np.float64)
     obj = np.abs(img - img[0, 0]).sum(-1) > 0
     img[obj] += rng.uniform(-12, 12, 3)
-    img = np.asarray(Image.fromarray(np.clip(np.rint(img), 0, 255).astype(np.uint8)).filter(
-        ImageFilter.GaussianBlur(rng.uniform(0.5, 1.0)))).astype(np.float64)
+    img = np.asarray(
+        Image.fromarray(np.clip(np.rint(img), 0, 255).astype(np.uint8)).filter(
+            ImageFilter.GaussianBlur(rng.uniform(0.5, 1.0))
+        )
+    ).astype(np.float64)
     img += rng.uniform(-12, 12, 3) + rng.normal(0.0, 20.0, img.shape)
     return np.clip(np.rint(img), 0, 255).astype(np.uint8)
 
@@ -29,6 +33,7 @@ def _truth(scene: S.Scene) -> dict:
 
 
 # ---------------------------------------------------------------- vocabulary and scenes
+
 
 def test_vocabulary_and_palette_are_separable():
     assert len(S.COLOURS) == 8 and len(S.SHAPES) >= 5 and {"circle", "square", "triangle"} <= set(S.SHAPES)
@@ -71,6 +76,7 @@ def test_render_geometry():
 
 # ---------------------------------------------------------------- determinism
 
+
 def test_dataset_is_deterministic_for_a_seed():
     a_img, a_cap = S.dataset(24, seed=7, split="train")
     b_img, b_cap = S.dataset(24, seed=7, split="train")
@@ -108,6 +114,7 @@ def test_caption_is_deterministic_and_varied():
 
 # ---------------------------------------------------------------- held-out split
 
+
 def test_held_out_set():
     assert len(S.ALL_COMBOS) == 8 * 7 * len(S.SHAPES)
     assert 0.10 <= len(S.HELD_OUT) / len(S.ALL_COMBOS) <= 0.15
@@ -135,13 +142,13 @@ def test_splits_never_mix():
     assert 0.08 < np.mean([S.is_held_out(s) for s in every]) < 0.17
     assert {s.size for s in train} == set(S.SIZES) and {s.position for s in train} == set(S.POSITIONS)
     _, captions = S.dataset(5000, 1, "train", size=8)
-    assert not any((p["colour"], p["shape"], p["background"]) in S.HELD_OUT
-                   for p in map(S.parse_prompt, captions))
+    assert not any((p["colour"], p["shape"], p["background"]) in S.HELD_OUT for p in map(S.parse_prompt, captions))
     with pytest.raises(ValueError):
         S.sample_scenes(3, 0, "test")
 
 
 # ---------------------------------------------------------------- captions and prompts
+
 
 def test_parse_prompt_recovers_generated_captions():
     rng = np.random.default_rng(0)
@@ -159,28 +166,42 @@ def test_parse_prompt_recovers_generated_captions():
     assert seen == {(False, False), (True, False), (False, True), (True, True)}
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("a red circle on a blue background", {"colour": "red", "shape": "circle", "background": "blue"}),
-    ("small green triangle at the top, yellow background",
-     {"colour": "green", "shape": "triangle", "background": "yellow", "size": "small", "position": "top"}),
-    ("a large purple square in the centre of a white image",
-     {"colour": "purple", "shape": "square", "background": "white", "size": "large", "position": "centre"}),
-    ("blue background with an orange diamond on the left",
-     {"colour": "orange", "shape": "diamond", "background": "blue", "position": "left"}),
-    ("A big Black plus in the middle, against a WHITE backdrop!",
-     {"colour": "black", "shape": "cross", "background": "white", "size": "large", "position": "centre"}),
-    ("red circle on blue", {"colour": "red", "shape": "circle", "background": "blue"}),
-    ("a photo of a tiny yellow square, please", {"colour": "yellow", "shape": "square", "size": "small"}),
-    ("the background is green and there is a white circle at the bottom",
-     {"colour": "white", "shape": "circle", "background": "green", "position": "bottom"}),
-    ("a blue background", {"background": "blue"}),
-    ("hello world", {}),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("a red circle on a blue background", {"colour": "red", "shape": "circle", "background": "blue"}),
+        (
+            "small green triangle at the top, yellow background",
+            {"colour": "green", "shape": "triangle", "background": "yellow", "size": "small", "position": "top"},
+        ),
+        (
+            "a large purple square in the centre of a white image",
+            {"colour": "purple", "shape": "square", "background": "white", "size": "large", "position": "centre"},
+        ),
+        (
+            "blue background with an orange diamond on the left",
+            {"colour": "orange", "shape": "diamond", "background": "blue", "position": "left"},
+        ),
+        (
+            "A big Black plus in the middle, against a WHITE backdrop!",
+            {"colour": "black", "shape": "cross", "background": "white", "size": "large", "position": "centre"},
+        ),
+        ("red circle on blue", {"colour": "red", "shape": "circle", "background": "blue"}),
+        ("a photo of a tiny yellow square, please", {"colour": "yellow", "shape": "square", "size": "small"}),
+        (
+            "the background is green and there is a white circle at the bottom",
+            {"colour": "white", "shape": "circle", "background": "green", "position": "bottom"},
+        ),
+        ("a blue background", {"background": "blue"}),
+        ("hello world", {}),
+    ],
+)
 def test_parse_simple_prompts(text, expected):
     assert S.parse_prompt(text) == {k: expected.get(k) for k in S.ATTRIBUTES}
 
 
 # ---------------------------------------------------------------- the judge
+
 
 @pytest.mark.parametrize("split", ["train", "held_out", "all"])
 def test_analyser_is_exact_on_ground_truth(split):
@@ -231,8 +252,9 @@ def test_analyser_says_none_without_an_object():
 def test_score_reports_per_attribute_and_per_item():
     good = S.render(S.Scene("circle", "red", "blue", "small", "left"))
     bad = S.render(S.Scene("square", "green", "blue", "large", "right"))
-    result = S.score(["a small red circle on the left, blue background", "a red circle on a blue background"],
-                     [good, bad])
+    result = S.score(
+        ["a small red circle on the left, blue background", "a red circle on a blue background"], [good, bad]
+    )
     assert result["colour"] == 0.5 and result["shape"] == 0.5 and result["background"] == 1.0
     assert result["size"] == 1.0 and result["position"] == 1.0  # stated only by the first prompt
     assert result["counts"] == {"colour": 2, "background": 2, "shape": 2, "position": 1, "size": 1}
@@ -246,7 +268,9 @@ def test_score_reports_per_attribute_and_per_item():
 
 
 def test_module_imports_without_torch():
-    code = ("import sys, edgediff.runtime.shapes; "
-            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'diffusers', 'transformers')))")
+    code = (
+        "import sys, edgediff.runtime.shapes; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'diffusers', 'transformers')))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

@@ -98,8 +98,13 @@ FAKE_UNET = SubmodelSpec(
 def fake_family(monkeypatch):
     """A family whose extra component has an input of a new symbol P, added to the tables only."""
     sd1 = FAMILIES["sd1"]
-    family = dataclasses.replace(sd1, name="fake", text_hidden_act="fake_act",
-                                 components=(*sd1.components, "fake_unet"), defaults={**sd1.defaults, "P": 12})
+    family = dataclasses.replace(
+        sd1,
+        name="fake",
+        text_hidden_act="fake_act",
+        components=(*sd1.components, "fake_unet"),
+        defaults={**sd1.defaults, "P": 12},
+    )
     monkeypatch.setitem(SUBMODELS, "fake_unet", FAKE_UNET)
     monkeypatch.setitem(FAMILIES, "fake", family)
     return family
@@ -213,11 +218,16 @@ def test_text_encoder_positions_bound_the_length(tmp_path):
     ("change", "needle"),
     [
         (lambda c: c["unet"]["inputs"][0].update(name="x"), r"components\.unet\.inputs are \['x'"),
-        (lambda c: c["vae_decoder"]["outputs"][0].update(shape=["B", 4, "H", "W"]),
-         r"components\.vae_decoder\.outputs: 'sample' is float32 \['B', 4, 'H', 'W'\], the I/O contract says float32 "
-         r"\['B', 3, 'H', 'W'\]"),
-        (lambda c: c["unet"]["inputs"][2].update(shape=["B", "S"]),
-         r"'encoder_hidden_states' is float32 \['B', 'S'\]"),
+        (
+            lambda c: c["vae_decoder"]["outputs"][0].update(shape=["B", 4, "H", "W"]),
+            r"components\.vae_decoder\.outputs: 'sample' is float32 \['B', 4, 'H', 'W'\], "
+            r"the I/O contract says float32 "
+            r"\['B', 3, 'H', 'W'\]",
+        ),
+        (
+            lambda c: c["unet"]["inputs"][2].update(shape=["B", "S"]),
+            r"'encoder_hidden_states' is float32 \['B', 'S'\]",
+        ),
         (lambda c: c["text_encoder"]["inputs"][0].update(dtype="float32"), r"'input_ids' is float32"),
         (lambda c: c["unet"].update(outputs="out_sample"), r"components\.unet\.outputs must be a list"),
     ],
@@ -248,8 +258,8 @@ def test_a_diffusers_folder_of_another_pipeline_names_what_edgediff_exports(tmp_
     (src / "unet").mkdir(parents=True)
     (src / "vae").mkdir()
     (src / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionXLPipeline"}))
-    with pytest.raises(ModelFolderError, match="StableDiffusionXLPipeline .*does not export; it exports "
-                                               "StableDiffusionPipeline models"):  # fmt: skip
+    with pytest.raises(ModelFolderError, match=r"StableDiffusionXLPipeline .*does not export; it exports "
+                                               r"StableDiffusionPipeline models"):  # fmt: skip
         ModelFolder.open(src)
 
 

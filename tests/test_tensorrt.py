@@ -33,6 +33,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+
 from cli_check import assert_one_line_error, run_cli
 from conftest import HAS_TORCH, needs_torch
 from edgediff.engines import cuda_util
@@ -470,7 +471,8 @@ def test_cli_build_in_a_subprocess_without_tensorrt(tmp_path):
 
 def test_tensorrt_modules_import_without_torch():
     mods = "edgediff.engines.tensorrt, edgediff.engines.tensorrt_build, edgediff.engines.trt_plans"
-    code = f"import sys, {mods}; print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch','diffusers','transformers')))"
+    banned = "('torch', 'diffusers', 'transformers')"
+    code = f"import sys, {mods}; print(sorted(m for m in sys.modules if m.split('.')[0] in {banned}))"
     proc = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stdout + proc.stderr
 

@@ -5,8 +5,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-from conftest import needs_torch
 
+from conftest import needs_torch
 from edgediff.runtime import Pipeline
 
 pytestmark = needs_torch

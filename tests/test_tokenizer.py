@@ -7,10 +7,10 @@ import shutil
 
 import numpy as np
 import pytest
-from conftest import needs_torch
-from golden_cases import TOKENIZER_PROMPTS
 
+from conftest import needs_torch
 from edgediff.runtime.tokenizer import ClipTokenizer
+from golden_cases import TOKENIZER_PROMPTS
 
 PROMPTS = [
     *TOKENIZER_PROMPTS,  # the ones recorded as goldens for the torch-free run

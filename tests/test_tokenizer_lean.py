@@ -10,11 +10,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from golden_cases import TOKENIZER_PROMPTS
 from tokenizers import Tokenizer
 
 from edgediff.runtime.errors import InvalidArgumentError, ModelFolderError
 from edgediff.runtime.tokenizer import ClipTokenizer, tokenizer_problems
+from golden_cases import TOKENIZER_PROMPTS
 
 FIXTURES = Path(__file__).parent / "fixtures"
 LOGGER = "edgediff.runtime.tokenizer"
@@ -166,7 +166,8 @@ BROKEN = [
         False,
         _write(CFG, '{"model_max_length": 77,'),
         [
-            "tokenizer/tokenizer_config.json: not valid JSON (Expecting property name enclosed in double quotes at line 1"
+            "tokenizer/tokenizer_config.json: not valid JSON "
+            "(Expecting property name enclosed in double quotes at line 1"
         ],
     ),
     (
@@ -327,5 +328,5 @@ def test_max_positions_bounds_model_max_length(tmp_path):
 
 def test_missing_folder(tmp_path):
     assert tokenizer_problems(tmp_path / "tokenizer") == ["tokenizer/ is missing (the tokenizer folder)"]
-    with pytest.raises(ModelFolderError, match="tokenizer folder .* is missing; re-export the model"):
+    with pytest.raises(ModelFolderError, match=r"tokenizer folder .* is missing; re-export the model"):
         ClipTokenizer(tmp_path / "tokenizer")

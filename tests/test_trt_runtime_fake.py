@@ -29,6 +29,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 from click.testing import CliRunner
+
 from edgediff.engines import tensorrt as trt_engine
 from edgediff.engines import tensorrt_build
 from edgediff.engines import trt_plans as plans
@@ -491,7 +492,7 @@ def test_threads_share_one_engine(fake):
                 for i in range(30):
                     f = feeds(h=h, seed=seed + i)
                     np.testing.assert_allclose(eng.run(f)["out_sample"], expected(f), rtol=1e-6)
-            except Exception as e:  # noqa: BLE001 - reported below
+            except Exception as e:
                 errors.append(e)
 
         threads = [threading.Thread(target=work, args=(100 * k, 16 + 4 * k)) for k in range(3)]
@@ -525,7 +526,7 @@ def test_close_while_a_run_waits_for_the_lock(fake):
     def run():
         try:
             eng.run(feeds())
-        except Exception as e:  # noqa: BLE001 - the test inspects it
+        except Exception as e:
             errors.append(e)
 
     with eng._lock:

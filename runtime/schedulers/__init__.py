@@ -26,9 +26,18 @@ from .validation import config_problems
 
 # diffusers class name -> implementation (explicit, STYLE E2)
 SCHEDULERS: dict[str, type[Scheduler]] = {
-    cls.class_name: cls for cls in (
-        PNDM, DDIM, DDPM, LMSDiscrete, EulerDiscrete, EulerAncestralDiscrete, HeunDiscrete, DPMSolverMultistep,
-        UniPCMultistep, LCM,
+    cls.class_name: cls
+    for cls in (
+        PNDM,
+        DDIM,
+        DDPM,
+        LMSDiscrete,
+        EulerDiscrete,
+        EulerAncestralDiscrete,
+        HeunDiscrete,
+        DPMSolverMultistep,
+        UniPCMultistep,
+        LCM,
     )
 }
 SHORT_NAMES: dict[str, str] = {cls.short_name: name for name, cls in SCHEDULERS.items()}

@@ -32,7 +32,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 sys.path.insert(0, str(HERE.parent))
 
-from scheduler_harness import SD_BASE
+from scheduler_harness import SD_BASE  # noqa: E402 (after the sys.path insert above)
 
 RESULTS = ROOT / "benchmarks/results"
 STEPS = (1, 2, 3, 5, 10, 25)
@@ -152,7 +152,7 @@ def run_diffusers(name: str, base: str, overrides: dict, steps: int, inputs=None
             samples.append(xr.numpy().copy())
             if not torch.isfinite(xr).all():
                 return "N", samples
-    except Exception as e:  # noqa: BLE001 - what diffusers does is the datum
+    except Exception as e:
         return "E", f"{type(e).__name__}: {str(e).splitlines()[0][:90] if str(e) else ''}"
     return ".", samples
 
@@ -342,7 +342,7 @@ def write(results: dict) -> None:
     lines += ["", "## Finite in diffusers but not matched step by step", ""]
     groups, worst = Counter(), {}
     for name, rows in results.items():
-        for (base, overrides, steps), (k, v, d) in zip(cases(name), rows):
+        for (base, overrides, _steps), (_k, v, d) in zip(cases(name), rows):
             if v == "m":
                 key = (name, base, bool(overrides.get("rescale_betas_zero_snr")))
                 groups[key] += 1
