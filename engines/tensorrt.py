@@ -32,6 +32,7 @@ import threading
 from collections import deque
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -70,6 +71,12 @@ class _IOBuffer:
         self.host: PinnedBuffer | None = None
 
     @property
+    def ptr(self) -> int:
+        """The device address; the buffer is allocated by fit()."""
+        assert self.device is not None, "fit() allocates the buffer first"
+        return self.device.ptr
+
+    @property
     def nbytes(self) -> int:
         return self.device.nbytes if self.device is not None else 0
 
@@ -85,6 +92,7 @@ class _IOBuffer:
                 device.free()
                 raise
             self.device = device
+        assert self.host is not None  # allocated just above when missing
         return self.host.view(shape, self.dtype)
 
     def free(self) -> None:
@@ -118,9 +126,15 @@ class TrtEngine:
         self._closed = True  # until everything below exists
         self._lock = threading.Lock()
         self._buffers: dict[str, _IOBuffer] = {}
-        self._stream = None
+        # TensorRT and CUDA objects (no type information: the libraries ship none)
+        self._stream: Any = None
         self._events: tuple = ()  # copy-in start, execute start, execute end, copy-out end
-        self._context = self._engine = self._runtime = None
+        self._context: Any = None
+        self._engine: Any = None
+        self._runtime: Any = None
+        self._profile = 0
+        self._stream_handle = 0
+        self._loaded_bytes = 0
         path = Path(path)
         self.model_dir = path.parent.parent  # MODEL/<component>/model.onnx
         self._trt = import_tensorrt()
@@ -217,16 +231,16 @@ class TrtEngine:
                 buf = self._buffers[name]
                 inputs[name] = host = buf.fit(value.shape)
                 host[...] = value  # into pinned memory: the async copy below reads it
-                ctx.set_tensor_address(name, buf.device.ptr)
+                ctx.set_tensor_address(name, buf.ptr)
             out = {}
             for name in self.outputs:
                 buf = self._buffers[name]
                 out[name] = buf.fit(tuple(ctx.get_tensor_shape(name)))
-                ctx.set_tensor_address(name, buf.device.ptr)
+                ctx.set_tensor_address(name, buf.ptr)
             copy_in, run_start, run_end, copy_out = self._events
             check(cu, cu.cudaEventRecord(copy_in, stream), "cudaEventRecord")
             for name, host in inputs.items():
-                memcpy_htod(cu, self._buffers[name].device.ptr, host, stream)
+                memcpy_htod(cu, self._buffers[name].ptr, host, stream)
             check(cu, cu.cudaEventRecord(run_start, stream), "cudaEventRecord")
             if not ctx.execute_async_v3(self._stream_handle):
                 raise EngineRunError(
@@ -234,7 +248,7 @@ class TrtEngine:
                 )
             check(cu, cu.cudaEventRecord(run_end, stream), "cudaEventRecord")
             for name, host in out.items():
-                memcpy_dtoh(cu, host, self._buffers[name].device.ptr, stream)
+                memcpy_dtoh(cu, host, self._buffers[name].ptr, stream)
             check(cu, cu.cudaEventRecord(copy_out, stream), "cudaEventRecord")
             check(cu, cu.cudaStreamSynchronize(stream), "cudaStreamSynchronize")
             self._compute_ms.append(self._elapsed_ms(run_start, run_end))

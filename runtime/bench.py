@@ -31,7 +31,7 @@ def _percentile(values, q: float) -> float | None:
     return float(np.percentile(np.asarray(values, dtype=np.float64), q)) if len(values) else None
 
 
-def summary(values) -> dict[str, float | None]:
+def summary(values) -> dict[str, Any]:
     """median, p90, p99, mean, min, max (seconds) of ``values``."""
     return {
         "median": _percentile(values, 50),
@@ -106,8 +106,10 @@ def run_bench(
         model, engine=engine, providers=providers, low_memory=low_memory, memory_limit=memory_limit, **options
     )
     load_total = time.perf_counter() - t0
-    call = dict(prompt=prompt, num_inference_steps=steps, guidance_scale=guidance, width=width, height=height,
-                scheduler=scheduler, num_images_per_prompt=batch)  # fmt: skip
+    call: dict[str, Any] = dict(
+        prompt=prompt, num_inference_steps=steps, guidance_scale=guidance, width=width, height=height,
+        scheduler=scheduler, num_images_per_prompt=batch,
+    )  # fmt: skip
     records = []
     try:
         for i in range(1 + warmup + runs):

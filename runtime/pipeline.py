@@ -15,6 +15,7 @@ from __future__ import annotations
 import gc
 import json
 import logging
+import os
 import time
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
@@ -106,7 +107,7 @@ class Pipeline:
     @classmethod
     def load(
         cls,
-        folder: str | Path | None = None,
+        folder: str | os.PathLike | None = None,
         engine: str = "onnxruntime",
         providers: Sequence[str] | None = None,
         low_memory: bool = False,
@@ -196,8 +197,8 @@ class Pipeline:
         weights = 0
         if self.low_memory:  # nothing is resident between calls: the component's weights come on top
             weights = max(self.folder.component_bytes("unet"), self.folder.component_bytes("vae_decoder"))
-        kw = dict(images=images, guidance=guidance, vae_downscale=self.folder.vae_downscale, fused_attention=fused,
-                  weights=weights)  # fmt: skip
+        kw: dict[str, Any] = dict(images=images, guidance=guidance, vae_downscale=self.folder.vae_downscale,
+                                  fused_attention=fused, weights=weights)  # fmt: skip
         need = resources.estimate(self.folder.path, height=height, width=width, **kw)
         if need.bytes <= limit:
             return
@@ -281,10 +282,12 @@ class Pipeline:
                 raise InvalidArgumentError(
                     f"negative_prompt has {len(negatives)} entries but prompt has {len(prompts)}; give one per prompt"
                 )
-        if timesteps is None and sigmas is None:
-            steps = _check_positive_int("num_inference_steps", num_inference_steps)
+        if timesteps is not None:
+            steps = len(timesteps)
+        elif sigmas is not None:
+            steps = len(sigmas) - 1
         else:
-            steps = len(timesteps) if timesteps is not None else len(sigmas) - 1
+            steps = _check_positive_int("num_inference_steps", num_inference_steps)
         per_prompt = _check_positive_int("num_images_per_prompt", num_images_per_prompt)
         native_h, native_w = self.folder.native_size
         height = native_h if height is None else height

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Generic, TypeVar
 
 import numpy as np
 
@@ -41,7 +41,10 @@ class Schedule:
     init_noise_sigma: float
 
 
-class Scheduler:
+S = TypeVar("S", bound=Schedule)
+
+
+class Scheduler(Generic[S]):
     """Base class. Subclasses set ``class_name``, ``defaults`` (diffusers' constructor defaults)
     and implement ``schedule``, ``scale_model_input``, ``initial_state`` and ``step``.
 
@@ -174,15 +177,13 @@ class Scheduler:
                 "prediction_type='v_prediction' (what zero-SNR models are trained with) or clip_sample=True"
             )
 
-    def scale_model_input(self, schedule: Schedule, i: int, sample: np.ndarray) -> np.ndarray:
+    def scale_model_input(self, schedule: S, i: int, sample: np.ndarray) -> np.ndarray:
         return sample
 
-    def initial_state(self, schedule: Schedule) -> Any:
+    def initial_state(self, schedule: S) -> Any:
         return None
 
-    def step(
-        self, schedule: Schedule, i: int, model_output: np.ndarray, sample: np.ndarray, state: Any, generator=None
-    ):
+    def step(self, schedule: S, i: int, model_output: np.ndarray, sample: np.ndarray, state: Any, generator=None):
         raise NotImplementedError
 
 

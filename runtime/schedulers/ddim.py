@@ -24,7 +24,7 @@ class DDIMSchedule(Schedule):
     step_ratio: int  # T // N: prev_t = t - step_ratio, whatever the spacing (as diffusers)
 
 
-class DDIM(Scheduler):
+class DDIM(Scheduler[DDIMSchedule]):
     """Allowed values: ``prediction_type`` in {epsilon, v_prediction, sample};
     ``timestep_spacing`` in {leading, linspace, trailing}. Refused because diffusers returns NaN
     there: an epsilon prediction at a timestep with ᾱ_t = 0 (zero-SNR rescaling, without

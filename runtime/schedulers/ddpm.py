@@ -38,7 +38,7 @@ def _previous_timesteps(t: np.ndarray) -> np.ndarray:
     return prev
 
 
-class DDPM(Scheduler):
+class DDPM(Scheduler[DDPMSchedule]):
     """Allowed values: ``prediction_type`` in {epsilon, v_prediction, sample};
     ``variance_type`` in {fixed_small, fixed_small_log, fixed_large} (None acts as fixed_small, as in
     diffusers); ``timestep_spacing`` in {leading, linspace, trailing}; ``thresholding`` false.

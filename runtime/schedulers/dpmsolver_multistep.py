@@ -74,7 +74,7 @@ def _log(x):
     return np.float32(np.log(np.float64(x)))
 
 
-class DPMSolverMultistep(Scheduler):
+class DPMSolverMultistep(Scheduler[DPMSchedule]):
     """Allowed values: ``algorithm_type`` in {dpmsolver++, sde-dpmsolver++}; ``solver_order`` in
     {1, 2, 3}; ``solver_type`` in {midpoint, heun}; ``prediction_type`` in {epsilon, v_prediction,
     sample}; ``timestep_spacing`` in {linspace, leading, trailing}; ``use_karras_sigmas``;

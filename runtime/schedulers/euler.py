@@ -40,7 +40,7 @@ class EulerSchedule(Schedule):
     sigmas: np.ndarray  # float32, N+1 values
 
 
-class EulerDiscrete(Scheduler):
+class EulerDiscrete(Scheduler[EulerSchedule]):
     """Allowed values: ``prediction_type`` in {epsilon, v_prediction, sample};
     ``timestep_spacing`` in {linspace, leading, trailing}; ``interpolation_type`` linear;
     ``use_karras_sigmas``; ``use_exponential_sigmas``; ``final_sigmas_type`` in {zero, sigma_min};

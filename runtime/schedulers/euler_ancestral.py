@@ -37,7 +37,7 @@ def _split(sigma_from: np.float32, sigma_to: np.float32) -> tuple[np.float32, np
     return sigma_up, sigma_to**2 - sigma_up**2
 
 
-class EulerAncestralDiscrete(Scheduler):
+class EulerAncestralDiscrete(Scheduler[EulerAncestralSchedule]):
     """Allowed values: ``prediction_type`` in {epsilon, v_prediction} (diffusers raises
     NotImplementedError for ``sample``); ``timestep_spacing`` in {linspace, leading, trailing}.
     Refused because diffusers returns NaN there: a schedule with a step too steep for float32's

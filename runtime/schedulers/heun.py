@@ -46,7 +46,7 @@ class HeunState:
     sample: np.ndarray | None = None  # x_i
 
 
-class HeunDiscrete(Scheduler):
+class HeunDiscrete(Scheduler[HeunSchedule]):
     """Allowed values: ``prediction_type`` in {epsilon, v_prediction, sample};
     ``timestep_spacing`` in {linspace, leading, trailing}; ``use_karras_sigmas``; ``clip_sample``
     with ``clip_sample_range``; custom ``timesteps`` (not with Karras σ, as in diffusers).

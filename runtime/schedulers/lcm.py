@@ -38,7 +38,7 @@ def _scalings(t: int, timestep_scaling: float) -> tuple[np.float32, np.float32]:
     return np.float32(c_skip), np.float32(c_out)
 
 
-class LCM(Scheduler):
+class LCM(Scheduler[LCMSchedule]):
     """Allowed values: ``prediction_type`` in {epsilon, v_prediction, sample}; ``thresholding``
     false (dynamic thresholding is meant for pixel-space models). ``timestep_spacing`` and
     ``steps_offset`` are accepted and, as in diffusers, do not affect the LCM schedule.

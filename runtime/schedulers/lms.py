@@ -57,7 +57,7 @@ def _lms_coefficient(sigmas: np.ndarray, i: int, order: int, j: int) -> float:
     return float(antiderivative(s[i + 1]) - antiderivative(s[i]))
 
 
-class LMSDiscrete(Scheduler):
+class LMSDiscrete(Scheduler[LMSSchedule]):
     """Allowed values: ``prediction_type`` in {epsilon, v_prediction, sample};
     ``timestep_spacing`` in {linspace, leading, trailing}; ``use_karras_sigmas``.
     ``use_exponential_sigmas`` and ``use_beta_sigmas`` are not implemented (beta needs scipy)."""

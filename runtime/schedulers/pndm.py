@@ -48,7 +48,7 @@ class PNDMState:
 _PRK_CALLS = 12  # diffusers: pndm_order 4 → 3 Runge-Kutta steps of 4 calls
 
 
-class PNDM(Scheduler):
+class PNDM(Scheduler[PNDMSchedule]):
     """Allowed values: ``prediction_type`` in {epsilon, v_prediction};
     ``timestep_spacing`` in {leading, linspace, trailing}; ``skip_prk_steps`` true (PLMS only,
     every Stable Diffusion config) or false (Runge-Kutta warm-up, needs num_inference_steps >= 4

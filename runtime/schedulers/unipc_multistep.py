@@ -56,7 +56,7 @@ def _lambda(sigma):
     return alpha, sigma_t, np.log(alpha) - np.log(sigma_t)
 
 
-class UniPCMultistep(Scheduler):
+class UniPCMultistep(Scheduler[UniPCSchedule]):
     """Allowed values: ``solver_order`` in {1, 2, 3}; ``solver_type`` in {bh1, bh2} (diffusers'
     DPM names midpoint/heun/logrho become bh2, as diffusers does); ``predict_x0``;
     ``prediction_type`` in {epsilon, v_prediction, sample}; ``timestep_spacing`` in {linspace,
@@ -192,8 +192,8 @@ class UniPCMultistep(Scheduler):
     def _coefficients(self, lambda_s0, lambda_t, past_lambdas, order):
         """(h·φ_1, B(h), r_k, R, b) for UniP/UniC of ``order`` with the given past λ's."""
         h = lambda_t - lambda_s0
-        rks = [(lam - lambda_s0) / h for lam in past_lambdas]
-        rks = np.array([*rks, _F32(1.0)], dtype=np.float32)
+        ratios = [(lam - lambda_s0) / h for lam in past_lambdas]
+        rks = np.array([*ratios, _F32(1.0)], dtype=np.float32)
         hh = -h if self.config["predict_x0"] else h
         h_phi_1 = np.expm1(hh)
         h_phi_k = h_phi_1 / hh - 1

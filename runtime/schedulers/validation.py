@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeGuard
 
 import numpy as np
 
@@ -26,11 +26,11 @@ _GENERIC_SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.0001, beta_end=0
                          trained_betas=None)  # fmt: skip
 
 
-def is_real(v: Any) -> bool:
+def is_real(v: Any) -> TypeGuard[float]:
     return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, (bool, np.bool_))
 
 
-def is_int(v: Any) -> bool:
+def is_int(v: Any) -> TypeGuard[int]:
     return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
 
 
@@ -143,7 +143,7 @@ def _schedule_problems(cfg: dict) -> list[str]:
             for key, v in (("beta_start", start), ("beta_end", end)):
                 if not (is_real(v) and 0 < v < 1):
                     problems.append(f"{key}={show(v)} must be a number in (0, 1)")
-            if not problems and end < start:
+            if not problems and is_real(start) and is_real(end) and end < start:
                 problems.append(f"beta_end={end!r} is below beta_start={start!r}: betas must not decrease (swapped?)")
             if problems:
                 return problems
@@ -209,11 +209,11 @@ def config_problems(config: dict, class_name: str | None = None) -> list[str]:
             problems.append(f"{key}={show(value)} must be {allowed}")
             bad.add(key)
     for key, value in own.items():
-        allowed = supported.get(key, _ENUMS.get(key))
-        if allowed is not None and key not in bad and value not in allowed:
+        choices = supported.get(key, _ENUMS.get(key))
+        if choices is not None and key not in bad and value not in choices:
             problems.append(
                 f"{key}={show(value)} is not supported by edgediff{' ' + cls.class_name if cls else ''} "
-                f"(supported: {', '.join(map(repr, allowed))})"
+                f"(supported: {', '.join(map(repr, choices))})"
             )
             bad.add(key)
     problems += _cross_problems(own, bad)
