@@ -15,8 +15,11 @@ Stages, each checkpointed every ``--checkpoint-every`` steps into ``--workdir`` 
 Checkpoints carry the compute seconds spent so far, so ``training.json`` reports the whole
 training time across resumes. Data are drawn per step from the seed
 (``shapes.dataset(batch, seed=f(seed, stage, step))``), so a resumed run sees exactly the batches an uninterrupted
-one would. Held-out combinations of colour, shape and background never appear in training. The loss curves,
-settings and timings go to ``OUT/training.json``.
+one would. Held-out combinations of colour, shape and background never appear in training. ``--phrasing`` picks
+the caption recipe: v1 (default; shapes-v1 was trained with it, before the option existed) or v2 (more wordings;
+``shapes.PHRASINGS``); it changes only the captions and the tokenizer's word list, never the images (so the VAE
+stage is the same), and resuming a UNet checkpoint of another recipe is refused. The loss curves, settings and
+timings go to ``OUT/training.json``.
 """
 
 from __future__ import annotations
@@ -146,7 +149,9 @@ def _latent_pool(vae, args):
     means, stds, captions = [], [], []
     with torch.no_grad():
         for k in range(args.pool // 256):
-            images, caps = shapes.dataset(256, seed=_batch_seed(args.seed, 2, k), split="train")
+            images, caps = shapes.dataset(
+                256, seed=_batch_seed(args.seed, 2, k), split="train", phrasing=args.phrasing
+            )
             dist = vae.encode(_to_tensor(images)).latent_dist
             means.append(dist.mean)
             stds.append(dist.std)
@@ -171,6 +176,11 @@ def train_unet(args, vae, tokenizer, ckpt: Checkpoints, log: dict):
     noise_schedule = DDPMScheduler(**SCHEDULE)
     start, curve, spent = 0, [], 0.0
     state = ckpt.load("unet") if args.resume else None
+    if state and state.get("phrasing", "v1") != args.phrasing:  # checkpoints from before the option are v1
+        raise SystemExit(
+            f"error: {ckpt.path('unet')} was trained with --phrasing {state.get('phrasing', 'v1')}, not "
+            f"{args.phrasing}: resume with that, or give a fresh --workdir"
+        )
     if state:
         unet.load_state_dict(state["unet"])
         text_encoder.load_state_dict(state["text"])
@@ -219,7 +229,7 @@ def train_unet(args, vae, tokenizer, ckpt: Checkpoints, log: dict):
         if (step + 1) % args.checkpoint_every == 0 or step == args.unet_steps - 1:
             ckpt.save("unet", {"step": step + 1, "unet": unet.state_dict(), "text": text_encoder.state_dict(),
                                "ema_unet": ema_unet.state_dict(), "ema_text": ema_text.state_dict(),
-                               "opt": opt.state_dict(), "curve": curve,
+                               "opt": opt.state_dict(), "curve": curve, "phrasing": args.phrasing,
                                "seconds": spent + time.time() - t0})  # fmt: skip
     log["unet"] = {"steps": args.unet_steps, "batch": args.batch, "lr": args.unet_lr, "ema": args.ema,
                    "uncond_prob": args.uncond_prob, "pool": args.pool, "curve": curve,
@@ -227,10 +237,12 @@ def train_unet(args, vae, tokenizer, ckpt: Checkpoints, log: dict):
     return ema_unet, ema_text
 
 
-def caption_words() -> list[str]:
+def caption_words(phrasing: str = "v1") -> list[str]:
     from edgediff.runtime import shapes
 
-    words = set()
+    if phrasing != "v1":
+        return sorted(shapes.phrasing_words(phrasing))
+    words = set()  # v1: exactly the list shapes-v1's tokenizer was learned on
     for t in shapes.TEMPLATES:
         words.update(w for w in t.replace(",", " ").split() if "{" not in w)
     words.update(shapes.COLOURS + shapes.SHAPES + shapes.SIZES + ("left", "right", "top", "bottom", "centre", "an"))
@@ -261,6 +273,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--uncond-prob", type=float, default=0.1)
     p.add_argument("--pool", type=int, default=16384)
     p.add_argument("--checkpoint-every", type=int, default=100)
+    p.add_argument("--phrasing", choices=("v1", "v2"), default="v1",
+                   help="caption recipe (shapes.PHRASINGS): v1 trained shapes-v1; v2 adds synonyms, spellings, "
+                        "articles, word orders and extra words")  # fmt: skip
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
@@ -270,7 +285,7 @@ def main(argv: list[str] | None = None) -> None:
     log["settings"] = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
     log["architecture"] = {"unet": UNET, "vae": VAE, "text": TEXT, "schedule": SCHEDULE, "image_size": IMAGE_SIZE}
     tok_dir = args.workdir / "tokenizer"
-    write_clip_tokenizer(tok_dir, num_merges=400, words=caption_words())
+    write_clip_tokenizer(tok_dir, num_merges=400, words=caption_words(args.phrasing))
     tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
     t0 = time.time()
     vae = train_vae(args, ckpt, log)

@@ -31,6 +31,16 @@ Captions (``caption(scene, rng)``), ``{pos}`` being "on the left", "on the right
 
 ("a" becomes "an" before a vowel.) ``parse_prompt`` reads these and simple user prompts back.
 
+Phrasings: those templates are caption recipe "v1" (``PHRASINGS``; shapes-v1 was trained on them, and every
+function keeps them by default). Recipe "v2" (opt-in: ``caption(..., phrasing="v2")``, ``train_shapes --phrasing
+v2``) also uses "{bg} backdrop", "in the center"/"in the middle", "to the left"/"near the top"/"... of the image",
+little/big, disc/plus/rhombus, "the" or no article, position-first and comma-list orders, "on {bg}", "against",
+"the backdrop is {bg}" and prefixes ("a drawing of ..."). Held-out phrasings (``held_out_phrasing``, ``HELD_OUT_*``)
+are wordings no recipe trains on: ten other templates (shape before colour, "coloured"/"colored", "please draw",
+"over {bg}", "the {shape} is {size} and {colour}", ...) filled with the v2 words plus a few unseen ones (tiny/huge,
+disk, "plus sign", canvas, "one"/"a single", centred/centered, "up top", "on the left-hand side"); no held-out
+prompt is a possible v2 caption (``all_captions``, ``all_held_out_phrasings``).
+
 Held-out split: with i_c, i_s, i_b the indices in COLOURS, SHAPES, COLOURS, a (colour, shape,
 background) combination is held out iff ``(i_c + i_s + 2*i_b) % 8 == 0`` -- 35 of the 280 valid
 combinations (12.5%). It covers every colour, shape and background; every (colour, shape),
@@ -50,7 +60,9 @@ Colour, shape, position and size are "none" when there is no object (< 0.4% of t
 
 from __future__ import annotations
 
+import itertools
 import re
+import string
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cache, lru_cache
@@ -75,6 +87,8 @@ SIZES = ("small", "large")
 POSITIONS = ("left", "right", "top", "bottom", "centre")
 DEFAULT_SIZE, DEFAULT_POSITION = "large", "centre"
 ATTRIBUTES = ("colour", "background", "shape", "position", "size")
+PHRASINGS = ("v1", "v2")  # caption recipes; see "phrasings" below
+DEFAULT_PHRASING = "v1"  # shapes-v1 was trained with it
 
 SIZE_FRACTION = {"small": 1 / 4, "large": 7 / 16}
 POSITION_CENTRE = {  # (x, y) as fractions of (W, H)
@@ -199,8 +213,13 @@ _TEMPLATES = (  # (template, attributes it omits: used only when those have thei
 TEMPLATES = tuple(t for t, _ in _TEMPLATES)
 
 
-def caption(scene: Scene, rng: np.random.Generator) -> str:
-    """A caption for ``scene``, its wording drawn from ``rng``."""
+def caption(scene: Scene, rng: np.random.Generator, phrasing: str = DEFAULT_PHRASING) -> str:
+    """A caption for ``scene``, its wording drawn from ``rng`` (``phrasing``: "v1", the templates above, or
+    "v2", those and their variants; see PHRASINGS)."""
+    if phrasing != "v1":
+        if phrasing not in PHRASINGS:
+            raise ValueError(f"phrasing must be one of {PHRASINGS}, got {phrasing!r}")
+        return _phrase(scene, rng, _V2_TEMPLATES, V2_WORDS)
     usable = [
         t
         for t, omits in _TEMPLATES
@@ -217,8 +236,179 @@ def caption(scene: Scene, rng: np.random.Generator) -> str:
     return re.sub(r"\ba (?=[aeiou])", "an ", text)
 
 
+# ---- phrasings. "v1" is what shapes-v1 was trained on (the templates above, exactly as before: same words, same
+# draws from the rng). "v2" (opt-in: ``train_shapes --phrasing v2``) adds the variants people type: synonyms,
+# American/British spelling, articles, word order, extra words. HELD_OUT_* are phrasings no training recipe uses, to
+# measure robustness to wordings never seen (``held_out_phrasing``); they reuse the training words in new
+# structures and add a few unseen words, and no held-out prompt is ever a possible v2 caption (tested).
+V2_WORDS: dict[str, Any] = {
+    "size": {"small": ["small", "little"], "large": ["large", "big"]},
+    "shape": {"circle": ["circle", "disc"], "square": ["square"], "triangle": ["triangle"], "cross": ["cross", "plus"],
+              "diamond": ["diamond", "rhombus"]},
+    "pos": {"left": ["on the left", "to the left", "on the left side"],
+            "right": ["on the right", "to the right", "on the right side"],
+            "top": ["at the top", "near the top", "at the top of the image"],
+            "bottom": ["at the bottom", "near the bottom", "at the bottom of the image"],
+            "centre": ["in the centre", "in the center", "in the middle"]},
+    "bgn": ["background", "backdrop"],
+    "art": ["a", "the", ""],
+    "prefix": ["a picture of", "an image of", "a drawing of", "a render of"],
+}  # fmt: skip
+_V2_TEMPLATES = tuple((t.replace("{bg} background", "{bg} {bgn}"), omits) for t, omits in _TEMPLATES) + (
+    ("{art} {size} {colour} {shape} {pos} against a {bg} {bgn}", ()),
+    ("{art} {size} {colour} {shape} {pos} on {bg}", ()),
+    ("{bg} {bgn}, {art} {size} {colour} {shape} {pos}", ()),
+    ("{pos}, {art} {size} {colour} {shape} on a {bg} {bgn}", ()),
+    ("{art} {colour} {shape}, {size}, {pos}, {bg} {bgn}", ()),
+    ("{prefix} a {size} {colour} {shape} {pos} on a {bg} {bgn}", ()),
+    ("{art} {size} {colour} {shape} {pos}, the {bgn} is {bg}", ()),
+    ("{art} {colour} {shape} {pos} on {bg}", ("size",)),
+    ("{art} {size} {colour} {shape} on {bg}", ("position",)),
+    ("{art} {colour} {shape} on a {bg} {bgn}", ("size", "position")),
+    ("{colour} {shape} on {bg}", ("size", "position")),
+)
+# Held-out phrasings: the v2 words plus these, in structures no training template has.
+_HELD_OUT_EXTRA_WORDS: dict[str, Any] = {
+    "size": {"small": ["tiny"], "large": ["huge"]},
+    "shape": {"circle": ["disk"], "cross": ["plus sign"]},
+    "pos": {"left": ["at the left", "on the left-hand side"], "right": ["at the right", "on the right-hand side"],
+            "top": ["up top", "along the top"], "bottom": ["down at the bottom", "along the bottom"],
+            "centre": ["centred", "centered", "in the very middle"]},
+    "bgn": ["canvas"],
+    "art": ["one", "a single"],
+    "prefix": ["please draw", "generate", "show me", "make"],
+    "coloured": ["coloured", "colored"],
+}  # fmt: skip
+_HELD_OUT_TEMPLATES = (
+    ("{prefix} {art} {size} {colour} {shape} {pos} on a {bg} {bgn}", ()),
+    ("{art} {shape} in {colour}, {size}, {pos}, on a {bg} {bgn}", ()),
+    ("{art} {size} {shape} {coloured} {colour} {pos}, {bg} {bgn}", ()),
+    ("{bg} {bgn} and {art} {size} {colour} {shape} {pos}", ()),
+    ("the {bgn} is {bg} and the {shape} is {size} and {colour}, {pos}", ()),
+    ("{size} {colour} {shape} {pos} with a {bg} {bgn}.", ()),
+    ("{art} {size} {colour} {shape} {pos} over {bg}", ()),
+    ("{colour} {shape} on {bg}, {size}, {pos}", ()),
+    ("{art} {colour} {shape} sitting {pos} of a {bg} {bgn}", ("size",)),
+    ("{prefix} {art} {colour} {shape} against {bg}", ("size", "position")),
+)
+HELD_OUT_TEMPLATES = tuple(t for t, _ in _HELD_OUT_TEMPLATES)
+
+
+def _merge_words(a: dict, b: dict) -> dict:
+    out = {}
+    for k in a.keys() | b.keys():
+        x, y = a.get(k, [] if isinstance(b.get(k), list) else {}), b.get(k, [] if isinstance(a.get(k), list) else {})
+        out[k] = x + y if isinstance(x, list) else {v: x.get(v, []) + y.get(v, []) for v in x.keys() | y.keys()}
+    return out
+
+
+# prefixes only from the held-out list: with a training prefix the first template would be a v2 caption
+HELD_OUT_WORDS = _merge_words(V2_WORDS, _HELD_OUT_EXTRA_WORDS) | {"prefix": _HELD_OUT_EXTRA_WORDS["prefix"]}
+
+
+def _slot_values(scene: Scene, words: dict, slot: str) -> list[str]:
+    if slot in ("colour", "bg"):
+        return [scene.colour if slot == "colour" else scene.background]
+    table = words[slot]
+    if isinstance(table, list):
+        return table
+    value = {"size": scene.size, "shape": scene.shape, "pos": scene.position}[slot]
+    return table.get(value) or [value]
+
+
+def _usable(templates, scene: Scene) -> list[str]:
+    return [
+        t
+        for t, omits in templates
+        if ("size" not in omits or scene.size == DEFAULT_SIZE)
+        and ("position" not in omits or scene.position == DEFAULT_POSITION)
+    ]
+
+
+def _fill(template: str, values: dict[str, str]) -> str:
+    text = re.sub(r"\s+", " ", template.format(**values)).strip().replace(" ,", ",")
+    return re.sub(r"\ba (?=[aeiou])", "an ", text)
+
+
+def _slots(template: str) -> list[str]:
+    return [f for _, f, _, _ in string.Formatter().parse(template) if f]
+
+
+def _phrase(scene: Scene, rng: np.random.Generator, templates, words: dict) -> str:
+    usable = _usable(templates, scene)
+    template = usable[int(rng.integers(len(usable)))]
+    values = {}
+    for slot in _slots(template):
+        options = _slot_values(scene, words, slot)
+        values[slot] = options[int(rng.integers(len(options)))]
+    return _fill(template, values)
+
+
+def _all_phrases(scene: Scene, templates, words: dict) -> set[str]:
+    out = set()
+    for template in _usable(templates, scene):
+        slots = _slots(template)
+        for combo in itertools.product(*(_slot_values(scene, words, s) for s in slots)):
+            out.add(_fill(template, dict(zip(slots, combo))))
+    return out
+
+
+def all_captions(scene: Scene, phrasing: str = DEFAULT_PHRASING) -> set[str]:
+    """Every caption ``caption(scene, rng, phrasing)`` can give."""
+    if phrasing == "v1":
+        values = dict(size=scene.size, colour=scene.colour, shape=scene.shape, pos=POSITION_PHRASE[scene.position],
+                      bg=scene.background)  # fmt: skip
+        return {_fill(t, values) for t in _usable(_TEMPLATES, scene)}
+    return _all_phrases(scene, _V2_TEMPLATES, V2_WORDS)
+
+
+def all_held_out_phrasings(scene: Scene) -> set[str]:
+    """Every prompt ``held_out_phrasing(scene, rng)`` can give."""
+    return _all_phrases(scene, _HELD_OUT_TEMPLATES, HELD_OUT_WORDS)
+
+
+def held_out_phrasing(scene: Scene, rng: np.random.Generator) -> str:
+    """A prompt for ``scene`` worded as no training recipe words it (held-out template, words from the training
+    set and a few never trained on)."""
+    return _phrase(scene, rng, _HELD_OUT_TEMPLATES, HELD_OUT_WORDS)
+
+
+def held_out_template(scene: Scene, prompt: str) -> int | None:
+    """The index in HELD_OUT_TEMPLATES of the template ``prompt`` (a held-out phrasing of ``scene``) was made from."""
+    for i, entry in enumerate(_HELD_OUT_TEMPLATES):
+        if prompt in _all_phrases(scene, [entry], HELD_OUT_WORDS):
+            return i
+    return None
+
+
+def held_out_phrasing_prompts(n: int, seed: int, split: str = "train") -> tuple[list[Scene], list[str]]:
+    """``sample_scenes(n, seed, split)`` and a held-out-phrasing prompt for each; same seed, same prompts."""
+    scenes = sample_scenes(n, seed, split)
+    rng = np.random.default_rng([seed, 1])
+    return scenes, [held_out_phrasing(s, rng) for s in scenes]
+
+
+def phrasing_words(phrasing: str = DEFAULT_PHRASING) -> set[str]:
+    """The lower-case words (``[a-z]+``) a training phrasing's captions use, scene words included."""
+    if phrasing not in PHRASINGS:
+        raise ValueError(f"phrasing must be one of {PHRASINGS}, got {phrasing!r}")
+    templates, words = (_TEMPLATES, {}) if phrasing == "v1" else (_V2_TEMPLATES, V2_WORDS)
+    text = " ".join([*(t for t, _ in templates), *_flatten(words.values())])
+    text = re.sub(r"\{\w+\}", " ", text) + " " + " ".join((*COLOURS, *SHAPES, *SIZES, *POSITION_PHRASE.values()))
+    return set(re.findall(r"[a-z]+", text.lower())) | {"an"}
+
+
+def _flatten(values) -> Iterator[str]:
+    for v in values:
+        if isinstance(v, str):
+            yield v
+        else:
+            yield from _flatten(v.values() if isinstance(v, dict) else v)
+
+
 _SYNONYMS = {
-    "center": "centre", "middle": "centre", "central": "centre", "big": "large", "tiny": "small",
+    "center": "centre", "middle": "centre", "central": "centre", "centred": "centre", "centered": "centre",
+    "big": "large", "huge": "large", "tiny": "small",
     "little": "small", "plus": "cross", "rhombus": "diamond", "violet": "purple",
     "disc": "circle", "disk": "circle", "circles": "circle", "squares": "square", "triangles": "triangle",
     "crosses": "cross", "diamonds": "diamond", "upper": "top", "lower": "bottom",
@@ -240,8 +430,8 @@ def parse_prompt(text: str) -> dict:
         prev = tokens[max(0, i - 2) : i]
         return (
             nxt in _BG_NOUNS
-            or prev[-1:] in (["background"], ["backdrop"])
-            or prev in (["background", "is"], ["backdrop", "is"])
+            or prev[-1:] in (["background"], ["backdrop"], ["canvas"])
+            or prev in (["background", "is"], ["backdrop", "is"], ["canvas", "is"])
         )
 
     def names_object(i: int) -> bool:
@@ -262,24 +452,27 @@ def parse_prompt(text: str) -> dict:
 # ---------------------------------------------------------------- datasets
 
 
-def _make(rng: np.random.Generator, n: int, split: str, size: int) -> tuple[np.ndarray, list[str]]:
+def _make(rng: np.random.Generator, n: int, split: str, size: int, phrasing: str) -> tuple[np.ndarray, list[str]]:
     scenes = _draw_scenes(rng, n, split)
     images = np.stack([render(s, size) for s in scenes]) if n else np.zeros((0, size, size, 3), np.uint8)
-    return images, [caption(s, rng) for s in scenes]
+    return images, [caption(s, rng, phrasing) for s in scenes]
 
 
-def dataset(n: int, seed: int, split: str = "train", size: int = 64) -> tuple[np.ndarray, list[str]]:
-    """(images uint8 [n, size, size, 3], captions); the scenes are ``sample_scenes(n, seed, split)``."""
-    return _make(np.random.default_rng(seed), n, split, size)
+def dataset(
+    n: int, seed: int, split: str = "train", size: int = 64, phrasing: str = DEFAULT_PHRASING
+) -> tuple[np.ndarray, list[str]]:
+    """(images uint8 [n, size, size, 3], captions); the scenes are ``sample_scenes(n, seed, split)``, the same
+    for every ``phrasing`` (it changes only the captions)."""
+    return _make(np.random.default_rng(seed), n, split, size, phrasing)
 
 
 def batches(
-    batch_size: int, seed: int, split: str = "train", size: int = 64
+    batch_size: int, seed: int, split: str = "train", size: int = 64, phrasing: str = DEFAULT_PHRASING
 ) -> Iterator[tuple[np.ndarray, list[str]]]:
     """An endless, deterministic stream of (images, captions) batches."""
     rng = np.random.default_rng(seed)
     while True:
-        yield _make(rng, batch_size, split, size)
+        yield _make(rng, batch_size, split, size, phrasing)
 
 
 # ---------------------------------------------------------------- the judge
