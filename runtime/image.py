@@ -1,5 +1,5 @@
-"""Decoded VAE output -> uint8 -> PIL, and PNG files that carry their generation parameters (formats:
-``parameters.py``)."""
+"""Input images -> normalised arrays (as diffusers' VaeImageProcessor), decoded VAE output -> uint8 -> PIL, and
+PNG files that carry their generation parameters (formats: ``parameters.py``)."""
 
 from __future__ import annotations
 
@@ -7,10 +7,47 @@ import os
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, PngImagePlugin
+from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
 
+from .errors import InvalidArgumentError
 from .files import write_atomic
 from .parameters import JSON_KEY, TEXT_KEY, format_parameters, to_json
+
+
+def load_image(image, name: str = "image") -> Image.Image:
+    """A PIL image, an HxWx3 uint8 array or a path, as an RGB PIL image. RGBA/LA/palette/greyscale images are
+    converted to RGB (diffusers would take a 4-channel image for latents)."""
+    if isinstance(image, (str, os.PathLike)):
+        try:
+            with Image.open(image) as f:
+                f.load()
+                img = ImageOps.exif_transpose(f)  # as diffusers.utils.load_image
+        except FileNotFoundError:
+            raise InvalidArgumentError(f"{name}: no such file {str(image)!r}; pass an existing image file") from None
+        except (UnidentifiedImageError, OSError, ValueError) as e:
+            raise InvalidArgumentError(f"{name}: cannot read {str(image)!r} as an image ({e}); pass a PNG/JPEG/WebP "
+                                       "file") from None  # fmt: skip
+    elif isinstance(image, np.ndarray):
+        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3 or 0 in image.shape:
+            raise InvalidArgumentError(
+                f"{name}: an array must be HxWx3 uint8 (RGB), got shape {list(image.shape)} dtype {image.dtype}"
+            )
+        img = Image.fromarray(image)
+    elif isinstance(image, Image.Image):
+        img = image
+    else:
+        raise InvalidArgumentError(
+            f"{name} must be a PIL image, an HxWx3 uint8 array or a path, got {type(image).__name__}"
+        )
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def preprocess(image: Image.Image, height: int, width: int) -> np.ndarray:
+    """RGB PIL image -> [1,3,H,W] float32 in [-1, 1], as diffusers' VaeImageProcessor.preprocess: Pillow's Lanczos
+    resize to (width, height) (a copy when the size already matches), /255, then 2x − 1."""
+    img = image.resize((width, height), resample=Image.Resampling.LANCZOS)
+    x = np.array(img).astype(np.float32) / 255.0
+    return (2.0 * x - 1.0).transpose(2, 0, 1)[None].astype(np.float32)
 
 
 def to_uint8(decoded: np.ndarray) -> np.ndarray:

@@ -197,6 +197,11 @@ def to_json(p: dict[str, Any]) -> str:
 
 def call_arguments(record: dict[str, Any]) -> dict[str, Any]:
     """Pipeline call arguments that repeat the call ``record`` describes: ``pipe(**call_arguments(r))``."""
+    if record.get("init_image") or record.get("strength") is not None:
+        raise ParametersError(
+            "this image was made by image-to-image from a starting image that its parameters do not hold, so it "
+            "cannot be regenerated from them alone"
+        )
     if record.get("custom_latents"):
         raise ParametersError(
             "this image was made from starting latents the caller passed in (latents=), which its parameters do not "
@@ -276,6 +281,7 @@ def format_parameters(p: dict[str, Any]) -> str:
         ("Schedule type", a1111_schedule_type(class_name, config or {}) if class_name else None),
         ("CFG scale", p.get("guidance_scale")),
         ("Seed", seed),
+        ("Denoising strength", p.get("strength")),  # img2img only, as A1111 writes it
         ("Size", f"{p['width']}x{p['height']}" if p.get("width") and p.get("height") else None),
         ("Model hash", (p.get("model_hash") or "")[:10] or None),
         ("Model", p.get("model")),
@@ -337,7 +343,8 @@ def parse_parameters_text(text: str, where: str = "the parameters text") -> dict
         record["negative_prompt"] = "\n".join(negative)
     convert: dict[str, tuple[str, Callable[[str], Any]]] = {
         "Steps": ("num_inference_steps", int), "CFG scale": ("guidance_scale", float), "Seed": ("seed", int),
-        "Eta DDIM": ("eta", float), "Scheduler options": ("scheduler_options", _parse_options),
+        "Eta DDIM": ("eta", float), "Denoising strength": ("strength", float),
+        "Scheduler options": ("scheduler_options", _parse_options),
         "Timesteps": ("timesteps", json.loads), "Sigmas": ("sigmas", json.loads), "Model": ("model", str),
         "Size": ("size", lambda v: [int(x) for x in v.split("x")]),
     }  # fmt: skip

@@ -4,7 +4,11 @@
     pipe = Pipeline.load("sd15-onnx")
     result = pipe("a red circle on a blue background", num_inference_steps=20, seed=42)
     result.images[0].save("out.png")
+    edited = pipe("a red circle on a green background", image="out.png", strength=0.7, seed=1)
 
+Stages, shared by every mode: prompt encoding (``_encode_prompt``: the UNet's conditioning inputs), start latents
+(noise, or the image's VAE latents noised by the scheduler's ``add_noise``), the denoising loop (``_denoise``:
+guidance, scheduler step, checks, callback; no modes, one ``StepHook``), decoding (``_decode``).
 Arguments mean what they mean in diffusers' StableDiffusionPipeline. A Pipeline holds no
 per-call state: schedules, scheduler history and random streams are made per call, so one
 object serves concurrent calls from several threads.
@@ -15,7 +19,9 @@ from __future__ import annotations
 import gc
 import json
 import logging
+import math
 import os
+import threading
 import time
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
@@ -30,7 +36,7 @@ from PIL import Image
 from . import parameters, resources, schedulers
 from .engine import Engine, create_engine, engine_class
 from .errors import EdgediffError, InvalidArgumentError, ModelFolderError, NonFiniteError, ResourceError
-from .image import to_pil, to_uint8
+from .image import load_image, preprocess, to_pil, to_uint8
 from .model_folder import ModelFolder
 from .rng import Generator, check_seed, make_generator
 from .tokenizer import ClipTokenizer
@@ -74,7 +80,7 @@ class GenerationCancelled(EdgediffError):
 
 @dataclass
 class GenerationResult:
-    """``timings`` (seconds): tokenize, text_encoder, unet (all UNet calls), denoise (the whole
+    """``timings`` (seconds): tokenize, text_encoder, vae_encoder (img2img), unet (all UNet calls), denoise (the whole
     loop), host (denoise minus the UNet calls and the callback: scheduler, guidance, copies),
     callback (the progress callback's own time, when one is given), vae_decoder, postprocess (to
     uint8 and PIL), total, and ``load_<component>`` in low-memory mode. ``unet_calls``: the
@@ -103,6 +109,7 @@ class Pipeline:
         self.tokenizer = tokenizer
         self.engine_name = engine_name
         self.default_scheduler = schedulers.resolve(None, folder.scheduler_config)
+        self._load_lock = threading.Lock()
 
     @classmethod
     def load(
@@ -114,7 +121,8 @@ class Pipeline:
         memory_limit: int | str | None = "auto",
         **engine_options,
     ) -> Pipeline:
-        """Open a model folder and create one engine per component (text encoder, UNet, VAE decoder).
+        """Open a model folder and create one engine per component (text encoder, UNet, VAE decoder; the VAE
+        encoder loads on the first image-to-image call).
 
         ``folder=None`` loads the embedded model that ships inside the package (a tiny model of
         the shapes world, see ``edgediff.runtime.shapes``): it needs no download.
@@ -167,6 +175,12 @@ class Pipeline:
     @contextmanager
     def _component(self, name: str, timings: dict[str, float]):
         """The engine for ``name``; in low-memory mode it is loaded here and released on exit."""
+        if name not in self.engines and not self.low_memory and name not in self.folder.required_components:
+            with self._load_lock:  # an optional component (vae_encoder) loads on first use and stays
+                if name not in self.engines:
+                    t0 = time.perf_counter()
+                    self.engines[name] = self._create(name)
+                    self.load_times[name] = time.perf_counter() - t0
         if name in self.engines:
             yield self.engines[name]
             return
@@ -263,10 +277,19 @@ class Pipeline:
         eta: float = 0.0,
         timesteps: Sequence[float] | None = None,
         sigmas: Sequence[float] | None = None,
+        image: Any = None,
+        strength: float | None = None,
     ) -> GenerationResult:
         """Generate images. Arguments as diffusers' StableDiffusionPipeline: ``eta`` reaches DDIM
         only; ``timesteps`` / ``sigmas`` give a custom schedule to schedulers that accept one
-        (then ``num_inference_steps`` is ignored)."""
+        (then ``num_inference_steps`` is ignored).
+
+        ``image`` (a PIL image, an HxWx3 uint8 array or a path) makes it image-to-image, as diffusers'
+        StableDiffusionImg2ImgPipeline: ``strength`` (default 0.8, in (0, 1]) keeps the last
+        ``int(num_inference_steps * strength)`` steps of the schedule and starts from the image's VAE latents
+        noised to that level. The output has the image's size, floored to a multiple of the folder's
+        ``size_multiple`` (diffusers floors to the VAE factor), unless ``width``/``height`` are given; the image is
+        resized to it with Pillow's Lanczos filter, as diffusers' VaeImageProcessor."""
         timings: dict[str, float] = {}
         t_start = time.perf_counter()
         custom_latents = latents is not None  # not recorded: an image made from them cannot be regenerated
@@ -289,6 +312,26 @@ class Pipeline:
         else:
             steps = _check_positive_int("num_inference_steps", num_inference_steps)
         per_prompt = _check_positive_int("num_images_per_prompt", num_images_per_prompt)
+        init_image = None
+        if image is not None:
+            strength = 0.8 if strength is None else strength  # diffusers' img2img default
+            strength = _check_finite("strength", strength, "the share of the schedule that runs, in (0, 1]")
+            if not 0.0 < strength <= 1.0:
+                raise InvalidArgumentError(
+                    f"strength must be in (0, 1] (the share of the schedule that runs; diffusers' default is 0.8), "
+                    f"got {strength:g}"
+                )
+            if latents is not None:
+                raise InvalidArgumentError("pass image or latents, not both: img2img starts from the image's latents")
+            if "vae_encoder" not in self.engines and not self.folder.component_path("vae_encoder").is_file():
+                raise ModelFolderError(
+                    f"{self.folder.path} has no vae_encoder, which image-to-image needs; re-export the model with "
+                    "`edgediff export` (it writes vae_encoder/model.onnx)"
+                )
+            init_image = load_image(image)
+            height, width = self._image_size(init_image, height, width)
+        elif strength is not None:
+            raise InvalidArgumentError("strength applies only to image-to-image: pass image= too, or drop strength")
         native_h, native_w = self.folder.native_size
         height = native_h if height is None else height
         width = native_w if width is None else width
@@ -322,98 +365,39 @@ class Pipeline:
                     "pass finite starting latents"
                 )
         do_cfg = guidance_scale > 1.0
-        self._check_memory(batch, do_cfg, height, width)
 
-        # 2. Encode the prompt: uncond ‖ cond in one text-encoder batch
-        t0 = time.perf_counter()
-
-        def labels(name: str, n: int) -> list[str]:
-            return [name] if n == 1 else [f"{name} {i + 1}" for i in range(n)]
-
-        texts, names = prompts, labels("prompt", len(prompts))
-        if do_cfg:
-            texts, names = negatives + prompts, labels("negative_prompt", len(negatives)) + names
-        ids = self.tokenizer.encode(texts, labels=names)
-        timings["tokenize"] = time.perf_counter() - t0
-        with self._component("text_encoder", timings) as text_encoder:
-            t0 = time.perf_counter()
-            emb = text_encoder.run({"input_ids": ids})["last_hidden_state"].astype(np.float32)
-            timings["text_encoder"] = time.perf_counter() - t0
-        if not np.isfinite(emb).all():
-            raise NonFiniteError(
-                "the text encoder produced NaN or infinite embeddings: its weights are damaged or overflow in this "
-                "precision; re-export the model (without --fp16 if it was fp16)"
-            )
-        emb = np.repeat(emb, per_prompt, axis=0)  # each prompt's embedding n times in a row, as diffusers
-        emb.flags.writeable = False  # the same array every step: GPU engines keep their device copy
-
-        # 3. The schedule (immutable, per call)
+        # The schedule (immutable, per call) and, for img2img, where in it sampling begins
         if timesteps is None and sigmas is None:
             schedule = sched.schedule(steps)
         else:
             schedule = sched.schedule(timesteps=timesteps, sigmas=sigmas)
-        state = sched.initial_state(schedule)
+        begin = 0
+        if init_image is not None and strength is not None:
+            n = steps if timesteps is None and sigmas is None else len(schedule.timesteps)
+            begin = _begin_index(n, strength, sched.order)
+        self._check_memory(batch, do_cfg, height, width)
 
-        # 4. Starting noise, scaled by the scheduler's init_noise_sigma
+        # 2. Prompt encoding -> the UNet's conditioning inputs
+        conditioning = self._encode_prompt(prompts, negatives, do_cfg, per_prompt, timings)
+
+        # 3. Start latents
         if generator is None:
             generator = make_generator(seed)
         seed = getattr(generator, "seed", None)  # what actually draws the noise; None for a foreign generator
-        if latents is None:
-            latents = generator.randn(shape).astype(np.float32)
-        latents = latents * np.float32(schedule.init_noise_sigma)
+        if init_image is not None:
+            pixels = preprocess(init_image, height, width)
+            latents = self._image_start_latents(pixels, batch, sched, schedule, begin, generator, timings)
+        else:
+            if latents is None:
+                latents = generator.randn(shape).astype(np.float32)
+            latents = latents * np.float32(schedule.init_noise_sigma)
 
-        # 5. Denoising loop
-        unet_calls: list[float] = []
-        in_callback = 0.0
-        with self._component("unet", timings) as unet:
-            t0 = time.perf_counter()
-            timestep_spec = unet.inputs["timestep"]
-            n_calls = len(schedule.timesteps)
-            for i, t in enumerate(schedule.timesteps):
-                model_in = np.concatenate([latents, latents]) if do_cfg else latents
-                model_in = sched.scale_model_input(schedule, i, model_in)
-                feeds = {"sample": model_in, "timestep": _timestep(timestep_spec, t, model_in.shape[0]),
-                         "encoder_hidden_states": emb}  # fmt: skip
-                u0 = time.perf_counter()
-                noise = unet.run(feeds)["out_sample"]
-                unet_calls.append(time.perf_counter() - u0)
-                noise = noise.astype(np.float32, copy=False)
-                with np.errstate(invalid="ignore", over="ignore"):  # a NaN is reported below, in words
-                    if do_cfg:
-                        uncond, cond = np.split(noise, 2)
-                        noise = uncond + np.float32(guidance_scale) * (cond - uncond)
-                    latents, state = sched.step(schedule, i, noise, latents, state, generator)
-                if not np.isfinite(latents).all():
-                    raise NonFiniteError(
-                        f"the latents stopped being finite (NaN or infinity) at step {i + 1} of {n_calls} "
-                        f"(timestep {float(t):g}) with {sched.class_name} and guidance_scale {guidance_scale:g}; "
-                        "nothing was written. Try another scheduler or scheduler settings, or a lower guidance_scale"
-                    )
-                if callback is not None:
-                    c0 = time.perf_counter()
-                    stop = callback(i, float(t), latents) is False
-                    in_callback += time.perf_counter() - c0
-                    if stop:
-                        raise GenerationCancelled(f"cancelled by the callback at step {i + 1} of {n_calls}")
-            timings["denoise"] = time.perf_counter() - t0
-        timings["unet"] = sum(unet_calls)
-        if callback is not None:
-            timings["callback"] = in_callback
-        timings["host"] = timings["denoise"] - timings["unet"] - in_callback
+        # 4. Denoising loop
+        latents, unet_calls = self._denoise(sched, schedule, begin, latents, conditioning, guidance_scale, generator,
+                                            callback, None, timings)  # fmt: skip
 
-        # 6. Decode
-        with self._component("vae_decoder", timings) as vae_decoder:
-            t0 = time.perf_counter()
-            decoded = vae_decoder.run({"latent_sample": latents / np.float32(self.folder.vae_scaling_factor)})
-            timings["vae_decoder"] = time.perf_counter() - t0
-        if not np.isfinite(decoded["sample"]).all():
-            raise NonFiniteError(
-                "the VAE decoder produced NaN or infinite pixels (an fp16 VAE overflows this way); re-export the "
-                "model without --fp16, or check the manifest's vae_scaling_factor"
-            )
-        t0 = time.perf_counter()
-        images = to_pil(to_uint8(decoded["sample"]))
-        timings["postprocess"] = time.perf_counter() - t0
+        # 5. Decode
+        images = self._decode(latents, timings)
         timings["total"] = time.perf_counter() - t_start
         # Everything that changes the pixels, so that pipe(**parameters.call_arguments(params)) repeats the call
         params = {
@@ -439,7 +423,181 @@ class Pipeline:
             "engine_options": {k: v for k, v in self._engine_options.items() if k in ("cpu_variant", "providers")},
             "edgediff_version": __version__,
         }
+        if init_image is not None:  # img2img only, so that txt2img records keep their keys
+            params["strength"] = strength
+            params["init_image"] = True  # the input image is not in the record
         return GenerationResult(images, params, timings, unet_calls)
+
+    # -- stages ----------------------------------------------------------------------------------
+    def _image_size(self, img: Image.Image, height: int | None, width: int | None) -> tuple[int, int]:
+        """img2img's output size: the given sides, else the image's floored to ``size_multiple`` (diffusers floors
+        to the VAE factor; the exported UNet needs the larger multiple)."""
+        m = self.folder.size_multiple
+        sides = []
+        for name, given, own in (("height", height, img.height), ("width", width, img.width)):
+            if given is None:
+                given = own - own % m
+                if given <= 0:
+                    raise InvalidArgumentError(
+                        f"image: its {name} {own} is below the model's size multiple {m}; pass a larger image or "
+                        f"{name}= (it is then resized)"
+                    )
+            sides.append(given)
+        if (sides[1], sides[0]) != img.size:
+            logger.info("img2img: resizing the %dx%d image to %dx%d", img.width, img.height, sides[1], sides[0])
+        return sides[0], sides[1]
+
+    def _encode_prompt(self, prompts: list[str], negatives: list[str], do_cfg: bool, per_prompt: int,
+                       timings: dict[str, float]) -> dict[str, np.ndarray]:  # fmt: skip
+        """The UNet's conditioning inputs: uncond ‖ cond in one text-encoder batch, each prompt's row repeated
+        ``per_prompt`` times in a row, as diffusers."""
+        t0 = time.perf_counter()
+
+        def labels(name: str, n: int) -> list[str]:
+            return [name] if n == 1 else [f"{name} {i + 1}" for i in range(n)]
+
+        texts, names = prompts, labels("prompt", len(prompts))
+        if do_cfg:
+            texts, names = negatives + prompts, labels("negative_prompt", len(negatives)) + names
+        ids = self.tokenizer.encode(texts, labels=names)
+        timings["tokenize"] = time.perf_counter() - t0
+        with self._component("text_encoder", timings) as text_encoder:
+            t0 = time.perf_counter()
+            emb = text_encoder.run({"input_ids": ids})["last_hidden_state"].astype(np.float32)
+            timings["text_encoder"] = time.perf_counter() - t0
+        if not np.isfinite(emb).all():
+            raise NonFiniteError(
+                "the text encoder produced NaN or infinite embeddings: its weights are damaged or overflow in this "
+                "precision; re-export the model (without --fp16 if it was fp16)"
+            )
+        emb = np.repeat(emb, per_prompt, axis=0)
+        emb.flags.writeable = False  # the same array every step: GPU engines keep their device copy
+        return {"encoder_hidden_states": emb}
+
+    def _encode_image(self, pixels: np.ndarray, generator: Generator, timings: dict[str, float]) -> np.ndarray:
+        """[B,3,H,W] in [-1, 1] -> scaled latents sampled from the VAE encoder's diagonal Gaussian (mean ‖ logvar),
+        one generator draw of the latents' shape, as diffusers' ``latent_dist.sample(generator)``."""
+        with self._component("vae_encoder", timings) as vae_encoder:
+            t0 = time.perf_counter()
+            moments = vae_encoder.run({"sample": pixels})["latent_parameters"].astype(np.float32)
+            timings["vae_encoder"] = time.perf_counter() - t0
+        mean, logvar = np.split(moments, 2, axis=1)
+        std = np.exp(np.float32(0.5) * np.clip(logvar, -30.0, 20.0))
+        z = mean + std * generator.randn(mean.shape).astype(np.float32)
+        if not np.isfinite(z).all():
+            raise NonFiniteError(
+                "the VAE encoder produced NaN or infinite latents (an fp16 VAE overflows this way); re-export the "
+                "model without --fp16"
+            )
+        return (np.float32(self.folder.vae_scaling_factor) * z).astype(np.float32)
+
+    def _image_start_latents(self, pixels, batch, sched, schedule, begin, generator, timings) -> np.ndarray:
+        """img2img's start: the image latents tiled to the batch, noised with the scheduler's own rule to the level
+        of the first call that runs (draws: VAE sample, then the noise, as diffusers)."""
+        init = self._encode_image(pixels, generator, timings)
+        if batch > init.shape[0]:
+            init = np.concatenate([init] * (batch // init.shape[0]))
+        noise = generator.randn(init.shape).astype(np.float32)
+        return sched.add_noise(schedule, init, noise, begin)
+
+    def _denoise(
+        self,
+        sched: schedulers.Scheduler,
+        schedule: schedulers.Schedule,
+        begin: int,
+        latents: np.ndarray,
+        conditioning: dict[str, np.ndarray],
+        guidance_scale: float,
+        generator: Generator,
+        callback: Callback | None,
+        hook: StepHook | None,
+        timings: dict[str, float],
+    ) -> tuple[np.ndarray, list[float]]:
+        """Calls ``begin``.. of ``schedule``: guidance, scheduler step, non-finite check, callback and cancel. It knows
+        no modes: ``hook`` adds UNet input channels and post-step work (inpainting)."""
+        do_cfg = guidance_scale > 1.0
+        unet_calls: list[float] = []
+        in_callback = 0.0
+        with self._component("unet", timings) as unet:
+            t0 = time.perf_counter()
+            timestep_spec = unet.inputs["timestep"]
+            state = sched.initial_state(schedule)
+            n_calls = len(schedule.timesteps) - begin
+            for j, i in enumerate(range(begin, len(schedule.timesteps))):
+                t = schedule.timesteps[i]
+                model_in = np.concatenate([latents, latents]) if do_cfg else latents
+                model_in = sched.scale_model_input(schedule, i, model_in)
+                if hook is not None and hook.extra_inputs is not None:
+                    model_in = np.concatenate([model_in, hook.extra_inputs(j)], axis=1)
+                feeds = {"sample": model_in, "timestep": _timestep(timestep_spec, t, model_in.shape[0]),
+                         **conditioning}  # fmt: skip
+                u0 = time.perf_counter()
+                noise = unet.run(feeds)["out_sample"]
+                unet_calls.append(time.perf_counter() - u0)
+                noise = noise.astype(np.float32, copy=False)
+                with np.errstate(invalid="ignore", over="ignore"):  # a NaN is reported below, in words
+                    if do_cfg:
+                        uncond, cond = np.split(noise, 2)
+                        noise = uncond + np.float32(guidance_scale) * (cond - uncond)
+                    latents, state = sched.step(schedule, i, noise, latents, state, generator)
+                    if hook is not None and hook.after_step is not None:
+                        latents = hook.after_step(j, latents)
+                if not np.isfinite(latents).all():
+                    raise NonFiniteError(
+                        f"the latents stopped being finite (NaN or infinity) at step {j + 1} of {n_calls} "
+                        f"(timestep {float(t):g}) with {sched.class_name} and guidance_scale {guidance_scale:g}; "
+                        "nothing was written. Try another scheduler or scheduler settings, or a lower guidance_scale"
+                    )
+                if callback is not None:
+                    c0 = time.perf_counter()
+                    stop = callback(j, float(t), latents) is False
+                    in_callback += time.perf_counter() - c0
+                    if stop:
+                        raise GenerationCancelled(f"cancelled by the callback at step {j + 1} of {n_calls}")
+            timings["denoise"] = time.perf_counter() - t0
+        timings["unet"] = sum(unet_calls)
+        if callback is not None:
+            timings["callback"] = in_callback
+        timings["host"] = timings["denoise"] - timings["unet"] - in_callback
+        return latents, unet_calls
+
+    def _decode(self, latents: np.ndarray, timings: dict[str, float]) -> list[Image.Image]:
+        with self._component("vae_decoder", timings) as vae_decoder:
+            t0 = time.perf_counter()
+            decoded = vae_decoder.run({"latent_sample": latents / np.float32(self.folder.vae_scaling_factor)})
+            timings["vae_decoder"] = time.perf_counter() - t0
+        if not np.isfinite(decoded["sample"]).all():
+            raise NonFiniteError(
+                "the VAE decoder produced NaN or infinite pixels (an fp16 VAE overflows this way); re-export the "
+                "model without --fp16, or check the manifest's vae_scaling_factor"
+            )
+        t0 = time.perf_counter()
+        images = to_pil(to_uint8(decoded["sample"]))
+        timings["postprocess"] = time.perf_counter() - t0
+        return images
+
+
+@dataclass(frozen=True)
+class StepHook:
+    """What a mode adds to the denoising loop, the one extension point it has (inpainting): ``extra_inputs(j)``
+    returns channels appended to the scaled UNet sample at loop step j (a 9-channel UNet's mask ‖ masked-image
+    latents, already doubled for guidance); ``after_step(j, latents)`` returns the latents after scheduler step j
+    (the 4-channel UNet's blend of the re-noised original outside the mask)."""
+
+    extra_inputs: Callable[[int], np.ndarray] | None = None
+    after_step: Callable[[int, np.ndarray], np.ndarray] | None = None
+
+
+def _begin_index(n: int, strength: float, order: int) -> int:
+    """diffusers' ``get_timesteps``: keep the last ``min(int(n*strength), n)`` of n steps (Python float product,
+    truncated: 100*0.29 -> 28), i.e. start at call ``t_start*order`` (Heun's doubled calls)."""
+    init_timestep = min(int(n * strength), n)
+    if init_timestep < 1:
+        raise InvalidArgumentError(
+            f"strength={strength:g} with {n} inference steps runs no step (int({n} * {strength:g}) = 0); raise "
+            f"strength to at least {1 / n:.3g} or num_inference_steps to at least {math.ceil(1 / strength)}"
+        )
+    return max(n - init_timestep, 0) * order
 
 
 def _check_finite(name: str, value, hint: str, minimum: float | None = None) -> float:

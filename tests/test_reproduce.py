@@ -207,6 +207,19 @@ def test_images_from_caller_latents_are_not_regenerated(tmp_path):
     assert not (tmp_path / "again.png").exists()
 
 
+def test_img2img_records_are_refused_and_name_their_strength():
+    """The starting image is not in the record: refused rather than silently redrawn as txt2img."""
+    from edgediff.runtime import Pipeline
+
+    image = np.full((32, 32, 3), 128, np.uint8)
+    with Pipeline.load(MICRO) as pipe:
+        result = pipe("a cat", image=image, strength=0.5, num_inference_steps=4, seed=1)
+    assert "Denoising strength: 0.5" in format_parameters(result.parameters)
+    assert parse_parameters_text(format_parameters(result.parameters))["strength"] == 0.5
+    with pytest.raises(ParametersError, match="image-to-image from a starting image"):
+        call_arguments(result.parameters)
+
+
 # -- the A1111 text ---------------------------------------------------------------------------------------
 def test_text_uses_a1111_names_and_keeps_ours():
     record = {"prompt": "a cat", "negative_prompt": "ugly", "num_inference_steps": 20, "guidance_scale": 7.0,

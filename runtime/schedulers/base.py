@@ -180,6 +180,12 @@ class Scheduler(Generic[S]):
     def scale_model_input(self, schedule: S, i: int, sample: np.ndarray) -> np.ndarray:
         return sample
 
+    def add_noise(self, schedule: S, original: np.ndarray, noise: np.ndarray, index: int) -> np.ndarray:
+        """``original`` noised to the level of call ``index`` of ``schedule`` (img2img's start), as diffusers'
+        ``add_noise``. Default (DDIM, DDPM, PNDM, LCM): √ᾱ_t·x0 + √(1−ᾱ_t)·ε at the integer timestep t."""
+        a = self.alphas_cumprod[int(schedule.timesteps[index])]
+        return (a**0.5 * original + (1 - a) ** 0.5 * noise).astype(np.float32)
+
     def initial_state(self, schedule: S) -> Any:
         return None
 

@@ -212,6 +212,11 @@ class DPMSolverMultistep(Scheduler[DPMSchedule]):
             return (sample - sigma_t * model_output) / alpha_t
         return alpha_t * sample - sigma_t * model_output  # v_prediction
 
+    def add_noise(self, schedule, original, noise, index):
+        """α·x0 + σ_t·ε of the schedule's σ at ``index`` (diffusers' begin_index rule; Karras σ included)."""
+        alpha_t, sigma_t = _alpha_sigma(schedule.sigmas[index])
+        return (alpha_t * original + sigma_t * noise).astype(np.float32)
+
     def step(self, schedule: DPMSchedule, i, model_output, sample, state: DPMState, generator=None):
         cfg, n = self.config, len(schedule.timesteps)
         lower_order_final = (i == n - 1) and (

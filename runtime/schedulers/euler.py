@@ -112,6 +112,10 @@ class EulerDiscrete(Scheduler[EulerSchedule]):
         sigma = schedule.sigmas[i]
         return (sample / ((sigma**2 + 1) ** 0.5)).astype(np.float32)
 
+    def add_noise(self, schedule, original, noise, index):
+        """x0 + σ·ε with σ taken by index (diffusers' begin_index rule), not by timestep value."""
+        return (original + noise * schedule.sigmas[index]).astype(np.float32)
+
     def step(self, schedule: EulerSchedule, i, model_output, sample, state=None, generator=None):
         sigma = schedule.sigmas[i]
         sigma_hat = sigma  # γ = 0 (s_churn = 0, diffusers' default)

@@ -90,6 +90,10 @@ class EulerAncestralDiscrete(Scheduler[EulerAncestralSchedule]):
         sigma = schedule.sigmas[i]
         return (sample / ((sigma**2 + 1) ** 0.5)).astype(np.float32)
 
+    def add_noise(self, schedule, original, noise, index):
+        """x0 + σ·ε with σ taken by index (diffusers' begin_index rule), not by timestep value."""
+        return (original + noise * schedule.sigmas[index]).astype(np.float32)
+
     def step(self, schedule: EulerAncestralSchedule, i, model_output, sample, state=None, generator=None):
         if generator is None:
             raise InvalidArgumentError(

@@ -110,6 +110,10 @@ class HeunDiscrete(Scheduler[HeunSchedule]):
         sigma = schedule.sigmas[i]
         return (sample / ((sigma**2 + 1) ** 0.5)).astype(np.float32)
 
+    def add_noise(self, schedule, original, noise, index):
+        """x0 + σ·ε with σ taken by index (diffusers' begin_index rule), not by timestep value."""
+        return (original + noise * schedule.sigmas[index]).astype(np.float32)
+
     def step(self, schedule: HeunSchedule, i, model_output, sample, state: HeunState, generator=None):
         first_order = state.dt is None
         if first_order:  # predictor

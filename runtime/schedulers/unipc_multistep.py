@@ -172,6 +172,11 @@ class UniPCMultistep(Scheduler[UniPCSchedule]):
             return (sample - alpha_t * model_output) / sigma_t
         return alpha_t * model_output + sigma_t * sample  # v_prediction
 
+    def add_noise(self, schedule, original, noise, index):
+        """α·x0 + σ_t·ε of the schedule's σ at ``index`` (diffusers' begin_index rule; Karras σ included)."""
+        alpha_t, sigma_t = _alpha_sigma(schedule.sigmas[index])
+        return (alpha_t * original + sigma_t * noise).astype(np.float32)
+
     def step(self, schedule: UniPCSchedule, i, model_output, sample, state: UniPCState, generator=None):
         cfg, n, order = self.config, len(schedule.timesteps), self.config["solver_order"]
         use_corrector = i > 0 and (i - 1) not in cfg["disable_corrector"] and state.last_sample is not None
