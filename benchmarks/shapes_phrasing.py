@@ -32,13 +32,7 @@ from shapes_fidelity import PROMPT_SEED, RESULTS, model_identity, run  # noqa: E
 
 
 def _fractions(items: list[dict]) -> dict:
-    out = {}
-    for k in shapes.ATTRIBUTES:
-        stated = [it["correct"][k] for it in items if k in it["correct"]]
-        out[k] = sum(stated) / len(stated) if stated else None
-    out["all"] = sum(all(it["correct"].values()) for it in items) / len(items) if items else None
-    out["n"] = len(items)
-    return out
+    return {**shapes.fractions(items), "n": len(items)}
 
 
 def position_phrase(prompt: str, position: str) -> str:

@@ -204,7 +204,7 @@ def build_component(
     if mode.fp16_flag:
         config.set_flag(trt.BuilderFlag.FP16)
     # profiles only constrain dynamic inputs; a network without any gets TensorRT's implicit one
-    dynamic_inputs = [t for t in net_inputs if any(isinstance(d, str) or d < 0 for d in t.shape)]
+    dynamic_inputs = [t for t in net_inputs if any(map(plans.is_dynamic, t.shape))]
     for profile in profiles if dynamic_inputs else ():
         trt_profile = builder.create_optimization_profile()
         for t in dynamic_inputs:

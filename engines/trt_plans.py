@@ -207,7 +207,8 @@ def contract_symbol(component: str, tensor: str, axis: int, rank: int, kind: str
     return None
 
 
-def _is_dynamic(dim) -> bool:
+def is_dynamic(dim) -> bool:
+    """A symbol, -1 or None; an int >= 0 is fixed."""
     return not isinstance(dim, (int, np.integer)) or bool(dim < 0)
 
 
@@ -220,7 +221,7 @@ def derive_profile(component: str, inputs: Sequence[TensorSpec], ranges: Mapping
     for t in inputs:
         lo, opt, hi = [], [], []
         for axis, dim in enumerate(t.shape):
-            if not _is_dynamic(dim):
+            if not is_dynamic(dim):
                 r = (int(dim),) * 3
             else:
                 sym = dim if isinstance(dim, str) and dim in ranges else None

@@ -88,8 +88,18 @@ def _memory_limit(ctx, param, value: str):
     except ValueError:
         gib = float("nan")
     if not (gib > 0 and gib != float("inf")):
-        raise EdgediffError(f"--memory-limit must be 'auto', 'off' or a positive number of GiB, got {value!r}")
+        raise InvalidArgumentError(f"--memory-limit must be 'auto', 'off' or a positive number of GiB, got {value!r}")
     return int(gib * 2**30)
+
+
+# generate and bench take the same --memory-limit
+_MEMORY_LIMIT_OPTION = click.option(
+    "--memory-limit",
+    default="auto",
+    show_default=True,
+    callback=_memory_limit,
+    help="GiB a call may use (estimated before it runs), 'auto' (what is available) or 'off'.",
+)
 
 
 def _numbers(option: str, text: str | None) -> list[float] | None:
@@ -187,13 +197,7 @@ _CALL_OPTIONS = {
 @click.option(
     "--int8", is_flag=True, help="Use the int8 UNet of `edgediff optimize --int8` (faster on CPUs; changes the image)."
 )
-@click.option(
-    "--memory-limit",
-    default="auto",
-    show_default=True,
-    callback=_memory_limit,
-    help="GiB a call may use (estimated before it runs), 'auto' (what is available) or 'off'.",
-)
+@_MEMORY_LIMIT_OPTION
 @click.pass_context
 def generate(ctx, prompt, model, output, negative_prompt, steps, guidance, width, height, seed, scheduler,
              scheduler_option, eta, timesteps, sigmas, from_png, params_file, providers, low_memory, int8,
@@ -414,13 +418,7 @@ def optimize(model, components, no_fuse, force, int8):
 )
 @click.option("--no-prepack", is_flag=True, help="ONNX Runtime: no pre-packed weight copies (less memory, slower).")
 @click.option("--int8", is_flag=True, help="ONNX Runtime: the int8 UNet of `edgediff optimize --int8`.")
-@click.option(
-    "--memory-limit",
-    default="auto",
-    show_default=True,
-    callback=_memory_limit,
-    help="GiB a call may use (estimated before it runs), 'auto' (what is available) or 'off'.",
-)
+@_MEMORY_LIMIT_OPTION
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON instead of a table.")
 @click.option("-o", "--output", default=None, type=click.Path(path_type=Path), help="Also write the JSON report here.")
 def bench(model, prompt, steps, width, height, batch, guidance, scheduler, engine, providers, threads, warmup, runs,

@@ -55,15 +55,11 @@ def write_atomic(path: str | os.PathLike, write) -> Path:
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
-    except OSError as e:
+    except BaseException as e:
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)
-        if isinstance(e, OutputPathError):
-            raise
-        raise OutputPathError(f"cannot write {path}: {e.strerror or e}") from e
-    except BaseException:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError) and not isinstance(e, OutputPathError):
+            raise OutputPathError(f"cannot write {path}: {e.strerror or e}") from e
         raise
     return path
 

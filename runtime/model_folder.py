@@ -16,7 +16,7 @@ import os
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any, TypeGuard
+from typing import TYPE_CHECKING, Any, TypeGuard
 
 import numpy as np
 
@@ -24,6 +24,9 @@ from . import specs
 from .errors import ManifestError, ModelConfigError, ModelFolderError
 from .schedulers import apply_pipeline_corrections
 from .specs import FAMILIES, SUBMODELS, Family, TensorSpec
+
+if TYPE_CHECKING:
+    from .tokenizer import ClipTokenizer
 
 MANIFEST = "edgediff.json"
 MANIFEST_FORMAT = 1
@@ -103,6 +106,8 @@ class ModelFolder:
     scheduler_config: dict[str, Any] = field(default_factory=dict)
     # config files whose size differs from the manifest's record (edited by hand since export)
     edited: list[str] = field(default_factory=list)
+    # the tokenizer open() built while checking the folder, so a caller need not parse tokenizer.json again
+    tokenizer: ClipTokenizer | None = field(default=None, repr=False, compare=False)
 
     # -- facts the pipeline needs -----------------------------------------------------------
     @property
@@ -278,10 +283,11 @@ class ModelFolder:
     def _config_problems(self, raw_scheduler: dict, manifest_ok: bool = True) -> list[str]:
         """Values in the scheduler, tokenizer and component configs that cannot work, each with its file."""
         from . import schedulers
-        from .tokenizer import tokenizer_problems
+        from .tokenizer import check_tokenizer
 
         problems = [f"scheduler/scheduler_config.json: {p}" for p in schedulers.config_problems(raw_scheduler)]
-        problems += tokenizer_problems(self.path / "tokenizer", self.text_max_positions)
+        self.tokenizer, tokenizer_problems = check_tokenizer(self.path / "tokenizer", self.text_max_positions)
+        problems += tokenizer_problems
         for rel in ("unet/config.json", "vae_decoder/config.json", "text_encoder/config.json"):
             p = self.path / rel
             if p.is_file():

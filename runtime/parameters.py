@@ -32,13 +32,12 @@ JSON_KEY = "edgediff"
 
 
 # -- scheduler names -------------------------------------------------------------------------------------
-def _short_names() -> dict[str, tuple[str, dict[str, Any]]]:
-    return {**{s: (c, {}) for s, c in schedulers.SHORT_NAMES.items()}, **schedulers.SHORT_NAME_OPTIONS}
+# The name tables schedulers.resolve reads (not copies of them)
+_short_names = schedulers._short_names
 
 
 def _karras_capable(class_name: str) -> bool:
-    cls = schedulers.SCHEDULERS.get(class_name)
-    return cls is not None and "use_karras_sigmas" in cls.defaults
+    return class_name in schedulers._KARRAS_CAPABLE
 
 
 def name_spec(name: str) -> dict[str, Any]:

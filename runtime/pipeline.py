@@ -69,9 +69,7 @@ def scheduler_label(sched: schedulers.Scheduler) -> str:
     """The short name users type that selects ``sched``'s class and the options a name can say, e.g.
     ``dpmpp_2m_sde_karras``; the parameters record the other options (``scheduler_options``) and the full
     config (``scheduler_config``)."""
-    from .parameters import scheduler_name
-
-    return scheduler_name(sched)
+    return parameters.scheduler_name(sched)
 
 
 class GenerationCancelled(EdgediffError):
@@ -145,7 +143,7 @@ class Pipeline:
             raise InvalidArgumentError(f"memory_limit must be 'auto', None or a positive number of bytes, got "
                                        f"{memory_limit!r}")  # fmt: skip
         mf = ModelFolder.open(embedded_model_path() if folder is None else folder)
-        tokenizer = ClipTokenizer(mf.path / "tokenizer", mf.text_max_positions)
+        tokenizer = mf.tokenizer or ClipTokenizer(mf.path / "tokenizer", mf.text_max_positions)
         options = dict(engine_options)
         if providers is not None:
             options["providers"] = providers

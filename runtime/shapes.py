@@ -220,20 +220,13 @@ def caption(scene: Scene, rng: np.random.Generator, phrasing: str = DEFAULT_PHRA
         if phrasing not in PHRASINGS:
             raise ValueError(f"phrasing must be one of {PHRASINGS}, got {phrasing!r}")
         return _phrase(scene, rng, _V2_TEMPLATES, V2_WORDS)
-    usable = [
-        t
-        for t, omits in _TEMPLATES
-        if ("size" not in omits or scene.size == DEFAULT_SIZE)
-        and ("position" not in omits or scene.position == DEFAULT_POSITION)
-    ]
-    text = usable[int(rng.integers(len(usable)))].format(
-        size=scene.size,
-        colour=scene.colour,
-        shape=scene.shape,
-        pos=POSITION_PHRASE[scene.position],
-        bg=scene.background,
-    )
-    return re.sub(r"\ba (?=[aeiou])", "an ", text)
+    usable = _usable(_TEMPLATES, scene)
+    return _fill(usable[int(rng.integers(len(usable)))], _v1_values(scene))
+
+
+def _v1_values(scene: Scene) -> dict[str, str]:
+    return dict(size=scene.size, colour=scene.colour, shape=scene.shape, pos=POSITION_PHRASE[scene.position],
+                bg=scene.background)  # fmt: skip
 
 
 # ---- phrasings. "v1" is what shapes-v1 was trained on (the templates above, exactly as before: same words, same
@@ -356,9 +349,7 @@ def _all_phrases(scene: Scene, templates, words: dict) -> set[str]:
 def all_captions(scene: Scene, phrasing: str = DEFAULT_PHRASING) -> set[str]:
     """Every caption ``caption(scene, rng, phrasing)`` can give."""
     if phrasing == "v1":
-        values = dict(size=scene.size, colour=scene.colour, shape=scene.shape, pos=POSITION_PHRASE[scene.position],
-                      bg=scene.background)  # fmt: skip
-        return {_fill(t, values) for t in _usable(_TEMPLATES, scene)}
+        return {_fill(t, _v1_values(scene)) for t in _usable(_TEMPLATES, scene)}
     return _all_phrases(scene, _V2_TEMPLATES, V2_WORDS)
 
 
@@ -635,16 +626,21 @@ def score(prompts: list[str], images: list[np.ndarray]) -> dict:
     if len(prompts) != len(images):
         raise ValueError(f"{len(prompts)} prompts but {len(images)} images")
     items: list[dict[str, Any]] = []
-    hits, counts = dict.fromkeys(ATTRIBUTES, 0), dict.fromkeys(ATTRIBUTES, 0)
     for prompt, image in zip(prompts, images):
         stated, analysed = parse_prompt(prompt), analyse(image)
         correct = {k: analysed[k] == v for k, v in stated.items() if v is not None}
-        for k, ok in correct.items():
-            counts[k] += 1
-            hits[k] += ok
         items.append({"prompt": prompt, "stated": stated, "analysed": analysed, "correct": correct})
-    out: dict = {k: (hits[k] / counts[k] if counts[k] else None) for k in ATTRIBUTES}
-    out["all"] = sum(all(i["correct"].values()) for i in items) / len(items) if items else None
-    out["counts"] = counts
+    out = fractions(items)
+    out["counts"] = {k: sum(k in i["correct"] for i in items) for k in ATTRIBUTES}
     out["items"] = items
+    return out
+
+
+def fractions(items: list[dict]) -> dict:
+    """{attribute: fraction correct over the ``score`` items that state it (None if none do)}, plus "all"."""
+    out: dict = {}
+    for k in ATTRIBUTES:
+        stated = [i["correct"][k] for i in items if k in i["correct"]]
+        out[k] = sum(stated) / len(stated) if stated else None
+    out["all"] = sum(all(i["correct"].values()) for i in items) / len(items) if items else None
     return out

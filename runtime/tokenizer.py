@@ -286,7 +286,14 @@ def tokenizer_problems(folder: Path, max_positions: int | None = None) -> list[s
     (``tokenizer/tokenizer_config.json: ...``); empty when the folder loads. ``max_positions``: the
     text encoder's ``max_position_embeddings`` when known (``model_max_length`` may not exceed it;
     default CLIP's)."""
-    return _load(Path(folder), max_positions)[2]
+    return check_tokenizer(folder, max_positions)[1]
+
+
+def check_tokenizer(folder: Path, max_positions: int | None = None) -> tuple[ClipTokenizer | None, list[str]]:
+    """``(tokenizer, [])`` when the folder loads, else ``(None, problems)`` as ``tokenizer_problems``
+    gives them: one parse of tokenizer.json serves both the check and the load."""
+    tok, settings, problems = _load(Path(folder), max_positions)
+    return (ClipTokenizer._from_loaded(tok, settings) if tok is not None else None), problems  # None on problems
 
 
 def _text_problem(label: str, prompt) -> str | None:
@@ -318,6 +325,15 @@ class ClipTokenizer:
                 "(fix these files or re-export the model)"
             )
         assert tok is not None  # _load returns a tokenizer whenever it finds no problem
+        self._setup(tok, settings)
+
+    @classmethod
+    def _from_loaded(cls, tok: Tokenizer, settings: dict) -> ClipTokenizer:
+        self = cls.__new__(cls)
+        self._setup(tok, settings)
+        return self
+
+    def _setup(self, tok: Tokenizer, settings: dict) -> None:
         self._tok = tok
         self.max_length = settings["max_length"]
         self.pad_token = settings["pad_token"]
