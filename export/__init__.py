@@ -46,7 +46,7 @@ except ImportError:  # Windows
     fcntl = None
 
 from edgediff.runtime import specs
-from edgediff.runtime.errors import ExportError, ExportValidationError
+from edgediff.runtime.errors import ExportError, ExportValidationError, ModelConfigError
 from edgediff.runtime.files import replace_dir
 from edgediff.runtime.model_folder import MANIFEST, MANIFEST_FORMAT, ONNX_FILE, sha256_file
 
@@ -93,7 +93,7 @@ def _check_source(source: Path) -> dict:
             f"SOURCE {source} holds a {cls!r}; edgediff exports {', '.join(specs.source_pipelines())} models "
             f"({', '.join(specs.FAMILIES)})"
         )
-    family = next(f for f in specs.FAMILIES.values() if f.source_pipeline == cls)
+    family = next(f for f in specs.FAMILIES.values() if cls in f.source_pipelines)
     for comp in family.source_components:
         if not (source / comp).is_dir():
             raise ExportError(f"SOURCE {source} has no {comp}/ folder; it is not a complete diffusers model")
@@ -318,6 +318,10 @@ def _export(pipe, src: Path, dst: Path, out: Path, force: bool, fp16: bool, opse
         failures: list[str] = []
         notes: dict[str, str] = {}
         family = specs.FAMILIES[family_of(pipe)]
+        try:
+            kind = specs.unet_kind(int(pipe.vae.config.latent_channels), int(pipe.unet.config.in_channels))
+        except ModelConfigError as e:
+            raise ExportError(f"SOURCE {src}: {e}") from None
         bar = tqdm(family.components, desc="export", unit="component", disable=not progress)
         for name in bar:
             bar.set_postfix_str(name)
@@ -356,8 +360,8 @@ def _export(pipe, src: Path, dst: Path, out: Path, force: bool, fp16: bool, opse
             failures += [c.describe() + f" exceeds the {precision[name]} tolerance" for c in bad]
         if failures:
             raise ExportValidationError(failures)
-        index = _write_side_files(pipe, src, tmp, family, CLIPTokenizerFast)
-        _write_manifest(pipe, tmp, family, precision, notes, opset, src)
+        index = _write_side_files(pipe, src, tmp, family, kind, CLIPTokenizerFast)
+        _write_manifest(pipe, tmp, family, kind, precision, notes, opset, src)
         # model_index.json goes last: the runtime refuses a folder without it
         (tmp / "model_index.json").write_text(json.dumps(index, indent=2), encoding="utf-8")
         _check_out(src, dst, out, force)  # again: OUT may have changed during the export
@@ -367,7 +371,7 @@ def _export(pipe, src: Path, dst: Path, out: Path, force: bool, fp16: bool, opse
         raise
 
 
-def _write_side_files(pipe, source: Path, tmp: Path, family: specs.Family, fast_tokenizer_cls) -> dict:
+def _write_side_files(pipe, source: Path, tmp: Path, family: specs.Family, kind: str, fast_tokenizer_cls) -> dict:
     pipe.tokenizer.save_pretrained(tmp / "tokenizer")
     # tokenizer.json: what the runtime loads with `tokenizers` alone
     fast_tokenizer_cls.from_pretrained(source / "tokenizer").save_pretrained(tmp / "tokenizer")
@@ -387,11 +391,11 @@ def _write_side_files(pipe, source: Path, tmp: Path, family: specs.Family, fast_
             module.config.to_json_file(tmp / name / "config.json")
         entries[name] = ["diffusers", "OnnxRuntimeModel"]
     # diffusers' own layout: the class first, then the entries in name order
-    return {"_class_name": family.onnx_pipeline, "_diffusers_version": metadata.version("diffusers"),
+    return {"_class_name": family.onnx_pipelines[kind], "_diffusers_version": metadata.version("diffusers"),
             **dict(sorted(entries.items()))}  # fmt: skip
 
 
-def _write_manifest(pipe, tmp: Path, family: specs.Family, precision: dict, notes: dict, opset: int,
+def _write_manifest(pipe, tmp: Path, family: specs.Family, kind: str, precision: dict, notes: dict, opset: int,
                     source: Path) -> None:  # fmt: skip
     from .onnx_export import native_latent, text_length, vae_downscale
 
@@ -410,6 +414,7 @@ def _write_manifest(pipe, tmp: Path, family: specs.Family, precision: dict, note
     manifest = {
         "format": MANIFEST_FORMAT,
         "family": family.name,
+        "unet_kind": kind,  # specs.UNET_KINDS; the runtime reads it from unet/config.json (optimum folders too)
         "prediction_type": pipe.scheduler.config.get("prediction_type", "epsilon"),
         "vae_scaling_factor": float(vae_cfg.scaling_factor),
         "latent_channels": int(vae_cfg.latent_channels),

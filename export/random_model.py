@@ -95,8 +95,11 @@ def write_clip_tokenizer(
 SIZES = {"tiny": ((32, 64), 32, 32, 37), "micro": ((16, 32), 8, 16, 20)}
 
 
-def build_tiny_pipeline(out: str | Path, variant: str = "sd1", seed: int = 0, size: str = "tiny") -> Path:
-    """Save a tiny random-weight StableDiffusionPipeline to ``out`` (a normal diffusers folder).
+def build_tiny_pipeline(
+    out: str | Path, variant: str = "sd1", seed: int = 0, size: str = "tiny", inpaint: bool = False
+) -> Path:
+    """Save a tiny random-weight StableDiffusionPipeline to ``out`` (a normal diffusers folder); ``inpaint``: a
+    StableDiffusionInpaintPipeline whose UNet takes 9 channels (latents, mask, masked-image latents).
 
     ``variant="sd1"``: epsilon prediction, quick_gelu CLIP, pad ``<|endoftext|>``.
     ``variant="sd2"``: v-prediction, gelu CLIP, pad ``!``, linear-projection attention.
@@ -104,7 +107,13 @@ def build_tiny_pipeline(out: str | Path, variant: str = "sd1", seed: int = 0, si
     (about 4x fewer weights) for models committed as test data.
     """
     import torch
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import (
+        AutoencoderKL,
+        PNDMScheduler,
+        StableDiffusionInpaintPipeline,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     if variant not in ("sd1", "sd2"):
@@ -120,7 +129,7 @@ def build_tiny_pipeline(out: str | Path, variant: str = "sd1", seed: int = 0, si
         block_out_channels=blocks,
         layers_per_block=1,
         sample_size=16,
-        in_channels=4,
+        in_channels=9 if inpaint else 4,
         out_channels=4,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
@@ -163,7 +172,7 @@ def build_tiny_pipeline(out: str | Path, variant: str = "sd1", seed: int = 0, si
         steps_offset=1,
         prediction_type="v_prediction" if sd2 else "epsilon",
     )
-    pipe = StableDiffusionPipeline(
+    pipe = (StableDiffusionInpaintPipeline if inpaint else StableDiffusionPipeline)(
         unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler,
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )  # fmt: skip
@@ -207,7 +216,12 @@ def build_full_size_pipeline(out: str | Path, arch: str = "sd15", seed: int = 0)
     The text encoder keeps CLIP's real vocabulary size (49408) so its embedding costs what the real
     one does; the tokenizer is the small locally trained one (its ids are a subset)."""
     import torch
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import (
+        AutoencoderKL,
+        PNDMScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     spec = ARCHITECTURES[arch]

@@ -17,6 +17,22 @@ from .parameters import JSON_KEY, TEXT_KEY, format_parameters, to_json
 def load_image(image, name: str = "image") -> Image.Image:
     """A PIL image, an HxWx3 uint8 array or a path, as an RGB PIL image. RGBA/LA/palette/greyscale images are
     converted to RGB (diffusers would take a 4-channel image for latents)."""
+    img = _open(image, name, "an HxWx3 uint8 array", lambda a: a.ndim == 3 and a.shape[2] == 3)
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def load_mask(mask, name: str = "mask_image") -> Image.Image:
+    """An inpainting mask (white = repaint): a PIL image, a path, or an HxW / HxWx1 / HxWx3 uint8 or bool array, as a
+    PIL image in its own mode (diffusers resizes a mask in its own mode, then takes its luma)."""
+    if isinstance(mask, np.ndarray) and mask.dtype == np.bool_:
+        mask = mask.astype(np.uint8) * 255
+    if isinstance(mask, np.ndarray) and mask.ndim == 3 and mask.shape[2] == 1:
+        mask = mask[:, :, 0]
+    return _open(mask, name, "an HxW, HxWx1 or HxWx3 uint8 or bool array",
+                 lambda a: a.ndim == 2 or (a.ndim == 3 and a.shape[2] == 3))  # fmt: skip
+
+
+def _open(image, name: str, arrays: str, shape_ok) -> Image.Image:
     if isinstance(image, (str, os.PathLike)):
         try:
             with Image.open(image) as f:
@@ -28,18 +44,16 @@ def load_image(image, name: str = "image") -> Image.Image:
             raise InvalidArgumentError(f"{name}: cannot read {str(image)!r} as an image ({e}); pass a PNG/JPEG/WebP "
                                        "file") from None  # fmt: skip
     elif isinstance(image, np.ndarray):
-        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3 or 0 in image.shape:
+        if image.dtype != np.uint8 or not shape_ok(image) or 0 in image.shape:
             raise InvalidArgumentError(
-                f"{name}: an array must be HxWx3 uint8 (RGB), got shape {list(image.shape)} dtype {image.dtype}"
+                f"{name}: an array must be {arrays}, got shape {list(image.shape)} dtype {image.dtype}"
             )
         img = Image.fromarray(image)
     elif isinstance(image, Image.Image):
         img = image
     else:
-        raise InvalidArgumentError(
-            f"{name} must be a PIL image, an HxWx3 uint8 array or a path, got {type(image).__name__}"
-        )
-    return img if img.mode == "RGB" else img.convert("RGB")
+        raise InvalidArgumentError(f"{name} must be a PIL image, {arrays} or a path, got {type(image).__name__}")
+    return img
 
 
 def preprocess(image: Image.Image, height: int, width: int) -> np.ndarray:
@@ -48,6 +62,22 @@ def preprocess(image: Image.Image, height: int, width: int) -> np.ndarray:
     img = image.resize((width, height), resample=Image.Resampling.LANCZOS)
     x = np.array(img).astype(np.float32) / 255.0
     return (2.0 * x - 1.0).transpose(2, 0, 1)[None].astype(np.float32)
+
+
+def preprocess_mask(mask: Image.Image, height: int, width: int) -> tuple[np.ndarray, Image.Image]:
+    """A mask -> ([1,1,H,W] float32 of 0 and 1, the soft greyscale mask), as diffusers' mask processor
+    (``VaeImageProcessor(do_normalize=False, do_binarize=True, do_convert_grayscale=True)``): Pillow's Lanczos
+    resize in the mask's own mode, then its luma (``convert("L")``: a pure red mask is 76, "keep"), /255, and
+    values >= 0.5 become 1 (repaint). The soft mask is what ``keep_unmasked`` composites with."""
+    soft = mask.resize((width, height), resample=Image.Resampling.LANCZOS).convert("L")
+    x = np.array(soft).astype(np.float32) / 255.0
+    return (x >= 0.5).astype(np.float32)[None, None], soft
+
+
+def paste_unmasked(generated: Image.Image, original: Image.Image, soft_mask: Image.Image) -> Image.Image:
+    """``keep_unmasked``: the original's pixels where the mask is black, the generated ones where it is white, and a
+    blend by the mask's grey level between (as diffusers' ``apply_overlay``, with the unbinarized mask)."""
+    return Image.composite(generated, original.resize(generated.size, Image.Resampling.LANCZOS), soft_mask)
 
 
 def to_uint8(decoded: np.ndarray) -> np.ndarray:

@@ -188,6 +188,13 @@ class ModelFolder:
         values = {k: v for k, v in known.items() if _is_int(v) and v > 0}
         return {**self.family.defaults, "C": self.latent_channels, "S": self.text_length, **values}
 
+    @property
+    def unet_kind(self) -> str:
+        """``specs.UNET_KINDS``: "inpainting" for a UNet that takes 2C+1 channels (SD's 9-channel inpainting
+        models), else "standard"; read from the UNet's input channels, so optimum folders say it too."""
+        symbols = self.model_symbols()
+        return specs.unet_kind(symbols["C"], symbols.get("C_in", symbols["C"]))
+
     def symbols(self, batch: int = 1, height: int | None = None, width: int | None = None) -> dict[str, int]:
         """Every contract symbol's value for ``batch`` images of ``height`` x ``width`` pixels (default native)."""
         f = self.vae_downscale
@@ -303,6 +310,12 @@ class ModelFolder:
         if _is_int(channels) and unet_out is not None and unet_out != channels:
             problems.append(f"unet/config.json: out_channels {unet_out!r} disagrees with latent_channels {channels} "
                             f"in {MANIFEST} (the UNet predicts one value per latent channel)")  # fmt: skip
+        unet_in = self._config_value("unet/config.json", "in_channels")
+        if _is_int(channels) and _is_int(unet_in):
+            try:
+                specs.unet_kind(channels, unet_in)
+            except ModelConfigError as e:
+                problems.append(f"unet/config.json: in_channels: {e}")
         vae_channels = self._config_value("vae_decoder/config.json", "latent_channels")
         if _is_int(channels) and vae_channels is not None and vae_channels != channels:
             problems.append(f"vae_decoder/config.json: latent_channels {vae_channels!r} disagrees with "

@@ -215,6 +215,9 @@ def call_arguments(record: dict[str, Any]) -> dict[str, Any]:
     keys = ("prompt", "negative_prompt", "num_inference_steps", "guidance_scale", "width", "height", "seed",
             "timesteps", "sigmas")  # fmt: skip
     args = {k: record[k] for k in keys if record.get(k) is not None}
+    if record.get("seeds") and len(record["seeds"]) > 1:  # one seed per image: seed is only the first of them
+        args.pop("seed", None)
+        args["seeds"] = list(record["seeds"])
     return {**args, "scheduler": scheduler, "eta": record.get("eta") or 0.0,
             "num_images_per_prompt": record.get("num_images_per_prompt") or 1}  # fmt: skip
 
@@ -280,7 +283,8 @@ def format_parameters(p: dict[str, Any]) -> str:
         ("Schedule type", a1111_schedule_type(class_name, config or {}) if class_name else None),
         ("CFG scale", p.get("guidance_scale")),
         ("Seed", seed),
-        ("Denoising strength", p.get("strength")),  # img2img only, as A1111 writes it
+        ("Denoising strength", p.get("strength")),  # img2img and inpainting only, as A1111 writes it
+        ("Mask blur", 0 if p.get("mask") else None),  # A1111's inpainting key (edgediff does not blur the mask)
         ("Size", f"{p['width']}x{p['height']}" if p.get("width") and p.get("height") else None),
         ("Model hash", (p.get("model_hash") or "")[:10] or None),
         ("Model", p.get("model")),

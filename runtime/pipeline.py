@@ -36,9 +36,9 @@ from PIL import Image
 from . import parameters, resources, schedulers
 from .engine import Engine, create_engine, engine_class
 from .errors import EdgediffError, InvalidArgumentError, ModelFolderError, NonFiniteError, ResourceError
-from .image import load_image, preprocess, to_pil, to_uint8
+from .image import load_image, load_mask, paste_unmasked, preprocess, preprocess_mask, to_pil, to_uint8
 from .model_folder import ModelFolder
-from .rng import Generator, check_seed, make_generator
+from .rng import Generator, GeneratorList, check_seed, make_generator
 from .tokenizer import ClipTokenizer
 
 logger = logging.getLogger(__name__)
@@ -192,9 +192,9 @@ class Pipeline:
             del eng
             gc.collect()  # release the session's memory before the next component loads
 
-    def _check_memory(self, images: int, guidance: bool, height: int, width: int) -> None:
+    def _check_memory(self, images: int, guidance: bool, height: int, width: int, encodes: bool = False) -> None:
         """Refuse a request whose estimated working memory exceeds the limit (CPU engines only:
-        a GPU's memory is the engine's to report)."""
+        a GPU's memory is the engine's to report). ``encodes``: the call runs the VAE encoder too."""
         providers = self._engine_options.get("providers")
         if (
             self.memory_limit is None
@@ -208,9 +208,10 @@ class Pipeline:
         fused = self._unet_attention_fused()
         weights = 0
         if self.low_memory:  # nothing is resident between calls: the component's weights come on top
-            weights = max(self.folder.component_bytes("unet"), self.folder.component_bytes("vae_decoder"))
+            stages = ("unet", "vae_decoder", "vae_encoder") if encodes else ("unet", "vae_decoder")
+            weights = max(self.folder.component_bytes(name) for name in stages)
         kw: dict[str, Any] = dict(images=images, guidance=guidance, vae_downscale=self.folder.vae_downscale,
-                                  fused_attention=fused, weights=weights)  # fmt: skip
+                                  fused_attention=fused, weights=weights, encodes=encodes)  # fmt: skip
         need = resources.estimate(self.folder.path, height=height, width=width, **kw)
         if need.bytes <= limit:
             return
@@ -277,6 +278,9 @@ class Pipeline:
         sigmas: Sequence[float] | None = None,
         image: Any = None,
         strength: float | None = None,
+        mask_image: Any = None,
+        keep_unmasked: bool = False,
+        seeds: Sequence[int] | None = None,
     ) -> GenerationResult:
         """Generate images. Arguments as diffusers' StableDiffusionPipeline: ``eta`` reaches DDIM
         only; ``timesteps`` / ``sigmas`` give a custom schedule to schedulers that accept one
@@ -287,7 +291,19 @@ class Pipeline:
         ``int(num_inference_steps * strength)`` steps of the schedule and starts from the image's VAE latents
         noised to that level. The output has the image's size, floored to a multiple of the folder's
         ``size_multiple`` (diffusers floors to the VAE factor), unless ``width``/``height`` are given; the image is
-        resized to it with Pillow's Lanczos filter, as diffusers' VaeImageProcessor."""
+        resized to it with Pillow's Lanczos filter, as diffusers' VaeImageProcessor.
+
+        ``mask_image`` (white = repaint; a PIL image, a path, or an HxW / HxWx3 uint8 or bool array of the image's
+        size) with ``image`` makes it inpainting, as diffusers' StableDiffusionInpaintPipeline (``strength`` default
+        1.0): a 9-channel inpainting UNet gets the mask and the masked image's latents every step; a standard UNet
+        gets the image's latents, re-noised to the next step's level, blended back outside the mask after every
+        step. Like diffusers, the pixels outside the mask are the VAE's rendering of them, not the input's:
+        ``keep_unmasked=True`` pastes the input's pixels back there (the mask's grey edge blends). The output size
+        follows the image as for img2img (diffusers' inpainting defaults to the model's native size instead).
+
+        ``seeds`` (one per image, e.g. ``[s, s+1, ...]`` as A1111-style clients send): image i draws everything from
+        its own generator, so ``seed=seeds[i]`` alone remakes image i; without it one generator (``seed``) draws
+        for the whole batch in diffusers' order."""
         timings: dict[str, float] = {}
         t_start = time.perf_counter()
         custom_latents = latents is not None  # not recorded: an image made from them cannot be regenerated
@@ -310,26 +326,8 @@ class Pipeline:
         else:
             steps = _check_positive_int("num_inference_steps", num_inference_steps)
         per_prompt = _check_positive_int("num_images_per_prompt", num_images_per_prompt)
-        init_image = None
-        if image is not None:
-            strength = 0.8 if strength is None else strength  # diffusers' img2img default
-            strength = _check_finite("strength", strength, "the share of the schedule that runs, in (0, 1]")
-            if not 0.0 < strength <= 1.0:
-                raise InvalidArgumentError(
-                    f"strength must be in (0, 1] (the share of the schedule that runs; diffusers' default is 0.8), "
-                    f"got {strength:g}"
-                )
-            if latents is not None:
-                raise InvalidArgumentError("pass image or latents, not both: img2img starts from the image's latents")
-            if "vae_encoder" not in self.engines and not self.folder.component_path("vae_encoder").is_file():
-                raise ModelFolderError(
-                    f"{self.folder.path} has no vae_encoder, which image-to-image needs; re-export the model with "
-                    "`edgediff export` (it writes vae_encoder/model.onnx)"
-                )
-            init_image = load_image(image)
-            height, width = self._image_size(init_image, height, width)
-        elif strength is not None:
-            raise InvalidArgumentError("strength applies only to image-to-image: pass image= too, or drop strength")
+        init_image, mask, strength, height, width = self._image_inputs(image, mask_image, strength, latents,
+                                                                       keep_unmasked, height, width)  # fmt: skip
         native_h, native_w = self.folder.native_size
         height = native_h if height is None else height
         width = native_w if width is None else width
@@ -351,6 +349,8 @@ class Pipeline:
         else:
             sched = schedulers.resolve(scheduler, self.folder.scheduler_config, eta=eta)
         batch = len(prompts) * per_prompt
+        if seeds is not None:
+            generator = _seed_list(seeds, seed, generator, batch, len(prompts), per_prompt)
         shape = (batch, self.folder.latent_channels, height // f, width // f)
         if latents is not None:
             with np.errstate(over="ignore"):  # 1e39 becomes inf in float32: refused just below
@@ -373,7 +373,7 @@ class Pipeline:
         if init_image is not None and strength is not None:
             n = steps if timesteps is None and sigmas is None else len(schedule.timesteps)
             begin = _begin_index(n, strength, sched.order)
-        self._check_memory(batch, do_cfg, height, width)
+        self._check_memory(batch, do_cfg, height, width, encodes=init_image is not None)
 
         # 2. Prompt encoding -> the UNet's conditioning inputs
         conditioning = self._encode_prompt(prompts, negatives, do_cfg, per_prompt, timings)
@@ -382,9 +382,12 @@ class Pipeline:
         if generator is None:
             generator = make_generator(seed)
         seed = getattr(generator, "seed", None)  # what actually draws the noise; None for a foreign generator
+        hook, soft = None, None
         if init_image is not None:
             pixels = preprocess(init_image, height, width)
-            latents = self._image_start_latents(pixels, batch, sched, schedule, begin, generator, timings)
+            binary_mask, soft = (None, None) if mask is None else preprocess_mask(mask, height, width)
+            latents, hook = self._image_start(pixels, binary_mask, shape, sched, schedule, begin, strength, do_cfg,
+                                              generator, timings)  # fmt: skip
         else:
             if latents is None:
                 latents = generator.randn(shape).astype(np.float32)
@@ -392,10 +395,12 @@ class Pipeline:
 
         # 4. Denoising loop
         latents, unet_calls = self._denoise(sched, schedule, begin, latents, conditioning, guidance_scale, generator,
-                                            callback, None, timings)  # fmt: skip
+                                            callback, hook, timings)  # fmt: skip
 
         # 5. Decode
         images = self._decode(latents, timings)
+        if keep_unmasked and soft is not None:
+            images = [paste_unmasked(im, init_image, soft) for im in images]
         timings["total"] = time.perf_counter() - t_start
         # Everything that changes the pixels, so that pipe(**parameters.call_arguments(params)) repeats the call
         params = {
@@ -421,12 +426,64 @@ class Pipeline:
             "engine_options": {k: v for k, v in self._engine_options.items() if k in ("cpu_variant", "providers")},
             "edgediff_version": __version__,
         }
-        if init_image is not None:  # img2img only, so that txt2img records keep their keys
+        if isinstance(generator, GeneratorList):
+            params["seeds"] = generator.seeds
+        if init_image is not None:  # img2img and inpainting only, so that txt2img records keep their keys
             params["strength"] = strength
             params["init_image"] = True  # the input image is not in the record
+        if mask is not None:
+            params["mask"] = True  # nor is the mask
+            params["keep_unmasked"] = bool(keep_unmasked)
         return GenerationResult(images, params, timings, unet_calls)
 
     # -- stages ----------------------------------------------------------------------------------
+    def _image_inputs(self, image, mask_image, strength, latents, keep_unmasked: bool, height, width):
+        """Checks the image-to-image and inpainting arguments; returns (RGB image or None, mask or None, strength,
+        height, width) with diffusers' strength defaults (img2img 0.8, inpainting 1.0)."""
+        inpainting_unet = self.folder.unet_kind == "inpainting"
+        if mask_image is not None and image is None:
+            raise InvalidArgumentError("mask_image needs image=: the mask says which part of that image to repaint")
+        if inpainting_unet and mask_image is None:
+            raise InvalidArgumentError(
+                f"{self.folder.path.name} is an inpainting model (its UNet takes latents, mask and masked-image "
+                "latents): pass image= and mask_image=, or use a standard "
+                "model for text-to-image and image-to-image"
+            )
+        if keep_unmasked and mask_image is None:
+            raise InvalidArgumentError("keep_unmasked applies only to inpainting: pass image= and mask_image= too")
+        if image is None:
+            if strength is not None:
+                raise InvalidArgumentError("strength applies only to image-to-image and inpainting: pass image= too, "
+                                           "or drop strength")  # fmt: skip
+            return None, None, None, height, width
+        default = 0.8 if mask_image is None else 1.0  # diffusers' img2img / inpainting defaults
+        strength = default if strength is None else strength
+        strength = _check_finite("strength", strength, "the share of the schedule that runs, in (0, 1]")
+        if not 0.0 < strength <= 1.0:
+            raise InvalidArgumentError(
+                f"strength must be in (0, 1] (the share of the schedule that runs; diffusers' default is {default:g} "
+                f"for {'inpainting' if mask_image is not None else 'image-to-image'}), got {strength:g}"
+            )
+        if latents is not None:
+            raise InvalidArgumentError("pass image or latents, not both: img2img starts from the image's latents")
+        if "vae_encoder" not in self.engines and not self.folder.component_path("vae_encoder").is_file():
+            mode = "image-to-image" if mask_image is None else "inpainting"
+            raise ModelFolderError(
+                f"{self.folder.path} has no vae_encoder, which {mode} needs; re-export the model with "
+                "`edgediff export` (it writes vae_encoder/model.onnx)"
+            )
+        init_image = load_image(image)
+        mask = None
+        if mask_image is not None:
+            mask = load_mask(mask_image)
+            if mask.size != init_image.size:
+                raise InvalidArgumentError(
+                    f"mask_image is {mask.width}x{mask.height} but image is {init_image.width}x{init_image.height}; "
+                    "give a mask of the image's size (white = repaint), so that it lines up with the picture"
+                )
+        height, width = self._image_size(init_image, height, width)
+        return init_image, mask, strength, height, width
+
     def _image_size(self, img: Image.Image, height: int | None, width: int | None) -> tuple[int, int]:
         """img2img's output size: the given sides, else the image's floored to ``size_multiple`` (diffusers floors
         to the VAE factor; the exported UNet needs the larger multiple)."""
@@ -472,31 +529,62 @@ class Pipeline:
         emb.flags.writeable = False  # the same array every step: GPU engines keep their device copy
         return {"encoder_hidden_states": emb}
 
-    def _encode_image(self, pixels: np.ndarray, generator: Generator, timings: dict[str, float]) -> np.ndarray:
-        """[B,3,H,W] in [-1, 1] -> scaled latents sampled from the VAE encoder's diagonal Gaussian (mean ‖ logvar),
-        one generator draw of the latents' shape, as diffusers' ``latent_dist.sample(generator)``."""
+    def _encode_image(self, pixels: np.ndarray, batch: int, generator: Generator,
+                      timings: dict[str, float]) -> np.ndarray:  # fmt: skip
+        """[1,3,H,W] in [-1, 1] -> [batch,C,h,w] scaled latents sampled from the VAE encoder's diagonal Gaussian
+        (mean ‖ logvar) as diffusers' ``latent_dist.sample(generator)``: one draw of one image's latent shape, tiled
+        to the batch; with per-image generators (``seeds``) each image's row is its own generator's draw."""
         with self._component("vae_encoder", timings) as vae_encoder:
             t0 = time.perf_counter()
             moments = vae_encoder.run({"sample": pixels})["latent_parameters"].astype(np.float32)
-            timings["vae_encoder"] = time.perf_counter() - t0
+            timings["vae_encoder"] = timings.get("vae_encoder", 0.0) + time.perf_counter() - t0
         mean, logvar = np.split(moments, 2, axis=1)
         std = np.exp(np.float32(0.5) * np.clip(logvar, -30.0, 20.0))
-        z = mean + std * generator.randn(mean.shape).astype(np.float32)
+        rows = batch if isinstance(generator, GeneratorList) else 1
+        z = mean + std * generator.randn((rows, *mean.shape[1:])).astype(np.float32)
         if not np.isfinite(z).all():
             raise NonFiniteError(
                 "the VAE encoder produced NaN or infinite latents (an fp16 VAE overflows this way); re-export the "
                 "model without --fp16"
             )
-        return (np.float32(self.folder.vae_scaling_factor) * z).astype(np.float32)
+        z = (np.float32(self.folder.vae_scaling_factor) * z).astype(np.float32)
+        return np.concatenate([z] * (batch // rows)) if rows < batch else z
 
-    def _image_start_latents(self, pixels, batch, sched, schedule, begin, generator, timings) -> np.ndarray:
-        """img2img's start: the image latents tiled to the batch, noised with the scheduler's own rule to the level
-        of the first call that runs (draws: VAE sample, then the noise, as diffusers)."""
-        init = self._encode_image(pixels, generator, timings)
-        if batch > init.shape[0]:
-            init = np.concatenate([init] * (batch // init.shape[0]))
-        noise = generator.randn(init.shape).astype(np.float32)
-        return sched.add_noise(schedule, init, noise, begin)
+    def _image_start(self, pixels, mask, shape, sched, schedule, begin, strength, do_cfg, generator, timings):
+        """img2img's and inpainting's start latents, and inpainting's StepHook, as diffusers (its draws: the image's
+        VAE sample, then the noise, then the masked image's VAE sample; an inpainting UNet at strength 1.0 never
+        uses the image latents, so they are not drawn). ``mask``: [1,1,H,W] of 0/1, or None for img2img."""
+        batch = shape[0]
+        inpainting_unet = mask is not None and self.folder.unet_kind == "inpainting"
+        image_latents = None
+        if not (inpainting_unet and strength == 1.0):
+            image_latents = self._encode_image(pixels, batch, generator, timings)
+        noise = generator.randn(shape).astype(np.float32)
+        if mask is not None and strength == 1.0:  # inpainting from pure noise (img2img at 1.0 still adds noise)
+            latents = noise * np.float32(schedule.init_noise_sigma)
+        else:
+            latents = sched.add_noise(schedule, image_latents, noise, begin)
+        if mask is None:
+            return latents, None
+        masked = self._encode_image(pixels * (mask < 0.5), batch, generator, timings)  # repainted area: mid-grey
+        f = self.folder.vae_downscale
+        m = np.repeat(mask[:, :, ::f, ::f], batch, axis=0)  # nearest: each latent cell takes its top-left pixel
+        if inpainting_unet:
+            extra = np.concatenate([m, masked], axis=1)
+            extra = np.concatenate([extra, extra]) if do_cfg else extra
+            extra.flags.writeable = False  # the same array every step, as the conditioning
+            return latents, StepHook(extra_inputs=lambda j: extra)
+        last = len(schedule.timesteps) - 1
+        keep = np.float32(1) - m
+
+        def blend(j: int, latents: np.ndarray) -> np.ndarray:
+            """The original outside the mask, re-noised to the next call's level with the start noise (clean after
+            the last call)."""
+            k = begin + j
+            original = sched.add_noise(schedule, image_latents, noise, k + 1) if k < last else image_latents
+            return keep * original + m * latents
+
+        return latents, StepHook(after_step=blend)
 
     def _denoise(
         self,
@@ -584,6 +672,19 @@ class StepHook:
 
     extra_inputs: Callable[[int], np.ndarray] | None = None
     after_step: Callable[[int, np.ndarray], np.ndarray] | None = None
+
+
+def _seed_list(seeds, seed, generator, batch: int, prompts: int, per_prompt: int) -> GeneratorList:
+    if seed is not None or generator is not None:
+        raise InvalidArgumentError("pass seeds or seed/generator, not both: seeds gives every image its own seed")
+    if isinstance(seeds, (str, bytes)) or not isinstance(seeds, Sequence):
+        raise InvalidArgumentError(f"seeds must be a list of integers, one per image, got {seeds!r}")
+    if len(seeds) != batch:
+        raise InvalidArgumentError(
+            f"seeds has {len(seeds)} entries but the call makes {batch} image(s) ({prompts} prompt(s) x "
+            f"num_images_per_prompt {per_prompt}); give one seed per image"
+        )
+    return GeneratorList([make_generator(check_seed(s)) for s in seeds])
 
 
 def _begin_index(n: int, strength: float, order: int) -> int:

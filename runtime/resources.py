@@ -72,7 +72,7 @@ def _ints(value, default: list[int]) -> list[int]:
 
 @dataclass(frozen=True)
 class Estimate:
-    stage: str  # "unet" or "vae_decoder": the stage that needs the most
+    stage: str  # "unet", "vae_decoder" or "vae_encoder": the stage that needs the most
     what: str  # what dominates that stage, in words
     bytes: int
 
@@ -99,8 +99,13 @@ def unet_bytes(folder: Path, batch: int, latent_h: int, latent_w: int, fused_att
     return conv + scores, where if scores > conv else "activations"
 
 
-def vae_decoder_bytes(folder: Path, batch: int, latent_h: int, latent_w: int) -> tuple[int, str]:
-    cfg = _config(folder, "vae_decoder/config.json")
+def vae_bytes(
+    folder: Path, batch: int, latent_h: int, latent_w: int, component: str = "vae_decoder"
+) -> tuple[int, str]:
+    """Working memory of the VAE decoder over ``batch`` latents, or of its encoder (``component="vae_encoder"``) over
+    ``batch`` images: both run block_out_channels[i] at latent x 2^(n-1-i) and attend over the latent in the
+    mid-block."""
+    cfg = _config(folder, f"{component}/config.json")
     channels = _ints(cfg.get("block_out_channels"), [128, 256, 512, 512])
     n = len(channels)
     conv = 0
@@ -118,14 +123,16 @@ def vae_decoder_bytes(folder: Path, batch: int, latent_h: int, latent_w: int) ->
 
 
 def estimate(folder: Path, *, images: int, guidance: bool, height: int, width: int, vae_downscale: int,
-             fused_attention: bool, weights: int = 0) -> Estimate:  # fmt: skip
-    """The largest stage's working memory for ``images`` images of ``height`` x ``width``."""
+             fused_attention: bool, weights: int = 0, encodes: bool = False) -> Estimate:  # fmt: skip
+    """The largest stage's working memory for ``images`` images of ``height`` x ``width``; ``encodes``: the call
+    runs the VAE encoder too (image-to-image, inpainting), on one image (the runtime encodes the input once)."""
     h, w = height // vae_downscale, width // vae_downscale
-    u, u_what = unet_bytes(folder, images * (2 if guidance else 1), h, w, fused_attention)
-    v, v_what = vae_decoder_bytes(folder, images, h, w)
-    if u >= v:
-        return Estimate("unet", u_what, int(u * _ARENA_SLACK) + weights)
-    return Estimate("vae_decoder", v_what, int(v * _ARENA_SLACK) + weights)
+    stages = [("unet", *unet_bytes(folder, images * (2 if guidance else 1), h, w, fused_attention)),
+              ("vae_decoder", *vae_bytes(folder, images, h, w))]  # fmt: skip
+    if encodes:
+        stages.append(("vae_encoder", *vae_bytes(folder, 1, h, w, "vae_encoder")))
+    stage, need, what = max(stages, key=lambda s: s[1])
+    return Estimate(stage, what, int(need * _ARENA_SLACK) + weights)
 
 
 def largest_square(folder: Path, limit: int, multiple: int, **kw) -> int | None:

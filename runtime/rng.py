@@ -112,3 +112,26 @@ def make_generator(seed: int | None) -> TorchCPUGenerator:
     if seed is None:
         seed = secrets.randbits(32)
     return TorchCPUGenerator(seed)
+
+
+class GeneratorList:
+    """One generator per image (``seeds=[...]``), as diffusers' list of generators: a draw of shape [n, ...] takes
+    row i from generator i, so image i of a batch draws exactly what a one-image call with its seed draws."""
+
+    def __init__(self, generators: list[TorchCPUGenerator]):
+        self.generators = list(generators)
+
+    @property
+    def seeds(self) -> list[int]:
+        return [g.seed for g in self.generators]
+
+    @property
+    def seed(self) -> int:
+        """The first image's seed (what a record's ``seed`` and A1111's ``Seed:`` say for a batch)."""
+        return self.generators[0].seed
+
+    def randn(self, shape) -> np.ndarray:
+        shape = tuple(int(s) for s in shape)
+        if not shape or shape[0] != len(self.generators):
+            raise ValueError(f"a draw of shape {shape} from {len(self.generators)} per-image generators")
+        return np.concatenate([g.randn((1, *shape[1:])) for g in self.generators])

@@ -174,8 +174,8 @@ SUBMODELS: dict[str, SubmodelSpec] = {s.name: s for s in (TEXT_ENCODER, UNET, VA
 @dataclass(frozen=True)
 class Family:
     name: str
-    source_pipeline: str  # the diffusers pipeline class (model_index.json ``_class_name``) export takes
-    onnx_pipeline: str  # the ``_class_name`` export writes (diffusers' / optimum's ONNX pipeline)
+    source_pipelines: tuple[str, ...]  # the diffusers pipeline classes (model_index.json ``_class_name``) export takes
+    onnx_pipelines: Mapping[str, str] = field(hash=False)  # UNet kind -> the ``_class_name`` export writes
     source_components: tuple[str, ...]  # the sub-folders such a source has
     components: tuple[str, ...]  # what export writes, in this order
     required: tuple[str, ...]  # what the text-to-image pipeline runs: a model folder must have them
@@ -186,8 +186,8 @@ class Family:
 
 _SD1 = Family(
     "sd1",
-    source_pipeline="StableDiffusionPipeline",
-    onnx_pipeline="OnnxStableDiffusionPipeline",
+    source_pipelines=("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipeline"),
+    onnx_pipelines={"standard": "OnnxStableDiffusionPipeline", "inpainting": "OnnxStableDiffusionInpaintPipeline"},
     source_components=("unet", "vae", "text_encoder", "tokenizer", "scheduler"),
     components=("text_encoder", "unet", "vae_decoder", "vae_encoder"),
     required=("text_encoder", "unet", "vae_decoder"),
@@ -208,4 +208,23 @@ def family_for(text_hidden_act: str | None) -> str:
 
 def source_pipelines() -> list[str]:
     """The diffusers pipeline classes export takes, sorted."""
-    return sorted({f.source_pipeline for f in FAMILIES.values()})
+    return sorted({p for f in FAMILIES.values() for p in f.source_pipelines})
+
+
+# What a UNet's ``sample`` input holds, told by its channel count C_in against the latents' C: "standard" takes the
+# noisy latents; "inpainting" (SD's 9-channel inpainting UNets) takes latents ‖ mask ‖ masked-image latents.
+UNET_KINDS = {"standard": "text-to-image, image-to-image, and inpainting by blending",
+              "inpainting": "inpainting only: noisy latents ‖ 1-channel mask ‖ masked-image latents"}  # fmt: skip
+
+
+def unet_kind(latent_channels: int, unet_in_channels: int) -> str:
+    """The UNet kind (``UNET_KINDS``) of a UNet with ``unet_in_channels`` inputs over ``latent_channels`` latents."""
+    if unet_in_channels == latent_channels:
+        return "standard"
+    if unet_in_channels == 2 * latent_channels + 1:
+        return "inpainting"
+    raise ModelConfigError(
+        f"the UNet takes {unet_in_channels} input channels over {latent_channels} latent channels; edgediff runs "
+        f"UNets of {latent_channels} (standard) or {2 * latent_channels + 1} (inpainting: latents, mask, "
+        "masked-image latents) channels"
+    )

@@ -14,14 +14,17 @@ needs_torch = pytest.mark.skipif(not HAS_TORCH, reason="needs the export extra (
 
 @pytest.fixture(scope="session")
 def tiny_source(tmp_path_factory):
-    """variant -> path of a saved diffusers folder (built once per variant)."""
+    """variant ("sd1", "sd2"; "-inpaint" appended: a 9-channel inpainting UNet) -> path of a saved diffusers folder
+    (built once per variant)."""
     from edgediff.export.random_model import build_tiny_pipeline
 
     cache = {}
 
     def get(variant: str):
         if variant not in cache:
-            cache[variant] = build_tiny_pipeline(tmp_path_factory.mktemp(f"src-{variant}") / "model", variant)
+            base, inpaint = variant.removesuffix("-inpaint"), variant.endswith("-inpaint")
+            out = tmp_path_factory.mktemp(f"src-{variant}") / "model"
+            cache[variant] = build_tiny_pipeline(out, base, inpaint=inpaint)
         return cache[variant]
 
     return get

@@ -10,12 +10,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from conftest import needs_torch
 from edgediff.runtime import Pipeline
 from edgediff.runtime.errors import InvalidArgumentError, ModelFolderError
-from golden_cases import SCHEDULER_NAMES, edgediff_spec
+from golden_cases import edgediff_spec
+from parity import assert_close, diffusers_images, picture
 
 MICRO = Path(__file__).parent / "fixtures" / "micro-sd1"
 PROMPT = "a red circle on a blue background"
@@ -27,15 +27,6 @@ CASES = [
     for name in ("pndm", "ddim", "euler", "euler_a", "dpmpp_2m", "heun", "lcm", "dpmpp_2m_karras")
     for s in ((0.3, 0.75, 1.0) if name in ("pndm", "euler", "dpmpp_2m", "heun", "ddim") else (0.75,))
 ]
-
-
-def _image(w: int, h: int, seed: int = 0) -> Image.Image:
-    """A smooth picture with an edge (Lanczos resizing and the VAE see structure, not white noise)."""
-    y, x = np.mgrid[0:h, 0:w]
-    rng = np.random.RandomState(seed)
-    rgb = np.stack([(x * 255 // max(w - 1, 1)), (y * 255 // max(h - 1, 1)), ((x + y) % 16) * 16], axis=-1)
-    rgb = np.clip(rgb + rng.randint(-20, 20, rgb.shape), 0, 255).astype(np.uint8)
-    return Image.fromarray(rgb)
 
 
 @pytest.fixture(scope="module")
@@ -50,39 +41,15 @@ def pipelines(tiny_export, diffusers_pipe):
     return out
 
 
-def _diffusers(ref, name, **kwargs) -> np.ndarray:
-    import diffusers
-    import torch
-
-    cls_name, overrides = SCHEDULER_NAMES[name]
-    original = ref.scheduler
-    ref.scheduler = getattr(diffusers, cls_name).from_config(original.config, **overrides)
-    try:
-        seed = kwargs.pop("seed")
-        images = ref(generator=torch.Generator("cpu").manual_seed(seed), output_type="np", **kwargs).images
-    finally:
-        ref.scheduler = original
-    assert np.isfinite(images).all()
-    return (images * 255).round().astype(np.uint8)
-
-
-def _compare(got_result, want: np.ndarray, label: str):
-    got = np.stack([np.asarray(im) for im in got_result.images])
-    assert got.shape == want.shape, f"{label}: shape {got.shape} != {want.shape}"
-    diff = np.abs(got.astype(np.int16) - want.astype(np.int16))
-    print(f"{label}: max {diff.max()} mean {diff.mean():.5f} (/255)")
-    assert diff.max() <= 1, f"{label}: max pixel difference {diff.max()}/255"
-
-
 @needs_torch
 @pytest.mark.parametrize("variant,name,strength", CASES)
 def test_img2img_matches_diffusers(pipelines, variant, name, strength):
     ours, ref = pipelines[variant]
-    image = _image(48, 32)
+    image = picture(48, 32)
     kwargs = dict(prompt=PROMPT, image=image, strength=strength, num_inference_steps=10, guidance_scale=7.5, seed=7)
-    want = _diffusers(ref, name, **kwargs)
+    want = diffusers_images(ref, name, **kwargs)
     result = ours(scheduler=edgediff_spec(name), **kwargs)
-    _compare(result, want, f"{variant} {name} s={strength}")
+    assert_close(result, want, f"{variant} {name} s={strength}")
     assert result.images[0].size == (48, 32)
     assert result.parameters["strength"] == strength and result.parameters["init_image"] is True
 
@@ -92,11 +59,11 @@ def test_img2img_matches_diffusers(pipelines, variant, name, strength):
 def test_img2img_batch_no_guidance_odd_strength(pipelines, variant):
     """Two prompts x two images, guidance off, strength 0.29 of 10 steps (int(2.9) = 2 steps), a path input."""
     ours, ref = pipelines[variant]
-    kwargs = dict(prompt=[PROMPT, "a green square"], image=_image(32, 32, seed=3), strength=0.29,
+    kwargs = dict(prompt=[PROMPT, "a green square"], image=picture(32, 32, seed=3), strength=0.29,
                   num_inference_steps=10, guidance_scale=1.0, num_images_per_prompt=2, seed=11)  # fmt: skip
-    want = _diffusers(ref, "euler_a", **kwargs)
+    want = diffusers_images(ref, "euler_a", **kwargs)
     result = ours(scheduler="euler_a", **kwargs)
-    _compare(result, want, f"{variant} batch euler_a s=0.29 g=1")
+    assert_close(result, want, f"{variant} batch euler_a s=0.29 g=1")
     assert len(result.unet_calls) == 2
 
 
@@ -104,12 +71,12 @@ def test_img2img_batch_no_guidance_odd_strength(pipelines, variant):
 def test_img2img_width_height_resize_as_diffusers(pipelines):
     """width/height given: the image is Lanczos-resized to them (diffusers: image_processor.preprocess(h, w))."""
     ours, ref = pipelines["sd1"]
-    image = _image(45, 37, seed=5)
+    image = picture(45, 37, seed=5)
     want_in = ref.image_processor.preprocess(image, height=32, width=48)
     kwargs = dict(prompt=PROMPT, strength=0.6, num_inference_steps=8, seed=2)
-    want = _diffusers(ref, "euler", image=want_in, **kwargs)
+    want = diffusers_images(ref, "euler", image=want_in, **kwargs)
     result = ours(scheduler="euler", image=image, width=48, height=32, **kwargs)
-    _compare(result, want, "sd1 euler resized 45x37 -> 48x32")
+    assert_close(result, want, "sd1 euler resized 45x37 -> 48x32")
 
 
 # -- bad input (no torch) ----------------------------------------------------------------------------------------
@@ -121,14 +88,14 @@ def micro():
 
 def test_output_size_follows_the_image_floored(micro):
     m = micro.folder.size_multiple
-    r = micro(PROMPT, image=_image(8 * m + m - 1, 6 * m + 1), num_inference_steps=4, seed=0)
+    r = micro(PROMPT, image=picture(8 * m + m - 1, 6 * m + 1), num_inference_steps=4, seed=0)
     assert r.images[0].size == (8 * m, 6 * m)
-    r = micro(PROMPT, image=np.asarray(_image(8 * m, 8 * m)), width=4 * m, height=6 * m, num_inference_steps=4)
+    r = micro(PROMPT, image=np.asarray(picture(8 * m, 8 * m)), width=4 * m, height=6 * m, num_inference_steps=4)
     assert r.images[0].size == (4 * m, 6 * m)
 
 
 def test_rgba_greyscale_palette_are_converted(micro):
-    base = _image(32, 32)
+    base = picture(32, 32)
     rgb = micro(PROMPT, image=base, num_inference_steps=4, seed=1).images[0]
     rgba = micro(PROMPT, image=base.convert("RGBA"), num_inference_steps=4, seed=1).images[0]
     assert np.array_equal(np.asarray(rgb), np.asarray(rgba))
@@ -145,7 +112,7 @@ def test_rgba_greyscale_palette_are_converted(micro):
         (42, "image must be a PIL image"),
     ],
 )
-def test_bad_image(micro, image, fragment):
+def test_badpicture(micro, image, fragment):
     with pytest.raises(InvalidArgumentError, match="image") as e:
         micro(PROMPT, image=image, num_inference_steps=4)
     assert fragment in str(e.value)
@@ -161,14 +128,14 @@ def test_unreadable_image_file(micro, tmp_path):
 @pytest.mark.parametrize("strength", [0.0, -0.5, 1.01, float("nan"), "0.5", True])
 def test_bad_strength(micro, strength):
     with pytest.raises(InvalidArgumentError, match="strength"):
-        micro(PROMPT, image=_image(32, 32), strength=strength, num_inference_steps=4)
+        micro(PROMPT, image=picture(32, 32), strength=strength, num_inference_steps=4)
 
 
 def test_strength_too_small_for_any_step(micro):
     with pytest.raises(InvalidArgumentError, match=r"strength=0.05 with 10 inference steps runs no step"):
-        micro(PROMPT, image=_image(32, 32), strength=0.05, num_inference_steps=10)
+        micro(PROMPT, image=picture(32, 32), strength=0.05, num_inference_steps=10)
     # the same strength with enough steps runs int(20*0.05) = 1 step
-    r = micro(PROMPT, image=_image(32, 32), strength=0.05, num_inference_steps=20, scheduler="euler")
+    r = micro(PROMPT, image=picture(32, 32), strength=0.05, num_inference_steps=20, scheduler="euler")
     assert len(r.unet_calls) == 1
 
 
@@ -176,7 +143,7 @@ def test_strength_without_image_and_image_with_latents(micro):
     with pytest.raises(InvalidArgumentError, match="strength applies only to image-to-image"):
         micro(PROMPT, strength=0.5, num_inference_steps=4)
     with pytest.raises(InvalidArgumentError, match="pass image or latents, not both"):
-        micro(PROMPT, image=_image(32, 32), latents=np.zeros((1, 4, 16, 16), np.float32), num_inference_steps=4)
+        micro(PROMPT, image=picture(32, 32), latents=np.zeros((1, 4, 16, 16), np.float32), num_inference_steps=4)
 
 
 def test_folder_without_vae_encoder_says_reexport(tmp_path):
@@ -190,4 +157,4 @@ def test_folder_without_vae_encoder_says_reexport(tmp_path):
     with Pipeline.load(folder) as pipe:
         assert pipe(PROMPT, num_inference_steps=2).images  # txt2img does not need it
         with pytest.raises(ModelFolderError, match=r"has no vae_encoder.*re-export"):
-            pipe(PROMPT, image=_image(32, 32), num_inference_steps=4)
+            pipe(PROMPT, image=picture(32, 32), num_inference_steps=4)
