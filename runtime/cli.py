@@ -136,6 +136,7 @@ _CALL_OPTIONS = {
     "height": "height",
     "seed": "seed",
     "eta": "eta",
+    "strength": "strength",
 }
 
 
@@ -192,6 +193,27 @@ _CALL_OPTIONS = {
     type=click.Path(path_type=Path),
     help="The same from a file: the JSON record (the PNG's edgediff chunk) or an A1111 infotext.",
 )
+@click.option(
+    "--image",
+    "init_image",
+    default=None,
+    type=click.Path(path_type=Path),
+    help="Start from this picture (image-to-image); the output has its size unless --width/--height are given.",
+)
+@click.option(
+    "--strength",
+    default=None,
+    type=float,
+    help="With --image: the share of the schedule that runs, in (0, 1]. Default: 0.8, with --mask 1.0 (diffusers').",
+)
+@click.option(
+    "--mask", default=None, type=click.Path(path_type=Path), help="With --image: repaint where this mask is white."
+)
+@click.option(
+    "--keep-unmasked",
+    is_flag=True,
+    help="With --mask: paste the input's own pixels back outside the mask (diffusers leaves the VAE's rendering).",
+)
 @click.option("--provider", "providers", multiple=True, help="ONNX Runtime execution provider (repeatable).")
 @click.option("--low-memory", is_flag=True, help="Load one component at a time and release it after use.")
 @click.option(
@@ -200,12 +222,16 @@ _CALL_OPTIONS = {
 @_MEMORY_LIMIT_OPTION
 @click.pass_context
 def generate(ctx, prompt, model, output, negative_prompt, steps, guidance, width, height, seed, scheduler,
-             scheduler_option, eta, timesteps, sigmas, from_png, params_file, providers, low_memory, int8,
-             memory_limit):  # fmt: skip
+             scheduler_option, eta, timesteps, sigmas, from_png, params_file, init_image, strength, mask,
+             keep_unmasked, providers, low_memory, int8, memory_limit):  # fmt: skip
     """Generate an image from PROMPT and write it as a PNG with its parameters.
 
+    With --image IN.png it starts from that picture (image-to-image), and with --mask MASK.png too it repaints where
+    the mask is white (inpainting).
+
     With --from-png IMAGE (or --params FILE) it regenerates the image recorded there (same pixels with the
-    same model, engine and provider); PROMPT and the options given override the recorded values."""
+    same model, engine and provider); PROMPT and the options given override the recorded values. An image made
+    from a picture needs that picture again: give --image (and --mask)."""
     from tqdm import tqdm
 
     from . import parameters
@@ -236,10 +262,20 @@ def generate(ctx, prompt, model, output, negative_prompt, steps, guidance, width
         if "scheduler" in given:
             overrides["scheduler"] = scheduler
         new_schedule = custom if "steps" in given or given & {"timesteps", "sigmas"} else None
-        call = parameters.single_image_call(record, source, overrides, new_schedule)
+        if record.get("mask") and init_image is not None and mask is None:
+            raise InvalidArgumentError(f"{source} records an inpainting: give its mask with --mask too")
+        call = parameters.single_image_call(record, source, overrides, new_schedule, with_image=init_image is not None)
+        keep_unmasked = keep_unmasked or bool(call.pop("keep_unmasked", False))
         recorded = record.get("engine_options") or {}
         # "optimized": the option's name in records written before it became cpu_variant
         int8 = int8 or recorded.get("cpu_variant", recorded.get("optimized")) == "int8"
+    if init_image is not None:
+        call.update(image=init_image, mask_image=mask, keep_unmasked=keep_unmasked)
+    elif mask is not None or keep_unmasked or call.get("strength") is not None:
+        flag = "--mask" if mask is not None else "--keep-unmasked" if keep_unmasked else "--strength"
+        raise InvalidArgumentError(f"{flag} needs --image (the picture to start from)")
+    else:
+        call.pop("strength", None)
     if options:  # over the chosen (or recorded) scheduler's config
         spec = call.get("scheduler")
         spec = dict(spec) if isinstance(spec, dict) else parameters.name_spec(spec) if spec else {}
@@ -260,7 +296,8 @@ def generate(ctx, prompt, model, output, negative_prompt, steps, guidance, width
         if record is not None:
             _check_recorded_model(record, source, pipe, model_given=model is not None)
         _optimize_hint(pipe, providers)
-        bar = tqdm(total=None, desc="denoising", unit="step", disable=not sys.stderr.isatty(), leave=False)
+        total = pipe.planned_calls(**call)  # the calls that actually run (img2img: the schedule's tail)
+        bar = tqdm(total=total, desc="denoising", unit="step", disable=not sys.stderr.isatty(), leave=False)
         result = pipe(**call, callback=lambda *a: bar.update(1))
         bar.close()
     path = save_png(result.images[0], output, result.parameters)

@@ -194,12 +194,20 @@ def to_json(p: dict[str, Any]) -> str:
     return json.dumps(p, default=_jsonable)
 
 
-def call_arguments(record: dict[str, Any]) -> dict[str, Any]:
-    """Pipeline call arguments that repeat the call ``record`` describes: ``pipe(**call_arguments(r))``."""
-    if record.get("init_image") or record.get("strength") is not None:
+def call_arguments(record: dict[str, Any], with_image: bool = False) -> dict[str, Any]:
+    """Pipeline call arguments that repeat the call ``record`` describes: ``pipe(**call_arguments(r))``. An
+    image-to-image or inpainting record needs its starting image (and mask) back: ``with_image=True`` says the
+    caller adds them (``image=``, ``mask_image=``); the record's strength and keep_unmasked are then included."""
+    made_from_image = record.get("init_image") or record.get("strength") is not None
+    if made_from_image and not with_image:
+        what = (
+            "inpainting from a starting image and a mask"
+            if record.get("mask")
+            else "image-to-image from a starting image"
+        )
         raise ParametersError(
-            "this image was made by image-to-image from a starting image that its parameters do not hold, so it "
-            "cannot be regenerated from them alone"
+            f"this image was made by {what} that its parameters do not hold, so it cannot be regenerated from them "
+            "alone; give them again (CLI: --image, and --mask for inpainting)"
         )
     if record.get("custom_latents"):
         raise ParametersError(
@@ -215,6 +223,10 @@ def call_arguments(record: dict[str, Any]) -> dict[str, Any]:
     keys = ("prompt", "negative_prompt", "num_inference_steps", "guidance_scale", "width", "height", "seed",
             "timesteps", "sigmas")  # fmt: skip
     args = {k: record[k] for k in keys if record.get(k) is not None}
+    if made_from_image:
+        args["strength"] = record.get("strength")
+        if record.get("keep_unmasked"):
+            args["keep_unmasked"] = True
     if record.get("seeds") and len(record["seeds"]) > 1:  # one seed per image: seed is only the first of them
         args.pop("seed", None)
         args["seeds"] = list(record["seeds"])
@@ -222,12 +234,14 @@ def call_arguments(record: dict[str, Any]) -> dict[str, Any]:
             "num_images_per_prompt": record.get("num_images_per_prompt") or 1}  # fmt: skip
 
 
-def single_image_call(record: dict[str, Any], source, overrides: dict[str, Any], new_schedule: dict | None = None):
+def single_image_call(record: dict[str, Any], source, overrides: dict[str, Any], new_schedule: dict | None = None,
+                      with_image: bool = False):  # fmt: skip
     """The call that regenerates the one image ``record`` describes, with ``overrides`` (call
     arguments the user typed) over it; ``new_schedule`` (timesteps/sigmas, possibly None) replaces
-    a recorded custom schedule when the user asked for another one. Raises ParametersError for a
+    a recorded custom schedule when the user asked for another one; ``with_image``: the user gives the starting
+    image (and mask) of an image-to-image or inpainting record. Raises ParametersError for a
     batch record or one that lacks what a call needs."""
-    call = call_arguments(record)
+    call = call_arguments(record, with_image=with_image)
     if call.get("num_images_per_prompt", 1) != 1 or not isinstance(call.get("prompt", ""), str):
         raise ParametersError(
             f"{source} records a batch (several prompts or num_images_per_prompt > 1); generate writes one "

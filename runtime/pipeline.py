@@ -319,12 +319,6 @@ class Pipeline:
                 raise InvalidArgumentError(
                     f"negative_prompt has {len(negatives)} entries but prompt has {len(prompts)}; give one per prompt"
                 )
-        if timesteps is not None:
-            steps = len(timesteps)
-        elif sigmas is not None:
-            steps = len(sigmas) - 1
-        else:
-            steps = _check_positive_int("num_inference_steps", num_inference_steps)
         per_prompt = _check_positive_int("num_images_per_prompt", num_images_per_prompt)
         init_image, mask, strength, height, width = self._image_inputs(image, mask_image, strength, latents,
                                                                        keep_unmasked, height, width)  # fmt: skip
@@ -336,7 +330,6 @@ class Pipeline:
             _check_side(name, v, self.folder)
         guidance_scale = _check_finite("guidance_scale", guidance_scale, "diffusers' default is 7.5; 1 or less "
                                        "turns guidance off")  # fmt: skip
-        eta = _check_finite("eta", eta, "DDIM's eta is between 0 (deterministic) and 1", minimum=0.0)
         if generator is not None and seed is not None:
             raise InvalidArgumentError(
                 "pass seed or generator, not both: the generator draws the noise, so the seed would be recorded "
@@ -344,10 +337,8 @@ class Pipeline:
             )
         if seed is not None:
             seed = check_seed(seed)
-        if scheduler is None and not eta:
-            sched = self.default_scheduler
-        else:
-            sched = schedulers.resolve(scheduler, self.folder.scheduler_config, eta=eta)
+        plan = self._plan(num_inference_steps, scheduler, eta, timesteps, sigmas, strength)
+        sched, schedule, begin, steps, eta = plan.scheduler, plan.schedule, plan.begin, plan.steps, plan.eta
         batch = len(prompts) * per_prompt
         if seeds is not None:
             generator = _seed_list(seeds, seed, generator, batch, len(prompts), per_prompt)
@@ -363,16 +354,6 @@ class Pipeline:
                     "pass finite starting latents"
                 )
         do_cfg = guidance_scale > 1.0
-
-        # The schedule (immutable, per call) and, for img2img, where in it sampling begins
-        if timesteps is None and sigmas is None:
-            schedule = sched.schedule(steps)
-        else:
-            schedule = sched.schedule(timesteps=timesteps, sigmas=sigmas)
-        begin = 0
-        if init_image is not None and strength is not None:
-            n = steps if timesteps is None and sigmas is None else len(schedule.timesteps)
-            begin = _begin_index(n, strength, sched.order)
         self._check_memory(batch, do_cfg, height, width, encodes=init_image is not None)
 
         # 2. Prompt encoding -> the UNet's conditioning inputs
@@ -436,7 +417,39 @@ class Pipeline:
             params["keep_unmasked"] = bool(keep_unmasked)
         return GenerationResult(images, params, timings, unet_calls)
 
+    def planned_calls(self, num_inference_steps: int = 50, scheduler=None, eta: float = 0.0, timesteps=None,
+                      sigmas=None, image=None, strength=None, mask_image=None, **_other) -> int:  # fmt: skip
+        """How many UNet calls (callbacks) ``pipe(**the same arguments)`` makes: a progress bar's total. img2img and
+        inpainting run the schedule's tail; Heun makes 2N-1 calls for N steps, PNDM N+1."""
+        strength = None if image is None else _strength(strength, inpainting=mask_image is not None)
+        plan = self._plan(num_inference_steps, scheduler, eta, timesteps, sigmas, strength)
+        return len(plan.schedule.timesteps) - plan.begin
+
     # -- stages ----------------------------------------------------------------------------------
+    def _plan(self, num_inference_steps, scheduler, eta, timesteps, sigmas, strength: float | None) -> _Plan:
+        """The scheduler, its schedule (immutable, per call) and the first call that runs: diffusers'
+        ``get_timesteps`` for img2img's and inpainting's ``strength``, else 0."""
+        if timesteps is not None:
+            steps = len(timesteps)
+        elif sigmas is not None:
+            steps = len(sigmas) - 1
+        else:
+            steps = _check_positive_int("num_inference_steps", num_inference_steps)
+        eta = _check_finite("eta", eta, "DDIM's eta is between 0 (deterministic) and 1", minimum=0.0)
+        if scheduler is None and not eta:
+            sched = self.default_scheduler
+        else:
+            sched = schedulers.resolve(scheduler, self.folder.scheduler_config, eta=eta)
+        if timesteps is None and sigmas is None:
+            schedule = sched.schedule(steps)
+        else:
+            schedule = sched.schedule(timesteps=timesteps, sigmas=sigmas)
+        begin = 0
+        if strength is not None:
+            n = steps if timesteps is None and sigmas is None else len(schedule.timesteps)
+            begin = _begin_index(n, strength, sched.order)
+        return _Plan(sched, schedule, begin, steps, eta)
+
     def _image_inputs(self, image, mask_image, strength, latents, keep_unmasked: bool, height, width):
         """Checks the image-to-image and inpainting arguments; returns (RGB image or None, mask or None, strength,
         height, width) with diffusers' strength defaults (img2img 0.8, inpainting 1.0)."""
@@ -456,14 +469,7 @@ class Pipeline:
                 raise InvalidArgumentError("strength applies only to image-to-image and inpainting: pass image= too, "
                                            "or drop strength")  # fmt: skip
             return None, None, None, height, width
-        default = 0.8 if mask_image is None else 1.0  # diffusers' img2img / inpainting defaults
-        strength = default if strength is None else strength
-        strength = _check_finite("strength", strength, "the share of the schedule that runs, in (0, 1]")
-        if not 0.0 < strength <= 1.0:
-            raise InvalidArgumentError(
-                f"strength must be in (0, 1] (the share of the schedule that runs; diffusers' default is {default:g} "
-                f"for {'inpainting' if mask_image is not None else 'image-to-image'}), got {strength:g}"
-            )
+        strength = _strength(strength, inpainting=mask_image is not None)
         if latents is not None:
             raise InvalidArgumentError("pass image or latents, not both: img2img starts from the image's latents")
         if "vae_encoder" not in self.engines and not self.folder.component_path("vae_encoder").is_file():
@@ -664,6 +670,15 @@ class Pipeline:
 
 
 @dataclass(frozen=True)
+class _Plan:
+    scheduler: schedulers.Scheduler
+    schedule: schedulers.Schedule
+    begin: int  # the index in the schedule of the first call that runs
+    steps: int  # num_inference_steps as diffusers counts it (a custom schedule: its length)
+    eta: float
+
+
+@dataclass(frozen=True)
 class StepHook:
     """What a mode adds to the denoising loop, the one extension point it has (inpainting): ``extra_inputs(j)``
     returns channels appended to the scaled UNet sample at loop step j (a 9-channel UNet's mask ‖ masked-image
@@ -672,6 +687,19 @@ class StepHook:
 
     extra_inputs: Callable[[int], np.ndarray] | None = None
     after_step: Callable[[int, np.ndarray], np.ndarray] | None = None
+
+
+def _strength(strength, inpainting: bool) -> float:
+    """``strength`` checked, or diffusers' default: 0.8 for img2img, 1.0 for inpainting."""
+    default = 1.0 if inpainting else 0.8
+    strength = default if strength is None else strength
+    strength = _check_finite("strength", strength, "the share of the schedule that runs, in (0, 1]")
+    if not 0.0 < strength <= 1.0:
+        raise InvalidArgumentError(
+            f"strength must be in (0, 1] (the share of the schedule that runs; diffusers' default is {default:g} "
+            f"for {'inpainting' if inpainting else 'image-to-image'}), got {strength:g}"
+        )
+    return strength
 
 
 def _seed_list(seeds, seed, generator, batch: int, prompts: int, per_prompt: int) -> GeneratorList:

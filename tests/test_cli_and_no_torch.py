@@ -83,11 +83,22 @@ def test_full_generate_imports_no_torch(tiny_export, tmp_path):
         pipe = Pipeline.load({str(tiny_export("sd1"))!r})
         result = pipe("a cat", num_inference_steps=3, seed=1, scheduler="dpmpp_2m_karras")
         result.images[0].save({str(tmp_path / "a.png")!r})
-        try:
-            main(["generate", "a dog", "--model", {str(tiny_export("sd2"))!r}, "-o", {str(tmp_path / "b.png")!r},
-                  "--steps", "2"], standalone_mode=False)
-        except SystemExit:
-            pass
+        mask = {str(tmp_path / "mask.png")!r}
+        result.images[0].convert("L").point(lambda v: 255 * (v > 128)).save(mask)
+        runs = [  # text-to-image, image-to-image, inpainting with a standard and with a 9-channel UNet
+            ["--model", {str(tiny_export("sd2"))!r}, "-o", {str(tmp_path / "b.png")!r}],
+            ["--model", {str(tiny_export("sd1"))!r}, "--image", {str(tmp_path / "a.png")!r}, "--strength", "0.6",
+             "-o", {str(tmp_path / "c.png")!r}],
+            ["--model", {str(tiny_export("sd1"))!r}, "--image", {str(tmp_path / "a.png")!r}, "--mask", mask,
+             "-o", {str(tmp_path / "d.png")!r}],
+            ["--model", {str(tiny_export("sd1-inpaint"))!r}, "--image", {str(tmp_path / "a.png")!r}, "--mask", mask,
+             "--keep-unmasked", "-o", {str(tmp_path / "e.png")!r}],
+        ]
+        for args in runs:
+            try:
+                main(["generate", "a dog", "--steps", "2", *args], standalone_mode=False)
+            except SystemExit:
+                pass
         banned = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "diffusers", "transformers", "optimum"))
         print("BANNED", banned)
         """
@@ -95,7 +106,7 @@ def test_full_generate_imports_no_torch(tiny_export, tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "BANNED []" in proc.stdout, proc.stdout
-    assert (tmp_path / "a.png").exists() and (tmp_path / "b.png").exists()
+    assert all((tmp_path / f"{name}.png").exists() for name in "abcde"), proc.stdout
 
 
 @pytest.mark.parametrize("module", ["edgediff.runtime", "edgediff.engines.onnxruntime", "edgediff.runtime.cli"])

@@ -216,3 +216,50 @@ def test_export_of_an_inpainting_folder(tiny_export):
     folder = ModelFolder.open(out)
     assert folder.unet_kind == "inpainting" and folder.model_symbols()["C_in"] == 9
     assert json.loads((tiny_export("sd1") / "edgediff.json").read_text())["unet_kind"] == "standard"
+
+
+def test_cli_image_to_image_and_inpainting(tmp_path):
+    """generate --image [--strength] [--mask] [--keep-unmasked] on the embedded model; --from-png with the picture
+    and mask given again remakes the same pixels; the flags that need --image say so."""
+    from cli_check import assert_one_line_error, run_cli
+    from edgediff.runtime import parameters
+
+    base, edited, painted, again = (tmp_path / f"{n}.png" for n in ("base", "edited", "painted", "again"))
+    mask = tmp_path / "mask.png"
+    mask_for(64, 64, box=(0.2, 0.2, 0.8, 0.8)).save(mask)
+    assert run_cli("generate", PROMPT, "--steps", 10, "--seed", 1, "-o", base)[0] == 0
+    code, out = run_cli("generate", "a red circle on a green background", "--image", base, "--strength", 0.7,
+                        "--steps", 10, "--seed", 2, "-o", edited)  # fmt: skip
+    assert code == 0, out
+    record = parameters.read_png_parameters(edited)
+    assert record["strength"] == 0.7 and record["init_image"] is True and "mask" not in record
+    code, out = run_cli("generate", "a yellow circle on a blue background", "--image", base, "--mask", mask,
+                        "--keep-unmasked", "--steps", 10, "--seed", 3, "-o", painted)  # fmt: skip
+    assert code == 0, out
+    record = parameters.read_png_parameters(painted)
+    assert record["strength"] == 1.0 and record["mask"] is True and record["keep_unmasked"] is True
+    assert "Denoising strength: 1.0, Mask blur: 0" in Image.open(painted).text["parameters"]
+    code, out = run_cli("generate", "--from-png", painted, "--image", base, "--mask", mask, "-o", again)
+    assert code == 0, out
+    assert np.array_equal(np.asarray(Image.open(again)), np.asarray(Image.open(painted)))
+    assert_one_line_error(*run_cli("generate", "--from-png", painted, "-o", again), "--image, and --mask")
+    assert_one_line_error(*run_cli("generate", "--from-png", painted, "--image", base, "-o", again), "--mask too")
+    for flags in (("--mask", mask), ("--strength", 0.5), ("--keep-unmasked",)):
+        assert_one_line_error(*run_cli("generate", PROMPT, *flags, "-o", again), f"{flags[0]} needs --image")
+    assert_one_line_error(*run_cli("generate", PROMPT, "--image", base, "--mask", tmp_path / "no.png", "-o", again),
+                          "mask_image: no such file")  # fmt: skip
+    assert_one_line_error(*run_cli("generate", PROMPT, "--image", base, "--strength", 1.5, "-o", again),
+                          "strength must be in (0, 1]")  # fmt: skip
+
+
+def test_planned_calls_is_what_runs(micro):
+    """The CLI's progress bar total: the UNet calls a call makes, img2img's tail and Heun's doubled calls included."""
+    image, mask = picture(32, 32), mask_for(32, 32)
+    cases = [
+        dict(num_inference_steps=10),
+        dict(num_inference_steps=10, scheduler="heun", image=image),
+        dict(num_inference_steps=10, scheduler="pndm", image=image, strength=0.35),
+        dict(num_inference_steps=9, scheduler="euler", image=image, mask_image=mask, strength=0.5),
+    ]
+    for kwargs in cases:
+        assert micro.planned_calls(**kwargs) == len(micro(PROMPT, seed=0, **kwargs).unet_calls), kwargs
