@@ -55,6 +55,25 @@ PIPELINE_PROMPTS = ["a red circle on a blue background", "small green triangle a
 PIPELINE_KW = dict(num_inference_steps=6, guidance_scale=5.0, negative_prompt=["blurry", ""])
 PIPELINE_SEED = 1234
 
+# Image-to-image and inpainting goldens (micro models; "sd1-inpaint": a 9-channel inpainting UNet):
+# (mode, variant, scheduler name, strength), on parity.picture(*IMAGE_SIZE) and parity.mask_for(*IMAGE_SIZE)
+IMAGE_CASES = [
+    ("img2img", "sd1", "euler_a", 0.6),
+    ("img2img", "sd2", "dpmpp_2m", 0.75),
+    ("inpaint", "sd1", "euler", 1.0),
+    ("inpaint", "sd2", "ddim", 0.6),
+    ("inpaint", "sd1-inpaint", "dpmpp_2m", 1.0),
+    ("inpaint", "sd1-inpaint", "heun", 0.6),
+]
+IMAGE_SIZE = (48, 32)
+IMAGE_KW = dict(prompt="a red circle on a blue background", num_inference_steps=6, guidance_scale=5.0)
+IMAGE_SEED = 77
+
+
+def image_case_key(mode: str, variant: str, name: str, strength: float) -> str:
+    return f"{mode}/{variant}/{name}/{strength:g}"
+
+
 TOKENIZER_PROMPTS = [
     "",
     "a photo of a cat",

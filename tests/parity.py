@@ -16,6 +16,14 @@ def picture(w: int, h: int, seed: int = 0) -> Image.Image:
     return Image.fromarray(rgb)
 
 
+def mask_for(w: int, h: int, box=(0.2, 0.25, 0.65, 0.8), mode: str = "L") -> Image.Image:
+    """An inpainting mask: white (repaint) inside ``box`` (fractions x0, y0, x1, y1), black elsewhere."""
+    m = np.zeros((h, w), np.uint8)
+    x0, y0, x1, y1 = box
+    m[int(y0 * h) : int(y1 * h), int(x0 * w) : int(x1 * w)] = 255
+    return Image.fromarray(m).convert(mode)
+
+
 def diffusers_images(ref, name: str, seed, **kwargs) -> np.ndarray:
     """``ref`` (a diffusers pipeline) run with the scheduler edgediff calls ``name``, a CPU generator seeded with
     ``seed`` (a list: one generator per image), as [B,H,W,3] uint8."""

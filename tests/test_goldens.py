@@ -22,14 +22,21 @@ from edgediff.runtime import Pipeline, schedulers
 from edgediff.runtime.rng import TorchCPUGenerator
 from edgediff.runtime.tokenizer import ClipTokenizer
 from golden_cases import (
+    IMAGE_CASES,
+    IMAGE_KW,
+    IMAGE_SEED,
+    IMAGE_SIZE,
     PIPELINE_KW,
     PIPELINE_PROMPTS,
     PIPELINE_SEED,
     RNG_CASES,
     SCHEDULER_NAMES,
     TOKENIZER_PROMPTS,
+    edgediff_spec,
     generation_scheduler_config,
+    image_case_key,
 )
+from parity import mask_for, picture
 from scheduler_harness import SD_BASE
 from tools.record_goldens import SCHED_PREDICTIONS, SCHED_STEPS, stand_in_outputs
 
@@ -47,7 +54,7 @@ def goldens():
 
 @pytest.fixture(scope="module")
 def micro():
-    return {v: Pipeline.load(FIXTURES / f"micro-{v}") for v in VARIANTS}
+    return {v: Pipeline.load(FIXTURES / f"micro-{v}") for v in (*VARIANTS, "sd1-inpaint")}
 
 
 def assert_close(got, want, atol: float, what: str) -> None:
@@ -170,3 +177,39 @@ def test_rng_equals_torch(goldens):
 def test_tokenizer_equals_clip_tokenizer(goldens, variant):
     folder = FIXTURES / f"micro-{variant}" / "tokenizer"
     assert ClipTokenizer(folder).encode(TOKENIZER_PROMPTS).tolist() == goldens[f"tok/{variant}"].tolist()
+
+
+@pytest.mark.parametrize("mode,variant,name,strength", IMAGE_CASES)
+def test_img2img_and_inpaint_equal_diffusers(goldens, micro, mode, variant, name, strength):
+    """StableDiffusionImg2ImgPipeline's and StableDiffusionInpaintPipeline's images (both UNet kinds), within
+    1/255, without torch."""
+    assert _image_case_error(goldens, micro, mode, variant, name, strength) <= 1
+
+
+def _image_case_error(goldens, micro, mode, variant, name, strength) -> int:
+    w, h = IMAGE_SIZE
+    extra = {"mask_image": mask_for(w, h)} if mode == "inpaint" else {}
+    result = micro[variant](image=picture(w, h), strength=strength, seed=IMAGE_SEED, scheduler=edgediff_spec(name),
+                            **IMAGE_KW, **extra)  # fmt: skip
+    want = goldens[image_case_key(mode, variant, name, strength)].astype(int)
+    return int(np.abs(np.asarray(result.images[0]).astype(int) - want[0]).max())
+
+
+@pytest.mark.parametrize("breakage", ["no blend", "inverted mask"])
+def test_broken_inpainting_fails_the_goldens(goldens, micro, monkeypatch, breakage):
+    """Negative controls: without the standard UNet's blend, or with the mask inverted, the inpainting goldens fail
+    (by far more than 1/255)."""
+    from edgediff.runtime.pipeline import Pipeline as P
+
+    original = P._image_start
+
+    def broken(self, pixels, mask, *args):
+        if breakage == "inverted mask" and mask is not None:
+            mask = 1 - mask
+        latents, hook = original(self, pixels, mask, *args)
+        return latents, (None if breakage == "no blend" and hook and hook.after_step else hook)
+
+    monkeypatch.setattr(P, "_image_start", broken)
+    cases = [c for c in IMAGE_CASES if c[0] == "inpaint" and (breakage == "inverted mask" or c[1] != "sd1-inpaint")]
+    errors = [_image_case_error(goldens, micro, *c) for c in cases]
+    assert min(errors) > 10, dict(zip(map(str, cases), errors))

@@ -17,7 +17,7 @@ from conftest import needs_torch
 from edgediff.runtime import Pipeline
 from edgediff.runtime.errors import InvalidArgumentError, ModelConfigError
 from golden_cases import edgediff_spec
-from parity import assert_close, diffusers_images, picture
+from parity import assert_close, diffusers_images, mask_for, picture
 from test_img2img import MICRO, PROMPT
 
 SCHEDULERS = ("pndm", "ddim", "euler", "euler_a", "dpmpp_2m", "heun", "lcm", "dpmpp_2m_karras")
@@ -30,14 +30,6 @@ CASES = [
     for name in SCHEDULERS
     for s in ((1.0, 0.6, 0.35) if name in ("euler", "dpmpp_2m", "heun") else (1.0, 0.6))
 ]
-
-
-def mask_for(w: int, h: int, box=(0.2, 0.25, 0.65, 0.8), mode: str = "L") -> Image.Image:
-    """White (repaint) inside ``box`` (fractions x0, y0, x1, y1), black elsewhere."""
-    m = np.zeros((h, w), np.uint8)
-    x0, y0, x1, y1 = box
-    m[int(y0 * h) : int(y1 * h), int(x0 * w) : int(x1 * w)] = 255
-    return Image.fromarray(m).convert(mode)
 
 
 @pytest.fixture(scope="module")

@@ -1,18 +1,20 @@
 """Record the golden arrays the torch-free tests compare against (PyTorch side; needs the export extra).
 
     python tests/tools/record_goldens.py            # writes tests/fixtures/goldens.npz, goldens.json
-    python tests/tools/record_goldens.py --models   # also re-exports tests/fixtures/micro-sd1, micro-sd2
+    python tests/tools/record_goldens.py --models   # also re-exports tests/fixtures/micro-sd1, -sd2, -sd1-inpaint
 
 Writes:
-- tests/fixtures/micro-sd1/, micro-sd2/: micro random-weight models (SD1 epsilon, SD2 v-prediction)
-  exported by `edgediff export` (about 2.3 MB each), only with --models or when missing: other tests
-  use them, and the goldens come from the same seeded source (build_tiny_pipeline(seed=0)) either way;
+- tests/fixtures/micro-sd1/, micro-sd2/, micro-sd1-inpaint/: micro random-weight models (SD1 epsilon, SD2
+  v-prediction, SD1 with a 9-channel inpainting UNet) exported by `edgediff export` (about 2.3 MB each), only
+  with --models or when missing: other tests use them, and the goldens come from the same seeded source (build_tiny_pipeline(seed=0)) either way;
 - tests/fixtures/goldens.npz: from diffusers / torch / transformers:
   latents/<variant>/<scheduler>  the StableDiffusionPipeline's final latents (float32, before the VAE)
       and image/<variant>/<scheduler> its image (uint8), for PIPELINE_SEED, each scheduler made by
       from_config over generation_scheduler_config(variant)
   sched/<scheduler>/<pred>/<steps>/{timesteps,samples}  every step of the scheduler, driven by the
       deterministic stand-in model outputs of `stand_in_outputs`
+  img2img/... and inpaint/<variant>/<scheduler>/<strength>  StableDiffusionImg2ImgPipeline's and
+      StableDiffusionInpaintPipeline's images (uint8) for golden_cases.IMAGE_CASES
   rng/<seed>/<shape>            torch.randn with torch.Generator("cpu").manual_seed(seed), in sequence
   tok/<variant>                 CLIPTokenizer ids of TOKENIZER_PROMPTS
 - tests/fixtures/goldens.json: versions used.
@@ -34,6 +36,10 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 from golden_cases import (  # noqa: E402
+    IMAGE_CASES,
+    IMAGE_KW,
+    IMAGE_SEED,
+    IMAGE_SIZE,
     PIPELINE_KW,
     PIPELINE_PROMPTS,
     PIPELINE_SEED,
@@ -41,7 +47,9 @@ from golden_cases import (  # noqa: E402
     SCHEDULER_NAMES,
     TOKENIZER_PROMPTS,
     generation_scheduler_config,
+    image_case_key,
 )
+from parity import diffusers_images, mask_for, picture  # noqa: E402
 from scheduler_harness import SD_BASE  # noqa: E402
 
 FIXTURES = HERE.parent / "fixtures"
@@ -79,6 +87,22 @@ def record_scheduler(goldens: dict, name: str) -> None:
             goldens[f"{key}/samples"] = np.stack(samples)
 
 
+def record_image_cases(goldens: dict, variant: str, pipe) -> None:
+    from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline
+
+    w, h = IMAGE_SIZE
+    for mode, v, name, strength in IMAGE_CASES:
+        if v != variant:
+            continue
+        cls = StableDiffusionInpaintPipeline if mode == "inpaint" else StableDiffusionImg2ImgPipeline
+        ref = cls(**pipe.components)
+        ref.set_progress_bar_config(disable=True)
+        extra = dict(mask_image=mask_for(w, h), height=h, width=w) if mode == "inpaint" else {}
+        goldens[image_case_key(mode, v, name, strength)] = diffusers_images(
+            ref, name, IMAGE_SEED, image=picture(w, h), strength=strength, **IMAGE_KW, **extra
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", action="store_true", help="re-export the committed micro model folders too")
@@ -95,8 +119,9 @@ def main() -> None:
     FIXTURES.mkdir(exist_ok=True)
     goldens: dict[str, np.ndarray] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for variant in ("sd1", "sd2"):
-            src = build_tiny_pipeline(Path(tmp) / f"src-{variant}", variant, seed=0, size="micro")
+        for variant in ("sd1", "sd2", "sd1-inpaint"):
+            base, inpaint = variant.removesuffix("-inpaint"), variant.endswith("-inpaint")
+            src = build_tiny_pipeline(Path(tmp) / f"src-{variant}", base, seed=0, size="micro", inpaint=inpaint)
             dst = FIXTURES / f"micro-{variant}"
             if args.models or not dst.exists():
                 if dst.exists():
@@ -104,6 +129,9 @@ def main() -> None:
                 export_model(src, dst)
             pipe = StableDiffusionPipeline.from_pretrained(src, safety_checker=None, requires_safety_checker=False)
             pipe.set_progress_bar_config(disable=True)
+            record_image_cases(goldens, variant, pipe)
+            if inpaint:
+                continue
             for name, (cls_name, overrides) in SCHEDULER_NAMES.items():
                 for output in ("latent", "np"):  # two seeded runs: each output exactly as the pipeline makes it
                     pipe.scheduler = getattr(diffusers, cls_name).from_config(
