@@ -6,7 +6,8 @@
 Writes:
 - tests/fixtures/micro-sd1/, micro-sd2/, micro-sd1-inpaint/: micro random-weight models (SD1 epsilon, SD2
   v-prediction, SD1 with a 9-channel inpainting UNet) exported by `edgediff export` (about 2.3 MB each), only
-  with --models or when missing: other tests use them, and the goldens come from the same seeded source (build_tiny_pipeline(seed=0)) either way;
+  with --models or when missing: other tests use them, and the goldens come from the same seeded source
+  (build_tiny_pipeline(seed=0)) either way;
 - tests/fixtures/goldens.npz: from diffusers / torch / transformers:
   latents/<variant>/<scheduler>  the StableDiffusionPipeline's final latents (float32, before the VAE)
       and image/<variant>/<scheduler> its image (uint8), for PIPELINE_SEED, each scheduler made by
