@@ -10,7 +10,7 @@ import textwrap
 import pytest
 
 from edgediff.runtime import Pipeline, shapes
-from shapes_check import fidelity, passes  # tests/ is on sys.path (pytest rootdir import mode)
+from shapes_check import edit_check, edit_passes, fidelity, passes  # tests/ is on sys.path
 
 
 @pytest.fixture(scope="module")
@@ -61,3 +61,25 @@ def test_loads_and_generates_without_torch(tmp_path):
     assert "BANNED []" in proc.stdout
     assert "'colour': 'red'" in proc.stdout and "'background': 'blue'" in proc.stdout, proc.stdout
     assert (tmp_path / "out.png").exists()
+
+
+@pytest.mark.parametrize("kind,strength", [("background", 0.7), ("colour", 1.0)])
+def test_embedded_model_edits_as_asked(pipe, kind, strength):
+    """img2img changes the background and keeps the object; inpainting recolours the masked object and leaves the
+    pixels well outside the mask close to the input."""
+    result = edit_check(pipe, kind, strength)
+    assert edit_passes(result), {k: v for k, v in result.items() if k != "items"}
+
+
+def test_reversed_strength_fails_the_edit_check(pipe, monkeypatch):
+    from edgediff.runtime import pipeline as pipeline_module
+
+    begin = pipeline_module._begin_index
+    monkeypatch.setattr(pipeline_module, "_begin_index", lambda n, s, order: begin(n, 1 - s + 1e-9, order))
+    result = edit_check(pipe, "background", 0.8)
+    assert not edit_passes(result), {k: v for k, v in result.items() if k != "items"}
+
+
+def test_inverted_mask_fails_the_edit_check(pipe):
+    result = edit_check(pipe, "colour", 1.0, invert_mask=True)
+    assert not edit_passes(result), {k: v for k, v in result.items() if k != "items"}
