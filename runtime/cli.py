@@ -366,6 +366,7 @@ def info(model: Path, verify: bool, as_json: bool) -> None:
         "folder": str(mf.path),
         "manifest": "inferred (optimum/diffusers folder)" if mf.inferred else "edgediff.json",
         "family": m["family"],
+        "unet_kind": mf.unet_kind,  # standard (txt2img, img2img, inpainting by blending) or inpainting (9-ch)
         "prediction_type": m["prediction_type"],
         "native_size": m["native_size"],
         "latent_channels": m["latent_channels"],

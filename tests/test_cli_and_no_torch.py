@@ -49,6 +49,7 @@ def test_info_reports_valid_folder(tiny_export):
     assert result.exit_code == 0, result.output
     report = json.loads(result.output)
     assert report["valid"] and report["family"] == "sd2" and report["prediction_type"] == "v_prediction"
+    assert report["unet_kind"] == "standard"
     assert "dpmpp_2m_karras" in report["schedulers_available"]
     assert report["io"]["unet"]["inputs"]["timestep"] == ["float32", []]
 

@@ -208,6 +208,10 @@ def test_export_of_an_inpainting_folder(tiny_export):
     folder = ModelFolder.open(out)
     assert folder.unet_kind == "inpainting" and folder.model_symbols()["C_in"] == 9
     assert json.loads((tiny_export("sd1") / "edgediff.json").read_text())["unet_kind"] == "standard"
+    from cli_check import run_cli
+
+    code, out = run_cli("info", out, "--json")
+    assert code == 0 and json.loads(out)["unet_kind"] == "inpainting", out
 
 
 def test_cli_image_to_image_and_inpainting(tmp_path):
