@@ -6,13 +6,14 @@ import numpy as np
 from edgediff.runtime import shapes
 
 # 12 training-split captions (scene and wording seed 7), image seed = index. Measured on the shipped
-# model (shapes-v1): colour, background, shape and position all 1.0. A broken tokenizer gives
-# colour 0.08 / background 0.25 / shape 0.17 / position 0.17; swapped guidance 0.08 / 0.0 / 0.17 /
-# 0.33; an epsilon scheduler on this v-prediction model 0.17 / 0.0 / 0.25 / 0.25. The thresholds
-# leave room for float differences between machines, none for a broken runtime.
+# model (shapes-v2): colour 0.92, background 1.0, shape 0.92, position 1.0 (shapes-v1: all 1.0). On
+# shapes-v1 a broken tokenizer gave colour 0.08 / background 0.25 / shape 0.17 / position 0.17;
+# swapped guidance 0.08 / 0.0 / 0.17 / 0.33; an epsilon scheduler on this v-prediction model 0.17 /
+# 0.0 / 0.25 / 0.25 (the tests assert that each still fails). The thresholds leave room for a flip or
+# two from float differences between machines, none for a broken runtime.
 _rng = np.random.default_rng(7)
 CHECK = [shapes.caption(scene, _rng) for scene in shapes.sample_scenes(12, seed=7, split="train")]
-MINIMUM = {"colour": 0.9, "background": 0.9, "shape": 0.8, "position": 0.9}
+MINIMUM = {"colour": 0.8, "background": 0.9, "shape": 0.8, "position": 0.9}
 
 
 def fidelity(pipe, swap=False, **kwargs):
@@ -30,9 +31,9 @@ def passes(result) -> bool:
 
 
 # The editing check: 8 img2img edits (new background, strength 0.7) and 8 inpainting edits (new object colour under
-# a mask, strength 1.0), 20 steps, guidance 5, image i seed i. Measured on the shipped model: both 1.0, far
-# pixels moved about 3/255 on average. Strength reversed (0.8 run as 0.2: the head of the schedule) and an inverted
-# mask fail it.
+# a mask, strength 1.0), 20 steps, guidance 5, image i seed i. Measured on the shipped model (shapes-v2): both
+# 1.0, far pixels moved 2.6/255 on average. Strength reversed (0.8 run as 0.2: the head of the schedule) and an
+# inverted mask fail it.
 EDIT_MINIMUM = {"both": 0.85}
 
 
