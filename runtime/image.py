@@ -74,10 +74,12 @@ def preprocess_mask(mask: Image.Image, height: int, width: int) -> tuple[np.ndar
     return (x >= 0.5).astype(np.float32)[None, None], soft
 
 
-def paste_unmasked(generated: Image.Image, original: Image.Image, soft_mask: Image.Image) -> Image.Image:
+def paste_unmasked(generated: list[Image.Image], original: Image.Image, soft_mask: Image.Image) -> list[Image.Image]:
     """``keep_unmasked``: the original's pixels where the mask is black, the generated ones where it is white, and a
-    blend by the mask's grey level between (as diffusers' ``apply_overlay``, with the unbinarized mask)."""
-    return Image.composite(generated, original.resize(generated.size, Image.Resampling.LANCZOS), soft_mask)
+    blend by the mask's grey level between (as diffusers' ``apply_overlay``, with the unbinarized mask). The
+    original is resized to the mask's size once (a copy when it already has it)."""
+    resized = original.resize(soft_mask.size, Image.Resampling.LANCZOS)
+    return [Image.composite(image, resized, soft_mask) for image in generated]
 
 
 def to_uint8(decoded: np.ndarray) -> np.ndarray:

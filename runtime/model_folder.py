@@ -188,7 +188,7 @@ class ModelFolder:
         values = {k: v for k, v in known.items() if _is_int(v) and v > 0}
         return {**self.family.defaults, "C": self.latent_channels, "S": self.text_length, **values}
 
-    @property
+    @cached_property
     def unet_kind(self) -> str:
         """``specs.UNET_KINDS``: "inpainting" for a UNet that takes 2C+1 channels (SD's 9-channel inpainting
         models), else "standard"; read from the UNet's input channels, so optimum folders say it too."""

@@ -381,7 +381,7 @@ class Pipeline:
         # 5. Decode
         images = self._decode(latents, timings)
         if keep_unmasked and soft is not None:
-            images = [paste_unmasked(im, init_image, soft) for im in images]
+            images = paste_unmasked(images, init_image, soft)
         timings["total"] = time.perf_counter() - t_start
         # Everything that changes the pixels, so that pipe(**parameters.call_arguments(params)) repeats the call
         params = {

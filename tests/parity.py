@@ -1,10 +1,15 @@
 """Helpers shared by the image-to-image and inpainting parity tests: a test picture, the diffusers oracle's
 uint8 images for an edgediff scheduler name, and the per-pixel comparison (within 1/255)."""
 
+from pathlib import Path
+
 import numpy as np
 from PIL import Image
 
 from golden_cases import SCHEDULER_NAMES
+
+MICRO = Path(__file__).parent / "fixtures" / "micro-sd1"  # the committed micro model the torch-free cases run
+PROMPT = "a red circle on a blue background"
 
 
 def picture(w: int, h: int, seed: int = 0) -> Image.Image:

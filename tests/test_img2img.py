@@ -6,7 +6,6 @@ The parity cases need torch; the bad-input cases run on the committed micro fold
 
 import json
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,10 +14,8 @@ from conftest import needs_torch
 from edgediff.runtime import Pipeline
 from edgediff.runtime.errors import InvalidArgumentError, ModelFolderError
 from golden_cases import edgediff_spec
-from parity import assert_close, diffusers_images, picture
+from parity import MICRO, PROMPT, assert_close, diffusers_images, picture
 
-MICRO = Path(__file__).parent / "fixtures" / "micro-sd1"
-PROMPT = "a red circle on a blue background"
 # (variant, scheduler name, strength): every family at one strength, 0.3/0.75/1.0 on the first-order, multistep
 # and Heun ones; sd1 runs DDIM unclipped (see test_pipeline_parity: the clipped one is chaotic on the tiny model).
 CASES = [

@@ -17,8 +17,7 @@ from conftest import needs_torch
 from edgediff.runtime import Pipeline
 from edgediff.runtime.errors import InvalidArgumentError, ModelConfigError
 from golden_cases import edgediff_spec
-from parity import assert_close, diffusers_images, mask_for, picture
-from test_img2img import MICRO, PROMPT
+from parity import MICRO, PROMPT, assert_close, diffusers_images, mask_for, picture
 
 SCHEDULERS = ("pndm", "ddim", "euler", "euler_a", "dpmpp_2m", "heun", "lcm", "dpmpp_2m_karras")
 # (variant, UNet kind, scheduler, strength): every family at 1.0 (pure noise) and 0.6; 0.35 (int(2.8) = 2 of 8
