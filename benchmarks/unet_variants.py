@@ -43,7 +43,6 @@ def _worker(args) -> dict:
     from edgediff.engines.onnxruntime import OrtEngine
     from edgediff.runtime.measure import peak_rss_bytes
     from edgediff.runtime.model_folder import ModelFolder
-    from edgediff.runtime.specs import SUBMODELS
 
     options = json.loads(args.options)
     t0 = time.perf_counter()
@@ -52,7 +51,7 @@ def _worker(args) -> dict:
     rss_load = peak_rss_bytes()
     folder = ModelFolder.open(Path(args.unet).parent.parent)
     rng = np.random.default_rng(0)
-    shapes = SUBMODELS["unet"].input_shapes(folder.symbols(1, args.size, args.size), guidance=True)
+    shapes = folder.spec("unet").input_shapes(folder.symbols(1, args.size, args.size), guidance=True)
     feeds = {
         "sample": rng.standard_normal(shapes["sample"], dtype=np.float32),
         "timestep": np.array(500.0, np.float32),

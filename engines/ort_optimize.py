@@ -38,7 +38,6 @@ import onnxruntime as ort
 
 from edgediff.runtime.errors import EdgediffError, ModelFolderError
 from edgediff.runtime.files import replace_dir
-from edgediff.runtime.specs import SUBMODELS
 
 logger = logging.getLogger(__name__)
 
@@ -230,7 +229,7 @@ def _check_same_outputs(source: Path, variant: Path, component: str, shapes: dic
 
 def _probe_shapes(folder, component: str) -> dict:
     """The contract's shapes at the native size, one image, doubled where guidance doubles."""
-    return SUBMODELS[component].input_shapes(folder.symbols(), guidance=True)
+    return folder.spec(component).input_shapes(folder.symbols(), guidance=True)
 
 
 def optimize_folder(model: str | os.PathLike, components=None, fuse: bool = True, force: bool = False,

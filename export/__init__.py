@@ -93,7 +93,7 @@ def _check_source(source: Path) -> dict:
             f"SOURCE {source} holds a {cls!r}; edgediff exports {', '.join(specs.source_pipelines())} models "
             f"({', '.join(specs.FAMILIES)})"
         )
-    family = next(f for f in specs.FAMILIES.values() if cls in f.source_pipelines)
+    family = _source_family(info)
     for comp in family.source_components:
         if not (source / comp).is_dir():
             raise ExportError(f"SOURCE {source} has no {comp}/ folder; it is not a complete diffusers model")
@@ -282,24 +282,30 @@ def export_model(
 
 
 def _load(source: Path, device: str):
+    import diffusers
     import diffusers.utils.logging as diffusers_logging
     import torch
     import transformers.utils.logging as transformers_logging
-    from diffusers import StableDiffusionPipeline
 
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ExportError(f"--device {device}: this torch build sees no CUDA GPU; use --device cpu")
     diffusers_logging.disable_progress_bar()
     diffusers_logging.set_verbosity_error()
     transformers_logging.set_verbosity_error()
+    family = _source_family(_check_source(source))
+    options: dict = {"add_watermarker": False} if family.name == "sdxl" else {
+        "safety_checker": None, "requires_safety_checker": False}  # fmt: skip
     try:
-        pipe = StableDiffusionPipeline.from_pretrained(
-            source, local_files_only=True, safety_checker=None, requires_safety_checker=False,
-            torch_dtype=torch.float32, low_cpu_mem_usage=False,
-        )  # fmt: skip
+        pipe = getattr(diffusers, family.loader).from_pretrained(
+            source, local_files_only=True, torch_dtype=torch.float32, low_cpu_mem_usage=False, **options
+        )
     except Exception as e:  # diffusers raises many types for a broken folder
         raise ExportError(f"SOURCE {source} cannot be loaded by diffusers ({type(e).__name__}: {e})") from e
     return pipe.to(device) if device != "cpu" else pipe
+
+
+def _source_family(info: dict) -> specs.Family:
+    return next(f for f in specs.FAMILIES.values() if info.get("_class_name") in f.source_pipelines)
 
 
 def _export(pipe, src: Path, dst: Path, out: Path, force: bool, fp16: bool, opset: int, progress: bool, device: str):
@@ -349,10 +355,10 @@ def _export(pipe, src: Path, dst: Path, out: Path, force: bool, fp16: bool, opse
                     shutil.rmtree(tmp / name)
                     fp16_dir.rename(tmp / name)
                     precision[name], checks = "fp16", checks16
-                elif name == "vae_decoder":
+                elif name in ("vae_decoder", "vae_encoder"):  # SDXL's VAE overflows in fp16
                     shutil.rmtree(fp16_dir)
                     notes[name] = "kept fp32: fp16 output out of tolerance (" + bad16[0].describe() + ")"
-                    logger.warning("vae_decoder: %s", notes[name])
+                    logger.warning("%s: %s", name, notes[name])
                 else:
                     bad = bad16
             for c in checks:
@@ -372,17 +378,18 @@ def _export(pipe, src: Path, dst: Path, out: Path, force: bool, fp16: bool, opse
 
 
 def _write_side_files(pipe, source: Path, tmp: Path, family: specs.Family, kind: str, fast_tokenizer_cls) -> dict:
-    pipe.tokenizer.save_pretrained(tmp / "tokenizer")
-    # tokenizer.json: what the runtime loads with `tokenizers` alone
-    fast_tokenizer_cls.from_pretrained(source / "tokenizer").save_pretrained(tmp / "tokenizer")
-    pipe.scheduler.save_config(tmp / "scheduler")
     entries = {
         "feature_extractor": [None, None],
         "requires_safety_checker": False,
         "safety_checker": [None, None],
         "scheduler": ["diffusers", type(pipe.scheduler).__name__],
-        "tokenizer": ["transformers", type(pipe.tokenizer).__name__],
     }
+    for name in family.tokenizers:
+        getattr(pipe, name).save_pretrained(tmp / name)
+        # tokenizer.json: what the runtime loads with `tokenizers` alone
+        fast_tokenizer_cls.from_pretrained(source / name).save_pretrained(tmp / name)
+        entries[name] = ["transformers", type(getattr(pipe, name)).__name__]
+    pipe.scheduler.save_config(tmp / "scheduler")
     for name in family.components:  # each component's config is its diffusers module's (both VAE halves: the VAE's)
         module = getattr(pipe, specs.SUBMODELS[name].source)
         if hasattr(module, "save_config"):  # diffusers
@@ -390,6 +397,8 @@ def _write_side_files(pipe, source: Path, tmp: Path, family: specs.Family, kind:
         else:  # transformers
             module.config.to_json_file(tmp / name / "config.json")
         entries[name] = ["diffusers", "OnnxRuntimeModel"]
+    if family.name == "sdxl":  # what the runtime's prompt encoding reads, as optimum keeps it
+        entries["force_zeros_for_empty_prompt"] = bool(pipe.config.get("force_zeros_for_empty_prompt", True))
     # diffusers' own layout: the class first, then the entries in name order
     return {"_class_name": family.onnx_pipelines[kind], "_diffusers_version": metadata.version("diffusers"),
             **dict(sorted(entries.items()))}  # fmt: skip
@@ -397,7 +406,7 @@ def _write_side_files(pipe, source: Path, tmp: Path, family: specs.Family, kind:
 
 def _write_manifest(pipe, tmp: Path, family: specs.Family, kind: str, precision: dict, notes: dict, opset: int,
                     source: Path) -> None:  # fmt: skip
-    from .onnx_export import native_latent, text_length, vae_downscale
+    from .onnx_export import guidance_frequencies, native_latent, text_length, vae_downscale
 
     vae_cfg = pipe.vae.config
     down, (size, _) = vae_downscale(pipe), native_latent(pipe)
@@ -411,6 +420,13 @@ def _write_manifest(pipe, tmp: Path, family: specs.Family, kind: str, precision:
     }
     for name, note in notes.items():
         records[name]["note"] = note
+    extra = {}
+    if pipe.unet.config.get("time_cond_proj_dim") is not None:
+        frequencies = guidance_frequencies(int(pipe.unet.config.time_cond_proj_dim))
+        note = "torch's float32 table; numpy's exp differs by an ulp in some"
+        extra["guidance_embedding"] = {"frequencies": frequencies, "note": note}
+    tokenizers = {name: {"pad_token": str(getattr(pipe, name).pad_token), "max_length": text_length(pipe)}
+                  for name in family.tokenizers}  # fmt: skip
     manifest = {
         "format": MANIFEST_FORMAT,
         "family": family.name,
@@ -420,9 +436,10 @@ def _write_manifest(pipe, tmp: Path, family: specs.Family, kind: str, precision:
         "latent_channels": int(vae_cfg.latent_channels),
         "vae_downscale": down,
         "native_size": [size * down, size * down],
-        "text_embedding_dim": int(pipe.text_encoder.config.hidden_size),
-        "tokenizer": {"pad_token": str(pipe.tokenizer.pad_token), "max_length": text_length(pipe)},
+        "text_embedding_dim": int(pipe.unet.config.cross_attention_dim),
+        **tokenizers,
         "opset": opset,
+        **extra,
         "components": records,
         "files": files,
         "tools": _versions(),

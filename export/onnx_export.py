@@ -25,22 +25,35 @@ EXTERNAL_DATA = "model.onnx_data"
 
 
 class TextEncoderWrapper(torch.nn.Module):
-    def __init__(self, text_encoder):
+    """The contract's outputs in its order: CLIPTextModel (last_hidden_state, pooler_output), SDXL's
+    CLIPTextModelWithProjection (text_embeds, last_hidden_state); then, with ``hidden_states``, every layer's."""
+
+    def __init__(self, text_encoder, hidden_states: bool = False):
         super().__init__()
         self.text_encoder = text_encoder
+        self.hidden_states = hidden_states
 
     def forward(self, input_ids):
-        out = self.text_encoder(input_ids.to(torch.int64), return_dict=False)
-        return out[0], out[1]
+        out = self.text_encoder(input_ids.to(torch.int64), output_hidden_states=self.hidden_states, return_dict=True)
+        first = (out.text_embeds, out.last_hidden_state) if hasattr(out, "text_embeds") else (
+            out.last_hidden_state, out.pooler_output)  # fmt: skip
+        return (*first, *out.hidden_states) if self.hidden_states else first
 
 
 class UNetWrapper(torch.nn.Module):
-    def __init__(self, unet):
+    """Positional inputs in the contract's order; SDXL's text_embeds/time_ids go in as ``added_cond_kwargs``,
+    an LCM UNet's guidance embedding as ``timestep_cond``."""
+
+    def __init__(self, unet, inputs: tuple[str, ...] = ("sample", "timestep", "encoder_hidden_states")):
         super().__init__()
         self.unet = unet
+        self.input_names = inputs
 
-    def forward(self, sample, timestep, encoder_hidden_states):
-        return self.unet(sample, timestep, encoder_hidden_states, return_dict=False)[0]
+    def forward(self, sample, timestep, encoder_hidden_states, *extra):
+        named = dict(zip(self.input_names[3:], extra, strict=True))
+        added = {k: named[k] for k in ("text_embeds", "time_ids") if k in named}
+        return self.unet(sample, timestep, encoder_hidden_states, timestep_cond=named.get("timestep_cond"),
+                         added_cond_kwargs=added or None, return_dict=False)[0]  # fmt: skip
 
 
 class VaeDecoderWrapper(torch.nn.Module):
@@ -67,9 +80,12 @@ class VaeEncoderWrapper(torch.nn.Module):
 
 
 def wrap(pipe, name: str) -> torch.nn.Module:
+    spec = pipe_spec(pipe, name)
+    hidden = any(t.name.startswith("hidden_states.") for t in spec.outputs)
     module = {
-        "text_encoder": lambda: TextEncoderWrapper(pipe.text_encoder),
-        "unet": lambda: UNetWrapper(pipe.unet),
+        "text_encoder": lambda: TextEncoderWrapper(pipe.text_encoder, hidden),
+        "text_encoder_2": lambda: TextEncoderWrapper(pipe.text_encoder_2, hidden),
+        "unet": lambda: UNetWrapper(pipe.unet, tuple(t.name for t in spec.inputs)),
         "vae_decoder": lambda: VaeDecoderWrapper(pipe.vae),
         "vae_encoder": lambda: VaeEncoderWrapper(pipe.vae),
     }[name]()
@@ -77,7 +93,21 @@ def wrap(pipe, name: str) -> torch.nn.Module:
 
 
 def family_of(pipe) -> str:
-    return specs.family_for(getattr(pipe.text_encoder.config, "hidden_act", None))
+    return specs.family_for(getattr(pipe.text_encoder.config, "hidden_act", None),
+                            two_encoders=getattr(pipe, "text_encoder_2", None) is not None)  # fmt: skip
+
+
+def features_of(pipe) -> frozenset[str]:
+    """The model's ``specs.FEATURES``: its family's, and ``timestep_cond`` for an LCM-distilled UNet."""
+    lcm = getattr(pipe.unet.config, "time_cond_proj_dim", None) is not None
+    return FAMILIES[family_of(pipe)].features | ({"timestep_cond"} if lcm else set())
+
+
+def pipe_spec(pipe, name: str) -> SubmodelSpec:
+    """Sub-model ``name``'s contract for this pipeline's model."""
+    module = getattr(pipe, SUBMODELS[name].source, None)
+    layers = getattr(getattr(module, "config", None), "num_hidden_layers", None) if name.startswith("text_") else None
+    return SUBMODELS[name].for_model(features_of(pipe), layers)
 
 
 def text_length(pipe) -> int:
@@ -99,21 +129,42 @@ def native_latent(pipe) -> tuple[int, int]:
 def model_symbols(pipe) -> dict[str, int]:
     """The contract's fixed symbols for a diffusers pipeline: its family's defaults, overridden by its configs."""
     unet, te = pipe.unet.config, pipe.text_encoder.config
-    return {**FAMILIES[family_of(pipe)].defaults, "C": int(pipe.vae.config.latent_channels),
-            "C_in": int(unet.in_channels), "C_out": int(unet.out_channels), "S": text_length(pipe),
-            "D": int(unet.cross_attention_dim), "V": int(te.vocab_size)}  # fmt: skip
+    symbols = {**FAMILIES[family_of(pipe)].defaults, "C": int(pipe.vae.config.latent_channels),
+               "C_in": int(unet.in_channels), "C_out": int(unet.out_channels), "S": text_length(pipe),
+               "D": int(unet.cross_attention_dim), "D1": int(te.hidden_size), "V": int(te.vocab_size)}  # fmt: skip
+    if getattr(unet, "time_cond_proj_dim", None) is not None:
+        symbols["E"] = int(unet.time_cond_proj_dim)
+    te2 = getattr(pipe, "text_encoder_2", None)
+    if te2 is not None:
+        p = int(te2.config.projection_dim)
+        symbols |= {
+            "D2": int(te2.config.hidden_size),
+            "V2": int(te2.config.vocab_size),
+            "P": p,
+            "T": (int(unet.projection_class_embeddings_input_dim) - p) // int(unet.addition_time_embed_dim),
+        }
+    return symbols
 
 
 def dummy_inputs(pipe, name: str, batch: int = 1, latent_hw: tuple[int, int] | None = None, seed: int = 0) -> dict:
     """Random inputs of the contract's shapes and dtypes for sub-model ``name`` (torch tensors)."""
     symbols = specs.resolve_symbols(model_symbols(pipe), batch, latent_hw or native_latent(pipe), vae_downscale(pipe))
-    arrays = specs.dummy_inputs(SUBMODELS[name], symbols, np.random.default_rng(seed))
+    arrays = specs.dummy_inputs(pipe_spec(pipe, name), symbols, np.random.default_rng(seed))
     return {k: torch.from_numpy(v) for k, v in arrays.items()}
+
+
+def guidance_frequencies(dim: int) -> list[float]:
+    """The frequencies of an LCM UNet's guidance embedding as torch computes them in float32 (diffusers'
+    ``get_guidance_scale_embedding``); numpy's float32 ``exp`` differs from torch's by an ulp in about half of
+    them, which moves sin(w x f) by up to 1e-3 at w = 7000, so the runtime reads them from the manifest."""
+    half = dim // 2
+    step = torch.log(torch.tensor(10000.0)) / (half - 1)
+    return [float(f) for f in torch.exp(torch.arange(half, dtype=torch.float32) * -step)]
 
 
 def export_component(pipe, name: str, out_dir: Path, opset: int = 17, device: str = "cpu") -> Path:
     """Export sub-model ``name`` to ``out_dir/model.onnx`` (+ one external-data file if > 2 GB)."""
-    spec: SubmodelSpec = SUBMODELS[name]
+    spec = pipe_spec(pipe, name)
     module = wrap(pipe, name)
     # batch 2, as optimum: tracing with batch 1 lets some broadcasts be recorded with a fixed size
     inputs = dummy_inputs(pipe, name, batch=2)

@@ -96,35 +96,46 @@ SIZES = {"tiny": ((32, 64), 32, 32, 37), "micro": ((16, 32), 8, 16, 20)}
 
 
 def build_tiny_pipeline(
-    out: str | Path, variant: str = "sd1", seed: int = 0, size: str = "tiny", inpaint: bool = False
-) -> Path:
-    """Save a tiny random-weight StableDiffusionPipeline to ``out`` (a normal diffusers folder); ``inpaint``: a
-    StableDiffusionInpaintPipeline whose UNet takes 9 channels (latents, mask, masked-image latents).
+    out: str | Path, variant: str = "sd1", seed: int = 0, size: str = "tiny", inpaint: bool = False,
+    lcm: bool = False, turbo: bool = False,
+) -> Path:  # fmt: skip
+    """Save a tiny random-weight Stable Diffusion pipeline to ``out`` (a normal diffusers folder).
 
     ``variant="sd1"``: epsilon prediction, quick_gelu CLIP, pad ``<|endoftext|>``.
     ``variant="sd2"``: v-prediction, gelu CLIP, pad ``!``, linear-projection attention.
+    ``variant="sdxl"``: a StableDiffusionXLPipeline: two text encoders of different widths (the second with a
+    projection, gelu, pad ``!`` = id 0), a UNet with SDXL's added conditioning, an SDXL-style VAE (scaling 0.13025),
+    Euler leading, ``force_zeros_for_empty_prompt``.
+    ``inpaint``: the inpainting pipeline class, whose UNet takes 9 channels (latents, mask, masked-image latents).
+    ``lcm``: an LCM-distilled UNet (``time_cond_proj_dim``) with LCMScheduler (SD: LatentConsistencyModelPipeline).
+    ``turbo``: SD-Turbo/SDXL-Turbo's scheduler (Euler ancestral, trailing spacing).
     Latent 16x16, VAE downscale 2 -> native 32x32 images. ``size="micro"`` halves the widths
     (about 4x fewer weights) for models committed as test data.
     """
+    import diffusers
     import torch
-    from diffusers import (
-        AutoencoderKL,
-        PNDMScheduler,
-        StableDiffusionInpaintPipeline,
-        StableDiffusionPipeline,
-        UNet2DConditionModel,
-    )
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-    if variant not in ("sd1", "sd2"):
-        raise ValueError(f"variant must be 'sd1' or 'sd2', got {variant!r}")
+    if variant not in ("sd1", "sd2", "sdxl"):
+        raise ValueError(f"variant must be 'sd1', 'sd2' or 'sdxl', got {variant!r}")
     blocks, groups, width, intermediate = SIZES[size]
-    sd2 = variant == "sd2"
+    sd2, xl = variant == "sd2", variant == "sdxl"
     out = Path(out)
-    tok_dir = out / "tokenizer"
-    vocab_size = write_clip_tokenizer(tok_dir, pad_token="!" if sd2 else "<|endoftext|>")
-    tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
+    vocab_size = write_clip_tokenizer(out / "tokenizer", pad_token="!" if sd2 else "<|endoftext|>")
+    tokenizer = CLIPTokenizer.from_pretrained(out / "tokenizer")
+
+    def text_config(hidden: int, layers: int, act: str, projection: int) -> CLIPTextConfig:
+        return CLIPTextConfig(
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id, hidden_size=hidden, intermediate_size=intermediate,
+            layer_norm_eps=1e-05, num_attention_heads=4, num_hidden_layers=layers, vocab_size=vocab_size,
+            hidden_act=act, projection_dim=projection,
+        )  # fmt: skip
+
     torch.manual_seed(seed)
+    # SDXL: the second encoder is wider than the first (so a swapped concat fails) and pools to its own width
+    width_2, pooled, time_dim = width + width // 2, width + width // 4, 8
     unet = UNet2DConditionModel(
         block_out_channels=blocks,
         layers_per_block=1,
@@ -133,11 +144,15 @@ def build_tiny_pipeline(
         out_channels=4,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=width,
-        attention_head_dim=(2, 4) if sd2 else 8,
-        use_linear_projection=sd2,
+        cross_attention_dim=width + width_2 if xl else width,
+        attention_head_dim=(2, 4) if sd2 or xl else 8,
+        use_linear_projection=sd2 or xl,
         norm_num_groups=groups,
-    )
+        time_cond_proj_dim=2 * width if lcm else None,
+        **(dict(transformer_layers_per_block=(1, 2), addition_embed_type="text_time",
+                addition_time_embed_dim=time_dim, projection_class_embeddings_input_dim=6 * time_dim + pooled)
+           if xl else {}),
+    )  # fmt: skip
     vae = AutoencoderKL(
         block_out_channels=blocks,
         in_channels=3,
@@ -147,35 +162,33 @@ def build_tiny_pipeline(
         latent_channels=4,
         norm_num_groups=groups,
         sample_size=32,
+        **(dict(scaling_factor=0.13025, force_upcast=True) if xl else {}),
     )
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-            hidden_size=width,
-            intermediate_size=intermediate,
-            layer_norm_eps=1e-05,
-            num_attention_heads=4,
-            num_hidden_layers=2,
-            vocab_size=vocab_size,
-            hidden_act="gelu" if sd2 else "quick_gelu",
-            projection_dim=width,
-        )
-    )
-    scheduler = PNDMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        set_alpha_to_one=False,
-        skip_prk_steps=True,
-        steps_offset=1,
-        prediction_type="v_prediction" if sd2 else "epsilon",
-    )
-    pipe = (StableDiffusionInpaintPipeline if inpaint else StableDiffusionPipeline)(
-        unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )  # fmt: skip
+    text_encoder = CLIPTextModel(text_config(width, 2 if not xl else 3, "gelu" if sd2 else "quick_gelu", width))
+    scheduler_config = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                            prediction_type="v_prediction" if sd2 else "epsilon")  # fmt: skip
+    if turbo:
+        scheduler = diffusers.EulerAncestralDiscreteScheduler(timestep_spacing="trailing", **scheduler_config)
+    elif lcm:
+        scheduler = diffusers.LCMScheduler(set_alpha_to_one=True, **scheduler_config)
+    elif xl:
+        scheduler = diffusers.EulerDiscreteScheduler(steps_offset=1, timestep_spacing="leading", **scheduler_config)
+    else:
+        scheduler = diffusers.PNDMScheduler(set_alpha_to_one=False, skip_prk_steps=True, steps_offset=1,
+                                            **scheduler_config)  # fmt: skip
+    parts = dict(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)
+    if xl:
+        write_clip_tokenizer(out / "tokenizer_2", pad_token="!")  # OpenCLIP's: pads with id 0
+        parts["tokenizer_2"] = CLIPTokenizer.from_pretrained(out / "tokenizer_2")
+        parts["text_encoder_2"] = CLIPTextModelWithProjection(text_config(width_2, 4, "gelu", pooled))
+        name = "StableDiffusionXLInpaintPipeline" if inpaint else "StableDiffusionXLPipeline"
+        pipe = getattr(diffusers, name)(**parts, force_zeros_for_empty_prompt=True, add_watermarker=False)
+    else:
+        name = "StableDiffusionInpaintPipeline" if inpaint else "StableDiffusionPipeline"
+        if lcm and not inpaint:
+            name = "LatentConsistencyModelPipeline"
+        pipe = getattr(diffusers, name)(**parts, safety_checker=None, feature_extractor=None,
+                                        requires_safety_checker=False)  # fmt: skip
     pipe.save_pretrained(out)
     return out
 
@@ -255,7 +268,10 @@ def main(argv: list[str] | None = None) -> None:
 
     parser = argparse.ArgumentParser(description="Build a tiny random-weight Stable Diffusion diffusers folder.")
     parser.add_argument("out")
-    parser.add_argument("--variant", choices=["sd1", "sd2"], default="sd1")
+    parser.add_argument("--variant", choices=["sd1", "sd2", "sdxl"], default="sd1")
+    parser.add_argument("--inpaint", action="store_true")
+    parser.add_argument("--lcm", action="store_true")
+    parser.add_argument("--turbo", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--size", choices=sorted(SIZES), default="tiny")
     parser.add_argument("--arch", choices=sorted(ARCHITECTURES), help="a full-size published architecture instead")
@@ -263,7 +279,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.arch:
         print(build_full_size_pipeline(args.out, args.arch, args.seed))
     else:
-        print(build_tiny_pipeline(args.out, args.variant, args.seed, args.size))
+        print(build_tiny_pipeline(args.out, args.variant, args.seed, args.size, args.inpaint, args.lcm, args.turbo))
 
 
 if __name__ == "__main__":

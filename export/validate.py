@@ -19,9 +19,8 @@ import numpy as np
 import torch
 
 from edgediff.runtime.measure import psnr
-from edgediff.runtime.specs import SUBMODELS
 
-from .onnx_export import dummy_inputs, native_latent, wrap
+from .onnx_export import dummy_inputs, native_latent, pipe_spec, wrap
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +54,7 @@ def check_component(pipe, name: str, onnx_path: Path, precision: str = "fp32", d
     provider when the installed onnxruntime has it (fast validation of full-size models)."""
     import onnxruntime as ort
 
-    spec = SUBMODELS[name]
+    spec = pipe_spec(pipe, name)
     atol, rtol = spec.tolerance[precision]
     module = wrap(pipe, name)
     providers = ["CPUExecutionProvider"]

@@ -21,7 +21,6 @@ from typing import Any
 import numpy as np
 
 from .measure import machine_info, peak_rss_bytes
-from .specs import SUBMODELS
 
 SCHEMA_VERSION = 1
 STAGES = ("tokenize", "text_encoder", "unet", "host", "denoise", "vae_decoder", "postprocess", "image_encode", "total")
@@ -197,7 +196,7 @@ def _unet_shapes(pipe, params: dict, batch: int, guidance: float) -> dict[str, l
     if pipe.folder.text_embedding_dim is None:
         return None
     symbols = pipe.folder.symbols(batch, params["height"], params["width"])
-    shapes = SUBMODELS["unet"].input_shapes(symbols, guidance=guidance > 1)
+    shapes = pipe.folder.spec("unet").input_shapes(symbols, guidance=guidance > 1)
     return {name: list(shape) for name, shape in shapes.items()}
 
 

@@ -137,6 +137,9 @@ _CALL_OPTIONS = {
     "seed": "seed",
     "eta": "eta",
     "strength": "strength",
+    "prompt_2": "prompt_2",
+    "negative_prompt_2": "negative_prompt_2",
+    "guidance_rescale": "guidance_rescale",
 }
 
 
@@ -151,8 +154,18 @@ _CALL_OPTIONS = {
 )
 @click.option("-o", "--output", default="out.png", show_default=True, type=click.Path(path_type=Path))
 @click.option("--negative-prompt", default=None)
-@click.option("--steps", default=50, show_default=True, type=int)
-@click.option("--guidance", default=7.5, show_default=True, type=float)
+@click.option("--prompt-2", default=None, help="SDXL: the second text encoder's prompt. Default: PROMPT.")
+@click.option("--negative-prompt-2", default=None, help="SDXL: the second text encoder's negative prompt.")
+@click.option(
+    "--steps", default=None, type=int, help="Default: the model's (SD, SDXL: 50; a Turbo folder: 1; LCM: 4)."
+)
+@click.option(
+    "--guidance",
+    default=None,
+    type=float,
+    help="Default: the model's (SD: 7.5; SDXL: 5.0; Turbo: 0; LCM: 8). 1 or less turns guidance off.",
+)
+@click.option("--guidance-rescale", default=0.0, show_default=True, type=float, help="diffusers' rescale_noise_cfg.")
 @click.option("--width", default=None, type=int, help="Default: the model's native size.")
 @click.option("--height", default=None, type=int, help="Default: the model's native size.")
 @click.option("--seed", default=None, type=int, help="Same seed, same image as diffusers with a CPU generator.")
@@ -221,7 +234,8 @@ _CALL_OPTIONS = {
 )
 @_MEMORY_LIMIT_OPTION
 @click.pass_context
-def generate(ctx, prompt, model, output, negative_prompt, steps, guidance, width, height, seed, scheduler,
+def generate(ctx, prompt, model, output, negative_prompt, prompt_2, negative_prompt_2, steps, guidance,
+             guidance_rescale, width, height, seed, scheduler,
              scheduler_option, eta, timesteps, sigmas, from_png, params_file, init_image, strength, mask,
              keep_unmasked, providers, low_memory, int8, memory_limit):  # fmt: skip
     """Generate an image from PROMPT and write it as a PNG with its parameters.

@@ -63,6 +63,45 @@ PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 DEFAULT_UNET_DOWNSCALE = 8
 
 
+# Few-step models and the settings that give good images (their model cards and diffusers' docs): the defaults a
+# call gets on such a folder. Turbo (adversarial distillation of SD 2.1 / SDXL): guidance 0, 1-4 steps of Euler
+# ancestral on trailing timesteps; img2img needs int(steps x strength) >= 1 (2 x 0.5). LCM-distilled UNets take the
+# guidance as an embedding (no doubled batch): 4 steps at 8.0 (docs: 3 to 13). An LCM scheduler on a plain UNet is an
+# LCM-LoRA merge: 4 steps with guidance 1 (off) to 2.
+FEW_STEP: dict[str, dict[str, Any]] = {
+    "turbo": {"guidance_distilled": True, "defaults": {
+        "txt2img": {"num_inference_steps": 1, "guidance_scale": 0.0},
+        "img2img": {"num_inference_steps": 2, "guidance_scale": 0.0, "strength": 0.5},
+        "inpaint": {"num_inference_steps": 2, "guidance_scale": 0.0, "strength": 0.5}}},
+    "lcm": {"guidance_distilled": False, "defaults": {
+        mode: {"num_inference_steps": 4, "guidance_scale": 8.0} for mode in specs.MODES}},
+    "lcm_lora": {"guidance_distilled": False, "defaults": {
+        mode: {"num_inference_steps": 4, "guidance_scale": 1.0} for mode in specs.MODES}},
+}  # fmt: skip
+
+
+def few_step_kind(time_cond_proj_dim, scheduler_config: dict) -> str | None:
+    """``FEW_STEP``'s kind of a model, from its UNet's ``time_cond_proj_dim`` and its scheduler config: an LCM UNet;
+    an LCM scheduler on a plain UNet (LCM-LoRA); Euler ancestral on trailing timesteps, which is what SD-Turbo and
+    SDXL-Turbo ship (export's ``few_step=`` says it when a folder's configs do not)."""
+    if _is_int(time_cond_proj_dim):
+        return "lcm"
+    cls = scheduler_config.get("_class_name")
+    if cls == "LCMScheduler":
+        return "lcm_lora"
+    if cls == "EulerAncestralDiscreteScheduler" and scheduler_config.get("timestep_spacing") == "trailing":
+        return "turbo"
+    return None
+
+
+def _load_config(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
 def _is_int(v) -> TypeGuard[int]:
     return isinstance(v, int) and not isinstance(v, bool)
 
@@ -108,6 +147,7 @@ class ModelFolder:
     edited: list[str] = field(default_factory=list)
     # the tokenizer open() built while checking the folder, so a caller need not parse tokenizer.json again
     tokenizer: ClipTokenizer | None = field(default=None, repr=False, compare=False)
+    tokenizer_2: ClipTokenizer | None = field(default=None, repr=False, compare=False)  # SDXL's second
 
     # -- facts the pipeline needs -----------------------------------------------------------
     @property
@@ -153,13 +193,13 @@ class ModelFolder:
     @cached_property
     def text_embedding_dim(self) -> int | None:
         """Width of the prompt embeddings the UNet takes (the contract's ``D``): the manifest's, else
-        the text encoder's or UNet's config (optimum folders), else None (``model_symbols`` then
+        the UNet's or text encoder's config (optimum folders), else None (``model_symbols`` then
         holds the family's default)."""
         value = self.manifest.get("text_embedding_dim")
         if not (isinstance(value, int) and value > 0):
-            value = self._config_value("text_encoder/config.json", "hidden_size")
-        if not (isinstance(value, int) and value > 0):
             value = self._config_value("unet/config.json", "cross_attention_dim")
+        if not (isinstance(value, int) and value > 0):
+            value = self._config_value("text_encoder/config.json", "hidden_size")
         return value if isinstance(value, int) and value > 0 else None
 
     @property
@@ -176,15 +216,70 @@ class ModelFolder:
         return max_length(self._config_value("tokenizer/tokenizer_config.json", "model_max_length"),
                           self.text_max_positions)  # fmt: skip
 
+    @cached_property
+    def features(self) -> frozenset[str]:
+        """The model's ``specs.FEATURES``: its family's, and ``timestep_cond`` for an LCM-distilled UNet."""
+        lcm = _is_int(self._config_value("unet/config.json", "time_cond_proj_dim"))
+        return self.family.features | ({"timestep_cond"} if lcm else set())
+
+    def text_layers(self, component: str) -> int | None:
+        """A text encoder's layer count (its hidden states are ``hidden_states.0`` .. ``hidden_states.{N}``)."""
+        value = self._config_value(f"{component}/config.json", "num_hidden_layers")
+        return value if _is_int(value) and value > 0 else None
+
+    def spec(self, component: str) -> specs.SubmodelSpec:
+        """The I/O contract of ``component`` for this model (its features' tensors, one per hidden-state layer)."""
+        return SUBMODELS[component].for_model(self.features, self.text_layers(component))
+
+    @cached_property
+    def few_step(self) -> dict[str, Any]:
+        """What a few-step model dictates (``few_step_kind``): the manifest's record, else inferred from configs."""
+        recorded = self.manifest.get("few_step")
+        if isinstance(recorded, dict) and recorded.get("kind") in FEW_STEP:
+            return recorded
+        kind = few_step_kind(self._config_value("unet/config.json", "time_cond_proj_dim"),
+                             _load_config(self.path / "scheduler" / "scheduler_config.json"))  # fmt: skip
+        return {"kind": kind} if kind else {}
+
+    @property
+    def guidance_distilled(self) -> bool:
+        """Trained to run without classifier-free guidance (SD-Turbo, SDXL-Turbo): guidance > 1 only costs."""
+        return FEW_STEP.get(str(self.few_step.get("kind")), {}).get("guidance_distilled", False)
+
+    def call_defaults(self, mode: str) -> dict[str, float]:
+        """num_inference_steps, guidance_scale (and strength for img2img / inpaint) a call gets when it does not
+        say: diffusers' for the family and mode, overridden by a few-step model's (``FEW_STEP``)."""
+        few = FEW_STEP.get(str(self.few_step.get("kind")), {}).get("defaults", {})
+        return {**self.family.call_defaults[mode], **few.get(mode, {})}
+
+    @property
+    def force_zeros_for_empty_prompt(self) -> bool:
+        """SDXL's rule: with no negative prompt, the negative conditioning is zeros (not the encoded "")."""
+        return self._config_value("model_index.json", "force_zeros_for_empty_prompt") is True
+
     def model_symbols(self) -> dict[str, int]:
         """The contract's fixed symbols for this folder: the family's defaults, overridden by what the
-        manifest and configs say (``C``, ``S``, ``D``, ``V``, ``C_in``, ``C_out``)."""
+        manifest and configs say (``C``, ``S``, ``D``, ``V``, ``C_in``, ``C_out``; SDXL's ``D1``, ``D2``, ``P``,
+        ``T``, ``V2``; LCM's ``E``)."""
+        unet = lambda key: self._config_value("unet/config.json", key)  # noqa: E731
         known = {
             "D": self.text_embedding_dim,
             "V": self._config_value("text_encoder/config.json", "vocab_size"),
-            "C_in": self._config_value("unet/config.json", "in_channels"),
-            "C_out": self._config_value("unet/config.json", "out_channels"),
+            "C_in": unet("in_channels"),
+            "C_out": unet("out_channels"),
+            "E": unet("time_cond_proj_dim"),
         }
+        if "added_cond" in self.features:
+            projection = self._config_value("text_encoder_2/config.json", "projection_dim")
+            known |= {
+                "D1": self._config_value("text_encoder/config.json", "hidden_size"),
+                "D2": self._config_value("text_encoder_2/config.json", "hidden_size"),
+                "V2": self._config_value("text_encoder_2/config.json", "vocab_size"),
+                "P": projection,
+            }
+            total, per = unet("projection_class_embeddings_input_dim"), unet("addition_time_embed_dim")
+            if _is_int(total) and _is_int(per) and _is_int(projection) and per > 0 and (total - projection) % per == 0:
+                known["T"] = (total - projection) // per
         values = {k: v for k, v in known.items() if _is_int(v) and v > 0}
         return {**self.family.defaults, "C": self.latent_channels, "S": self.text_length, **values}
 
@@ -295,7 +390,15 @@ class ModelFolder:
         problems = [f"scheduler/scheduler_config.json: {p}" for p in schedulers.config_problems(raw_scheduler)]
         self.tokenizer, tokenizer_problems = check_tokenizer(self.path / "tokenizer", self.text_max_positions)
         problems += tokenizer_problems
-        for rel in ("unet/config.json", "vae_decoder/config.json", "text_encoder/config.json"):
+        if "tokenizer_2" in self.family.tokenizers:
+            positions = self._config_value("text_encoder_2/config.json", "max_position_embeddings")
+            self.tokenizer_2, tokenizer_problems = check_tokenizer(
+                self.path / "tokenizer_2", positions if _is_int(positions) else None
+            )
+            problems += tokenizer_problems
+        problems += self._added_cond_problems()
+        for rel in ("unet/config.json", "vae_decoder/config.json", "text_encoder/config.json",
+                    "text_encoder_2/config.json"):  # fmt: skip
             p = self.path / rel
             if p.is_file():
                 try:
@@ -334,6 +437,37 @@ class ModelFolder:
                 problems.append(f"{MANIFEST if not self.inferred else 'unet/config.json'}: native_size {native} is "
                                 f"not a multiple of {m} (the VAE's factor {self.vae_downscale} x the UNet's "
                                 f"down-sampling {self.unet_downscale})")  # fmt: skip
+        return problems
+
+    def _added_cond_problems(self) -> list[str]:
+        """SDXL: the UNet's cross-attention and added-conditioning widths against the two text encoders'."""
+        if "added_cond" not in self.features:
+            return []
+        unet = lambda key: self._config_value("unet/config.json", key)  # noqa: E731
+        d1 = self._config_value("text_encoder/config.json", "hidden_size")
+        d2 = self._config_value("text_encoder_2/config.json", "hidden_size")
+        projection = self._config_value("text_encoder_2/config.json", "projection_dim")
+        cross, total, per = (
+            unet("cross_attention_dim"),
+            unet("projection_class_embeddings_input_dim"),
+            unet("addition_time_embed_dim"),
+        )
+        problems = []
+        if unet("addition_embed_type") not in (None, "text_time"):
+            problems.append(f"unet/config.json: addition_embed_type {unet('addition_embed_type')!r} is not SDXL's "
+                            "'text_time'; edgediff runs SDXL UNets")  # fmt: skip
+        if all(_is_int(v) for v in (cross, d1, d2)) and cross != d1 + d2:
+            problems.append(f"unet/config.json: cross_attention_dim {cross} is not the text encoders' widths "
+                            f"{d1} + {d2} (text_encoder and text_encoder_2 hidden_size); the folder mixes "
+                            "models")  # fmt: skip
+        if all(_is_int(v) for v in (total, per, projection)):
+            if total != 6 * per + projection:
+                problems.append(
+                    f"unet/config.json: projection_class_embeddings_input_dim {total} is not 6 size numbers x "
+                    f"addition_time_embed_dim {per} + the pooled width {projection} (text_encoder_2 projection_dim) "
+                    f"= {6 * per + projection}; the UNet does not match the text encoders (a refiner's 5 numbers "
+                    "are not supported)"
+                )
         return problems
 
     def verify(self) -> list[str]:
@@ -421,7 +555,8 @@ def manifest_problems(m: dict) -> list[str]:
                 problems.append(f"components.{name} must be an object like {{\"file\": \"{name}/{ONNX_FILE}\", ...}}, "
                                 f"got {comp!r}")  # fmt: skip
             elif name in SUBMODELS:
-                problems += _io_problems(name, comp)
+                family = FAMILIES.get(str(m.get("family")), FAMILIES[specs.DEFAULT_FAMILY])
+                problems += _io_problems(name, comp, family.features)
     files = m.get("files")
     if isinstance(files, dict):
         for rel, info in files.items():
@@ -431,11 +566,17 @@ def manifest_problems(m: dict) -> list[str]:
     return problems
 
 
-def _io_problems(name: str, comp: dict) -> list[str]:
+def _io_problems(name: str, comp: dict, family_features: frozenset[str]) -> list[str]:
     """The component's I/O as the manifest records it (export reads it back from the ONNX) against the I/O
-    contract (runtime/specs.py): the same names, ranks, fixed sizes and kind of dtype (an fp16 export's
-    float16 for float32 is a precision, not a mismatch). Symbol names are not compared: they are labels."""
+    contract (runtime/specs.py) for the family's features (and an LCM UNet's ``timestep_cond`` when recorded):
+    the same names, ranks, fixed sizes and kind of dtype (an fp16 export's float16 for float32 is a precision, not
+    a mismatch). Symbol names are not compared: they are labels."""
     problems = []
+    recorded_names = [t.get("name") for t in comp.get("inputs") or [] if isinstance(t, dict)]
+    features = family_features | ({"timestep_cond"} if "timestep_cond" in recorded_names else set())
+    layers = sum(1 for t in comp.get("outputs") or [] if isinstance(t, dict)
+                 and str(t.get("name", "")).startswith("hidden_states.")) - 1  # fmt: skip
+    spec = SUBMODELS[name].for_model(features, layers if layers >= 0 else 0)
     for kind in ("inputs", "outputs"):
         recorded, where = comp.get(kind), f"components.{name}.{kind}"
         if recorded is None:
@@ -445,7 +586,7 @@ def _io_problems(name: str, comp: dict) -> list[str]:
         except (TypeError, KeyError, ValueError, AttributeError):
             problems.append(f'{where} must be a list of {{"name", "dtype", "shape"}} objects, got {recorded!r}'[:300])
             continue
-        contract = getattr(SUBMODELS[name], kind)
+        contract = getattr(spec, kind)
         if sorted(tensors) != sorted(t.name for t in contract):
             problems.append(f"{where} are {list(tensors)}, the I/O contract's are {[t.name for t in contract]}")
             continue
@@ -479,7 +620,10 @@ def infer_manifest(path: Path) -> dict:
     scaling = vae_cfg.get("scaling_factor", 0.18215)
     return {
         "format": MANIFEST_FORMAT,
-        "family": specs.family_for(te_cfg.get("hidden_act")),
+        "family": specs.family_for(
+            te_cfg.get("hidden_act"),
+            two_encoders=(path / "text_encoder_2").is_dir() or unet_cfg.get("addition_embed_type") == "text_time",
+        ),
         "prediction_type": sched.get("prediction_type", "epsilon"),
         "vae_scaling_factor": float(scaling) if _is_number(scaling) else scaling,
         "latent_channels": vae_cfg.get("latent_channels", unet_cfg.get("in_channels", 4)),

@@ -194,6 +194,11 @@ def to_json(p: dict[str, Any]) -> str:
     return json.dumps(p, default=_jsonable)
 
 
+# SDXL's own call arguments, recorded as given (None when not)
+SDXL_KEYS = ("prompt_2", "negative_prompt_2", "original_size", "crops_coords_top_left", "target_size",
+             "negative_original_size", "negative_crops_coords_top_left", "negative_target_size")  # fmt: skip
+
+
 def call_arguments(record: dict[str, Any], with_image: bool = False) -> dict[str, Any]:
     """Pipeline call arguments that repeat the call ``record`` describes: ``pipe(**call_arguments(r))``. An
     image-to-image or inpainting record needs its starting image (and mask) back: ``with_image=True`` says the
@@ -221,7 +226,7 @@ def call_arguments(record: dict[str, Any], with_image: bool = False) -> dict[str
     else:
         scheduler = None
     keys = ("prompt", "negative_prompt", "num_inference_steps", "guidance_scale", "width", "height", "seed",
-            "timesteps", "sigmas")  # fmt: skip
+            "timesteps", "sigmas", "guidance_rescale", *SDXL_KEYS)  # fmt: skip
     args = {k: record[k] for k in keys if record.get(k) is not None}
     if made_from_image:
         args["strength"] = record.get("strength")

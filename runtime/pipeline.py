@@ -144,6 +144,8 @@ class Pipeline:
                                        f"{memory_limit!r}")  # fmt: skip
         mf = ModelFolder.open(embedded_model_path() if folder is None else folder)
         tokenizer = mf.tokenizer or ClipTokenizer(mf.path / "tokenizer", mf.text_max_positions)
+        if "tokenizer_2" in mf.family.tokenizers and mf.tokenizer_2 is None:
+            mf.tokenizer_2 = ClipTokenizer(mf.path / "tokenizer_2")
         options = dict(engine_options)
         if providers is not None:
             options["providers"] = providers
@@ -263,8 +265,8 @@ class Pipeline:
         self,
         prompt: str | list[str],
         negative_prompt: str | list[str] | None = None,
-        num_inference_steps: int = 50,
-        guidance_scale: float = 7.5,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
         width: int | None = None,
         height: int | None = None,
         seed: int | None = None,
@@ -281,6 +283,15 @@ class Pipeline:
         mask_image: Any = None,
         keep_unmasked: bool = False,
         seeds: Sequence[int] | None = None,
+        guidance_rescale: float = 0.0,
+        prompt_2: str | list[str] | None = None,
+        negative_prompt_2: str | list[str] | None = None,
+        original_size: tuple[int, int] | None = None,
+        crops_coords_top_left: tuple[int, int] | None = None,
+        target_size: tuple[int, int] | None = None,
+        negative_original_size: tuple[int, int] | None = None,
+        negative_crops_coords_top_left: tuple[int, int] | None = None,
+        negative_target_size: tuple[int, int] | None = None,
     ) -> GenerationResult:
         """Generate images. Arguments as diffusers' StableDiffusionPipeline: ``eta`` reaches DDIM
         only; ``timesteps`` / ``sigmas`` give a custom schedule to schedulers that accept one
@@ -303,22 +314,41 @@ class Pipeline:
 
         ``seeds`` (one per image, e.g. ``[s, s+1, ...]`` as A1111-style clients send): image i draws everything from
         its own generator, so ``seed=seeds[i]`` alone remakes image i; without it one generator (``seed``) draws
-        for the whole batch in diffusers' order."""
+        for the whole batch in diffusers' order.
+
+        ``num_inference_steps``, ``guidance_scale`` and ``strength`` default to the model's
+        (``ModelFolder.call_defaults``): diffusers' for the family and mode (SD 50 steps at 7.5; SDXL 5.0, its
+        img2img strength 0.3, inpainting 0.9999 at 7.5), or what a few-step model folder says (Turbo: 1 step at
+        guidance 0; LCM: 4 steps at 8).
+        ``guidance_rescale`` (0..1): diffusers' ``rescale_noise_cfg`` after guidance, as in its SD and SDXL pipelines.
+
+        SDXL models only, as diffusers' StableDiffusionXLPipeline: ``prompt_2`` / ``negative_prompt_2`` for the
+        second text encoder (default: ``prompt`` / ``negative_prompt``); the size conditioning ``original_size``,
+        ``crops_coords_top_left``, ``target_size`` (``(height, width)`` and ``(top, left)`` in pixels; default the
+        output size and (0, 0)) and their ``negative_`` counterparts (default: the positive ones). With no
+        ``negative_prompt`` an SDXL model whose folder says ``force_zeros_for_empty_prompt`` conditions the negative
+        on zeros (``""`` is encoded)."""
         timings: dict[str, float] = {}
         t_start = time.perf_counter()
         custom_latents = latents is not None  # not recorded: an image made from them cannot be regenerated
         # 1. Check inputs
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt) if prompt is not None else []
-        if not prompts or not all(isinstance(p, str) for p in prompts):
-            raise InvalidArgumentError("prompt must be a string or a non-empty list of strings")
-        if negative_prompt is None:
-            negatives = [""] * len(prompts)
+        prompts = _text_list("prompt", prompt)
+        negatives = [""] * len(prompts) if negative_prompt is None else _text_list("negative_prompt", negative_prompt,
+                                                                                   len(prompts))  # fmt: skip
+        sizes = {"original_size": original_size, "crops_coords_top_left": crops_coords_top_left,
+                 "target_size": target_size, "negative_original_size": negative_original_size,
+                 "negative_crops_coords_top_left": negative_crops_coords_top_left,
+                 "negative_target_size": negative_target_size}  # fmt: skip
+        texts = _Texts(prompts, negatives)
+        if "added_cond" in self.folder.features:
+            texts = _Texts(prompts, negatives, _text_list("prompt_2", prompt_2 or prompt, len(prompts)),
+                           _text_list("negative_prompt_2", negative_prompt_2 or negative_prompt or "", len(prompts)),
+                           zero_negatives=negative_prompt is None
+                           and self.folder.force_zeros_for_empty_prompt)  # fmt: skip
         else:
-            negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
-            if len(negatives) != len(prompts):
-                raise InvalidArgumentError(
-                    f"negative_prompt has {len(negatives)} entries but prompt has {len(prompts)}; give one per prompt"
-                )
+            self._refuse_sdxl_arguments(prompt_2=prompt_2, negative_prompt_2=negative_prompt_2, **sizes)
+        mode = "txt2img" if image is None else "img2img" if mask_image is None else "inpaint"
+        defaults = self.folder.call_defaults(mode)
         per_prompt = _check_positive_int("num_images_per_prompt", num_images_per_prompt)
         init_image, mask, strength, height, width = self._image_inputs(image, mask_image, strength, latents,
                                                                        keep_unmasked, height, width)  # fmt: skip
@@ -328,8 +358,15 @@ class Pipeline:
         f = self.folder.vae_downscale
         for name, v in (("width", width), ("height", height)):
             _check_side(name, v, self.folder)
-        guidance_scale = _check_finite("guidance_scale", guidance_scale, "diffusers' default is 7.5; 1 or less "
-                                       "turns guidance off")  # fmt: skip
+        if guidance_scale is None:
+            guidance_scale = defaults["guidance_scale"]
+        guidance_scale = _check_finite("guidance_scale", guidance_scale, f"this model's default is "
+                                       f"{defaults['guidance_scale']:g}; 1 or less turns guidance off")  # fmt: skip
+        guidance_rescale = _check_finite("guidance_rescale", guidance_rescale, "the share of the rescaled guidance, "
+                                         "0 (off) to 1", minimum=0.0)  # fmt: skip
+        if guidance_rescale > 1:
+            raise InvalidArgumentError(f"guidance_rescale must be between 0 (off) and 1, got {guidance_rescale:g}")
+        self._warn_distilled_guidance(guidance_scale)
         if generator is not None and seed is not None:
             raise InvalidArgumentError(
                 "pass seed or generator, not both: the generator draws the noise, so the seed would be recorded "
@@ -353,11 +390,17 @@ class Pipeline:
                     "latents contain NaN or infinite values (or values beyond float32's range, about 3.4e38); "
                     "pass finite starting latents"
                 )
-        do_cfg = guidance_scale > 1.0
+        do_cfg = self._guided(guidance_scale)
+        size_rows = self._size_conditioning(sizes, height, width) if "added_cond" in self.folder.features else None
         self._check_memory(batch, do_cfg, height, width, encodes=init_image is not None)
 
         # 2. Prompt encoding -> the UNet's conditioning inputs
-        conditioning = self._encode_prompt(prompts, negatives, do_cfg, per_prompt, timings)
+        conditioning = self._encode_prompt(texts, do_cfg, per_prompt, timings)
+        if size_rows is not None:
+            rows = size_rows if do_cfg else size_rows[1:]
+            conditioning["time_ids"] = _frozen(np.concatenate([np.repeat(row[None], batch, axis=0) for row in rows]))
+        if "timestep_cond" in self.folder.features:
+            conditioning["timestep_cond"] = _frozen(self._guidance_embedding(guidance_scale, batch))
 
         # 3. Start latents
         if generator is None:
@@ -376,7 +419,7 @@ class Pipeline:
 
         # 4. Denoising loop
         latents, unet_calls = self._denoise(sched, schedule, begin, latents, conditioning, guidance_scale, generator,
-                                            callback, hook, timings)  # fmt: skip
+                                            callback, hook, timings, guidance_rescale)  # fmt: skip
 
         # 5. Decode
         images = self._decode(latents, timings)
@@ -407,6 +450,12 @@ class Pipeline:
             "engine_options": {k: v for k, v in self._engine_options.items() if k in ("cpu_variant", "providers")},
             "edgediff_version": __version__,
         }
+        if guidance_rescale:
+            params["guidance_rescale"] = guidance_rescale
+        if "added_cond" in self.folder.features:  # SDXL's own arguments, as given
+            params["prompt_2"] = prompt_2
+            params["negative_prompt_2"] = negative_prompt_2
+            params |= {k: list(v) if v is not None else None for k, v in sizes.items()}
         if isinstance(generator, GeneratorList):
             params["seeds"] = generator.seeds
         if init_image is not None:  # img2img and inpainting only, so that txt2img records keep their keys
@@ -417,11 +466,13 @@ class Pipeline:
             params["keep_unmasked"] = bool(keep_unmasked)
         return GenerationResult(images, params, timings, unet_calls)
 
-    def planned_calls(self, num_inference_steps: int = 50, scheduler=None, eta: float = 0.0, timesteps=None,
+    def planned_calls(self, num_inference_steps: int | None = None, scheduler=None, eta: float = 0.0, timesteps=None,
                       sigmas=None, image=None, strength=None, mask_image=None, **_other) -> int:  # fmt: skip
         """How many UNet calls (callbacks) ``pipe(**the same arguments)`` makes: a progress bar's total. img2img and
         inpainting run the schedule's tail; Heun makes 2N-1 calls for N steps, PNDM N+1."""
-        strength = None if image is None else _strength(strength, inpainting=mask_image is not None)
+        mode = "txt2img" if image is None else "img2img" if mask_image is None else "inpaint"
+        strength = None if image is None else _strength(strength, mask_image is not None,
+                                                        self.folder.call_defaults(mode)["strength"])  # fmt: skip
         plan = self._plan(num_inference_steps, scheduler, eta, timesteps, sigmas, strength)
         return len(plan.schedule.timesteps) - plan.begin
 
@@ -434,6 +485,9 @@ class Pipeline:
         elif sigmas is not None:
             steps = len(sigmas) - 1
         else:
+            if num_inference_steps is None:
+                mode = "txt2img" if strength is None else "img2img"  # the same in every mode of a family
+                num_inference_steps = self.folder.call_defaults(mode)["num_inference_steps"]
             steps = _check_positive_int("num_inference_steps", num_inference_steps)
         eta = _check_finite("eta", eta, "DDIM's eta is between 0 (deterministic) and 1", minimum=0.0)
         if scheduler is None and not eta:
@@ -469,7 +523,8 @@ class Pipeline:
                 raise InvalidArgumentError("strength applies only to image-to-image and inpainting: pass image= too, "
                                            "or drop strength")  # fmt: skip
             return None, None, None, height, width
-        strength = _strength(strength, inpainting=mask_image is not None)
+        mode = "img2img" if mask_image is None else "inpaint"
+        strength = _strength(strength, mask_image is not None, self.folder.call_defaults(mode)["strength"])
         if latents is not None:
             raise InvalidArgumentError("pass image or latents, not both: img2img starts from the image's latents")
         if "vae_encoder" not in self.engines and not self.folder.component_path("vae_encoder").is_file():
@@ -508,32 +563,128 @@ class Pipeline:
             logger.info("img2img: resizing the %dx%d image to %dx%d", img.width, img.height, sides[1], sides[0])
         return sides[0], sides[1]
 
-    def _encode_prompt(self, prompts: list[str], negatives: list[str], do_cfg: bool, per_prompt: int,
+    def _encode_prompt(self, texts: _Texts, do_cfg: bool, per_prompt: int,
                        timings: dict[str, float]) -> dict[str, np.ndarray]:  # fmt: skip
-        """The UNet's conditioning inputs: uncond ‖ cond in one text-encoder batch, each prompt's row repeated
-        ``per_prompt`` times in a row, as diffusers."""
+        """The UNet's conditioning inputs: uncond ‖ cond, each prompt's row repeated ``per_prompt`` times in a row, as
+        diffusers. SD 1/2: one text encoder's last hidden state. SDXL: both encoders' penultimate hidden states side
+        by side (``encoder_hidden_states``) and the second's pooled projection (``text_embeds``); zeros for the
+        negative when ``texts.zero_negatives``."""
         t0 = time.perf_counter()
 
         def labels(name: str, n: int) -> list[str]:
             return [name] if n == 1 else [f"{name} {i + 1}" for i in range(n)]
 
-        texts, names = prompts, labels("prompt", len(prompts))
-        if do_cfg:
-            texts, names = negatives + prompts, labels("negative_prompt", len(negatives)) + names
-        ids = self.tokenizer.encode(texts, labels=names)
+        encode_negative = do_cfg and not (texts.zero_negatives and texts.prompts_2 is not None)
+        encoders = [("text_encoder", self.tokenizer, texts.prompts, texts.negatives, "")]
+        if texts.prompts_2 is not None:
+            assert self.folder.tokenizer_2 is not None and texts.negatives_2 is not None  # an SDXL folder has both
+            encoders.append(("text_encoder_2", self.folder.tokenizer_2, texts.prompts_2, texts.negatives_2, "_2"))
+        ids = []
+        for _, tokenizer, prompts, negatives, suffix in encoders:
+            batch, names = prompts, labels(f"prompt{suffix}", len(prompts))
+            if encode_negative:
+                batch, names = negatives + prompts, labels(f"negative_prompt{suffix}", len(negatives)) + names
+            ids.append(tokenizer.encode(batch, labels=names))
         timings["tokenize"] = time.perf_counter() - t0
-        with self._component("text_encoder", timings) as text_encoder:
-            t0 = time.perf_counter()
-            emb = text_encoder.run({"input_ids": ids})["last_hidden_state"].astype(np.float32)
-            timings["text_encoder"] = time.perf_counter() - t0
-        if not np.isfinite(emb).all():
+        timings["text_encoder"] = 0.0
+        hidden, pooled = [], None
+        for (name, *_), name_ids in zip(encoders, ids, strict=True):
+            with self._component(name, timings) as text_encoder:
+                t0 = time.perf_counter()
+                out = text_encoder.run({"input_ids": name_ids})
+                timings["text_encoder"] += time.perf_counter() - t0
+            if texts.prompts_2 is None:  # SD 1/2
+                hidden.append(out["last_hidden_state"])
+                continue
+            layers = [k for k in out if k.startswith("hidden_states.")]
+            if len(layers) < 2:
+                raise ModelFolderError(
+                    f"{name} of {self.folder.path} has no per-layer outputs (hidden_states.0 ..), which SDXL's "
+                    "conditioning needs (its penultimate layer); re-export the model with `edgediff export`"
+                )
+            hidden.append(out[f"hidden_states.{len(layers) - 2}"])  # the penultimate layer, as diffusers' [-2]
+            if "text_embeds" in out:  # the pooled embedding: the second encoder's projection
+                pooled = out["text_embeds"]
+        emb = np.concatenate([h.astype(np.float32, copy=False) for h in hidden], axis=-1)
+        if not np.isfinite(emb).all() or (pooled is not None and not np.isfinite(pooled).all()):
             raise NonFiniteError(
                 "the text encoder produced NaN or infinite embeddings: its weights are damaged or overflow in this "
                 "precision; re-export the model (without --fp16 if it was fp16)"
             )
-        emb = np.repeat(emb, per_prompt, axis=0)
-        emb.flags.writeable = False  # the same array every step: GPU engines keep their device copy
-        return {"encoder_hidden_states": emb}
+        conditioning = {"encoder_hidden_states": emb}
+        if pooled is not None:
+            conditioning["text_embeds"] = pooled.astype(np.float32, copy=False)
+        for key, value in conditioning.items():
+            if do_cfg and not encode_negative:  # SDXL's zeros for an absent negative prompt
+                value = np.concatenate([np.zeros_like(value), value])
+            n = len(value) // (2 if do_cfg else 1)
+            value = np.concatenate([np.repeat(half, per_prompt, axis=0) for half in np.split(value, len(value) // n)])
+            conditioning[key] = _frozen(value)
+        return conditioning
+
+    def _refuse_sdxl_arguments(self, **given) -> None:
+        named = [k for k, v in given.items() if v is not None]
+        if named:
+            raise InvalidArgumentError(
+                f"{', '.join(named)} appl{'ies' if len(named) == 1 else 'y'} only to SDXL models (two text encoders "
+                f"and size conditioning); {self.folder.path.name} is a {self.folder.family.name} model: drop "
+                f"{'it' if len(named) == 1 else 'them'}"
+            )
+
+    def _guided(self, guidance_scale: float) -> bool:
+        """Classifier-free guidance (a doubled UNet batch): guidance_scale > 1, except for an LCM UNet, which takes
+        the guidance as an embedding instead (diffusers' ``do_classifier_free_guidance``)."""
+        return guidance_scale > 1.0 and "timestep_cond" not in self.folder.features
+
+    def _warn_distilled_guidance(self, guidance_scale: float) -> None:
+        if self._guided(guidance_scale) and self.folder.guidance_distilled:
+            logger.warning(
+                "%s is a guidance-distilled model (trained to work at guidance_scale 0, e.g. SD-Turbo): "
+                "guidance_scale %g doubles every UNet call's batch (about twice the time) and usually makes the image "
+                "worse; use guidance_scale 0", self.folder.path.name, guidance_scale,
+            )  # fmt: skip
+
+    def _size_conditioning(self, sizes: dict, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+        """SDXL's ``time_ids`` rows (negative, positive): (original h, w, crop top, left, target h, w). Each negative
+        number defaults to its positive one (diffusers' img2img rule; see DECISIONS for its txt2img quirks)."""
+        checked: dict[str, tuple[int, int] | None] = {}
+        for key, value in sizes.items():
+            if value is None:
+                checked[key] = None
+                continue
+            is_crop = "crops" in key
+            if (isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or len(value) != 2
+                    or not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+                               and v >= (0 if is_crop else 1) for v in value)):  # fmt: skip
+                what = "(top, left), two integers >= 0" if is_crop else "(height, width) in pixels, two integers >= 1"
+                raise InvalidArgumentError(f"{key} must be {what}, got {value!r}")
+            checked[key] = (int(value[0]), int(value[1]))
+        original = checked["original_size"] or (height, width)
+        crop = checked["crops_coords_top_left"] or (0, 0)
+        target = checked["target_size"] or (height, width)
+        negative = (checked["negative_original_size"] or original, checked["negative_crops_coords_top_left"] or crop,
+                    checked["negative_target_size"] or target)  # fmt: skip
+        rows = [np.asarray([*a, *b, *c], dtype=np.float32) for a, b, c in (negative, (original, crop, target))]
+        n = self.folder.model_symbols().get("T", 6)
+        if len(rows[0]) != n:
+            raise ModelFolderError(f"the UNet of {self.folder.path} takes {n} size-conditioning numbers; edgediff "
+                                   "gives SDXL base's 6")  # fmt: skip
+        return rows[0], rows[1]
+
+    def _guidance_embedding(self, guidance_scale: float, batch: int) -> np.ndarray:
+        """An LCM UNet's ``timestep_cond``: diffusers' ``get_guidance_scale_embedding(guidance_scale - 1)`` in float32,
+        with the frequencies torch computed at export (the manifest's; numpy's exp misses some by an ulp)."""
+        dim = self.folder.model_symbols()["E"]
+        half = dim // 2
+        freqs = self.folder.manifest.get("guidance_embedding", {}).get("frequencies")
+        if not (isinstance(freqs, list) and len(freqs) == half):  # an optimum folder: correctly rounded instead
+            freqs = np.exp(np.arange(half) * -(np.log(np.float32(10000.0)).astype(np.float64) / (half - 1)))
+        w = np.float32(guidance_scale - 1) * np.float32(1000.0)
+        angles = w * np.asarray(freqs, dtype=np.float32)
+        emb = np.concatenate([np.sin(angles), np.cos(angles)]).astype(np.float32)
+        if dim % 2:
+            emb = np.concatenate([emb, np.zeros(1, np.float32)])
+        return np.repeat(emb[None], batch, axis=0)
 
     def _encode_image(self, pixels: np.ndarray, batch: int, generator: Generator,
                       timings: dict[str, float]) -> np.ndarray:  # fmt: skip
@@ -604,10 +755,11 @@ class Pipeline:
         callback: Callback | None,
         hook: StepHook | None,
         timings: dict[str, float],
+        guidance_rescale: float = 0.0,
     ) -> tuple[np.ndarray, list[float]]:
         """Calls ``begin``.. of ``schedule``: guidance, scheduler step, non-finite check, callback and cancel. It knows
         no modes: ``hook`` adds UNet input channels and post-step work (inpainting)."""
-        do_cfg = guidance_scale > 1.0
+        do_cfg = self._guided(guidance_scale)
         unet_calls: list[float] = []
         in_callback = 0.0
         with self._component("unet", timings) as unet:
@@ -631,6 +783,8 @@ class Pipeline:
                     if do_cfg:
                         uncond, cond = np.split(noise, 2)
                         noise = uncond + np.float32(guidance_scale) * (cond - uncond)
+                        if guidance_rescale > 0:
+                            noise = _rescale_guidance(noise, cond, guidance_rescale)
                     latents, state = sched.step(schedule, i, noise, latents, state, generator)
                     if hook is not None and hook.after_step is not None:
                         latents = hook.after_step(j, latents)
@@ -689,9 +843,47 @@ class StepHook:
     after_step: Callable[[int, np.ndarray], np.ndarray] | None = None
 
 
-def _strength(strength, inpainting: bool) -> float:
-    """``strength`` checked, or diffusers' default: 0.8 for img2img, 1.0 for inpainting."""
-    default = 1.0 if inpainting else 0.8
+@dataclass(frozen=True)
+class _Texts:
+    """A call's prompts, one entry per prompt; ``prompts_2`` / ``negatives_2``: SDXL's second encoder's (None for
+    SD 1/2); ``zero_negatives``: SDXL's zeros for the negative conditioning instead of encoding it."""
+
+    prompts: list[str]
+    negatives: list[str]
+    prompts_2: list[str] | None = None
+    negatives_2: list[str] | None = None
+    zero_negatives: bool = False
+
+
+def _text_list(name: str, value, n: int | None = None) -> list[str]:
+    """A prompt argument as one string per prompt (a string stands for all ``n``)."""
+    if n is not None and isinstance(value, str):
+        return [value] * n
+    values = [value] if isinstance(value, str) else list(value) if isinstance(value, (list, tuple)) else []
+    if not values or not all(isinstance(v, str) for v in values):
+        raise InvalidArgumentError(f"{name} must be a string or a non-empty list of strings, got {value!r}"[:200])
+    if n is not None and len(values) != n:
+        raise InvalidArgumentError(f"{name} has {len(values)} entries but prompt has {n}; give one per prompt")
+    return values
+
+
+def _rescale_guidance(guided: np.ndarray, cond: np.ndarray, phi: float) -> np.ndarray:
+    """diffusers' ``rescale_noise_cfg``: the guided prediction scaled to the conditional one's std per image, mixed
+    in by ``phi`` (the ratio of stds does not depend on torch's unbiased estimate)."""
+    axes = tuple(range(1, guided.ndim))
+    ratio = cond.std(axis=axes, keepdims=True) / guided.std(axis=axes, keepdims=True)
+    return (np.float32(phi) * (guided * ratio) + np.float32(1 - phi) * guided).astype(np.float32)
+
+
+def _frozen(value: np.ndarray) -> np.ndarray:
+    """The same array every step: GPU engines keep their device copy of an input that is not writeable."""
+    value = np.ascontiguousarray(value, dtype=np.float32)
+    value.flags.writeable = False
+    return value
+
+
+def _strength(strength, inpainting: bool, default: float) -> float:
+    """``strength`` checked, or the model's default (diffusers': img2img 0.8, inpainting 1.0; SDXL 0.3, 0.9999)."""
     strength = default if strength is None else strength
     strength = _check_finite("strength", strength, "the share of the schedule that runs, in (0, 1]")
     if not 0.0 < strength <= 1.0:

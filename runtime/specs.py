@@ -15,7 +15,7 @@ A new family (SDXL, an inpainting UNet) is an addition here: its sub-model entri
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -25,8 +25,10 @@ from .errors import ModelConfigError
 SYMBOLS = {
     "B": "batch: images per call; doubled (uncond ‖ cond) for the inputs a sub-model lists in guidance_doubled",
     "S": "tokens per prompt: the tokenizer's max length (CLIP: 77)",
-    "D": "width of the text embeddings the UNet attends to",
+    "D": "width of the text embeddings the UNet attends to (SDXL: both encoders' hidden states, D1 + D2)",
+    "D1": "width of the (first) text encoder's hidden states: D in SD 1/2",
     "V": "text encoder vocabulary size (dummy token ids only)",
+    "V2": "SDXL: the second text encoder's vocabulary size (dummy token ids only)",
     "C": "latent channels (the VAE's)",
     "C_in": "UNet input channels: the latent's, plus mask and masked-image latents for an inpainting UNet (9)",
     "C_out": "UNet output channels: the latent's",
@@ -35,7 +37,19 @@ SYMBOLS = {
     "w": "latent width",
     "H": "image height in pixels (h x the VAE's factor)",
     "W": "image width in pixels (w x the VAE's factor)",
+    "D2": "SDXL: width of the second text encoder's hidden states (D = the first's + D2)",
+    "P": "SDXL: width of the pooled text embedding (the second text encoder's projection)",
+    "T": "SDXL: size-conditioning numbers per image (6: original size, crop top-left, target size)",
+    "E": "LCM: width of the guidance embedding (the UNet's time_cond_proj_dim)",
 }
+# Model features: what some models' tensors exist for. A tensor that names one (``TensorSpec.needs``) is in a
+# model's contract only when the model has the feature (``SubmodelSpec.for_model``).
+FEATURES = {
+    "hidden_states": "text encoders output every layer's hidden states (SDXL conditions on the penultimate)",
+    "added_cond": "SDXL's added conditioning: the UNet takes the pooled text embedding and the size numbers",
+    "timestep_cond": "an LCM-distilled UNet takes the guidance scale as an embedding (time_cond_proj_dim)",
+}
+LAYER = "{layer}"  # in a tensor name: one tensor per hidden-state layer, 0 (the embeddings) .. the layer count
 CLIP_POSITIONS = 77  # CLIP text encoders' max_position_embeddings: S of every family below
 
 # (atol, rtol) of export validation: max|onnx - torch| <= atol + rtol * max|torch| per output
@@ -50,6 +64,8 @@ class TensorSpec:
     # how dummy_inputs fills it: ("normal",), ("uniform", low, high) or ("integers", low, high), where high
     # may be a symbol; not part of the tensor's identity (specs read from a model file have the default)
     fill: tuple = field(default=("normal",), compare=False, repr=False)
+    # the model feature (``FEATURES``) this tensor exists for; None: every model has it
+    needs: str | None = field(default=None, compare=False, repr=False)
 
     @property
     def rank(self) -> int:
@@ -83,6 +99,31 @@ class SubmodelSpec:
     # a B axis must be listed or none: a model's batch axis is one size
     guidance_doubled: tuple[str, ...] = ()
     tolerance: dict[str, tuple[float, float]] = field(default_factory=lambda: dict(TOLERANCE), hash=False)
+
+    def for_model(self, features: Collection[str] = (), layers: int | None = None) -> SubmodelSpec:
+        """This sub-model's contract for one model: the tensors of the ``features`` it has, and each per-layer
+        tensor (``LAYER`` in its name) once per hidden state, ``hidden_states.0`` .. ``hidden_states.{layers}``."""
+
+        def keep(tensors: tuple[TensorSpec, ...]) -> tuple[TensorSpec, ...]:
+            out: list[TensorSpec] = []
+            for t in tensors:
+                if t.needs is not None and t.needs not in features:
+                    continue
+                if LAYER not in t.name:
+                    out.append(t)
+                elif layers is None:
+                    raise ModelConfigError(f"{self.name}: {t.name} needs the text encoder's layer count")
+                else:
+                    out += [replace(t, name=t.name.replace(LAYER, str(i))) for i in range(layers + 1)]
+            return tuple(out)
+
+        inputs = keep(self.inputs)
+        doubled = tuple(n for n in self.guidance_doubled if any(t.name == n for t in inputs))
+        return replace(self, inputs=inputs, outputs=keep(self.outputs), guidance_doubled=doubled)
+
+    def all_input_names(self) -> tuple[str, ...]:
+        """Every input any model may have (the optional ones included)."""
+        return tuple(t.name for t in self.inputs)
 
     def dynamic_axes(self) -> dict[str, dict[int, str]]:
         """torch.onnx.export's ``dynamic_axes`` from the symbolic dims."""
@@ -123,20 +164,39 @@ def resolve_symbols(model: Mapping[str, int], batch: int, latent_hw: tuple[int, 
     ``C_out``, a family's own) plus the batch and sizes. ``C_in`` and ``C_out`` default to ``C``."""
     c = model["C"]
     h, w = latent_hw
-    return {"C_in": c, "C_out": c, "C2": 2 * c, **model,
+    return {"C_in": c, "C_out": c, "C2": 2 * c, "D1": model.get("D", 0), **model,
             "B": batch, "h": h, "w": w, "H": h * vae_downscale, "W": w * vae_downscale}  # fmt: skip
 
 
 F32 = np.dtype(np.float32)
 
+
+def _hidden_states(width: str) -> TensorSpec:
+    return TensorSpec(f"hidden_states.{LAYER}", F32, ("B", "S", width), needs="hidden_states")
+
+
 TEXT_ENCODER = SubmodelSpec(
     "text_encoder",
     inputs=(TensorSpec("input_ids", np.dtype(np.int32), ("B", "S"), fill=("integers", 0, "V")),),
     outputs=(
-        TensorSpec("last_hidden_state", F32, ("B", "S", "D")),
-        TensorSpec("pooler_output", F32, ("B", "D")),
+        TensorSpec("last_hidden_state", F32, ("B", "S", "D1")),
+        TensorSpec("pooler_output", F32, ("B", "D1")),
+        _hidden_states("D1"),
     ),
     source="text_encoder",
+    guidance_doubled=("input_ids",),
+)
+
+# SDXL's second encoder (CLIPTextModelWithProjection); optimum's output order
+TEXT_ENCODER_2 = SubmodelSpec(
+    "text_encoder_2",
+    inputs=(TensorSpec("input_ids", np.dtype(np.int32), ("B", "S"), fill=("integers", 0, "V2")),),
+    outputs=(
+        TensorSpec("text_embeds", F32, ("B", "P")),
+        TensorSpec("last_hidden_state", F32, ("B", "S", "D2")),
+        _hidden_states("D2"),
+    ),
+    source="text_encoder_2",
     guidance_doubled=("input_ids",),
 )
 
@@ -148,10 +208,14 @@ UNET = SubmodelSpec(
         # and fp16 rounds 946.42 to 946.5 (DESIGN.md).
         TensorSpec("timestep", F32, (), fill=("uniform", 0, 1000)),
         TensorSpec("encoder_hidden_states", F32, ("B", "S", "D")),
+        TensorSpec("text_embeds", F32, ("B", "P"), needs="added_cond"),
+        # (h, w, top, left, h, w) in pixels: sizes up to a few thousand
+        TensorSpec("time_ids", F32, ("B", "T"), fill=("uniform", 0, 1024), needs="added_cond"),
+        TensorSpec("timestep_cond", F32, ("B", "E"), needs="timestep_cond"),
     ),
     outputs=(TensorSpec("out_sample", F32, ("B", "C_out", "h", "w")),),
     source="unet",
-    guidance_doubled=("sample", "encoder_hidden_states"),
+    guidance_doubled=("sample", "encoder_hidden_states", "text_embeds", "time_ids", "timestep_cond"),
 )
 
 VAE_DECODER = SubmodelSpec(
@@ -168,7 +232,34 @@ VAE_ENCODER = SubmodelSpec(
     source="vae",
 )
 
-SUBMODELS: dict[str, SubmodelSpec] = {s.name: s for s in (TEXT_ENCODER, UNET, VAE_DECODER, VAE_ENCODER)}
+# The tiny autoencoder (diffusers' AutoencoderTiny, TAESD): latents in the scaled space the UNet works in (its
+# scaling factor is 1), pixels in [-1, 1]; its encoder gives the latents themselves, not a distribution.
+VAE_DECODER_TINY = replace(VAE_DECODER, name="vae_decoder_tiny", source="vae_tiny")
+VAE_ENCODER_TINY = SubmodelSpec(
+    "vae_encoder_tiny",
+    inputs=(TensorSpec("sample", F32, ("B", 3, "H", "W"), fill=("uniform", -1, 1)),),
+    outputs=(TensorSpec("latent_sample", F32, ("B", "C", "h", "w")),),
+    source="vae_tiny",
+)
+TINY_COMPONENTS = ("vae_decoder_tiny", "vae_encoder_tiny")
+
+SUBMODELS: dict[str, SubmodelSpec] = {
+    s.name: s
+    for s in (TEXT_ENCODER, TEXT_ENCODER_2, UNET, VAE_DECODER, VAE_ENCODER, VAE_DECODER_TINY, VAE_ENCODER_TINY)
+}
+
+
+MODES = ("txt2img", "img2img", "inpaint")
+SD_DEFAULTS = {
+    "txt2img": {"num_inference_steps": 50, "guidance_scale": 7.5},
+    "img2img": {"num_inference_steps": 50, "guidance_scale": 7.5, "strength": 0.8},
+    "inpaint": {"num_inference_steps": 50, "guidance_scale": 7.5, "strength": 1.0},
+}
+SDXL_DEFAULTS = {  # diffusers' StableDiffusionXL*Pipeline signatures (0.39); inpainting's 0.9999 since 0.21
+    "txt2img": {"num_inference_steps": 50, "guidance_scale": 5.0},
+    "img2img": {"num_inference_steps": 50, "guidance_scale": 5.0, "strength": 0.3},
+    "inpaint": {"num_inference_steps": 50, "guidance_scale": 7.5, "strength": 0.9999},
+}
 
 
 @dataclass(frozen=True)
@@ -182,11 +273,22 @@ class Family:
     text_hidden_act: str  # the text encoder's activation: what tells the families apart in a folder
     # symbol values of the family's published models; a folder's or source's own configs win
     defaults: Mapping[str, int] = field(hash=False)
+    features: frozenset[str] = frozenset()  # FEATURES every model of the family has
+    tokenizers: tuple[str, ...] = ("tokenizer",)  # one per text encoder, in order
+    # the diffusers pipeline that loads a source folder of the family (any of source_pipelines)
+    loader: str = "StableDiffusionPipeline"
+    # diffusers' call defaults per mode (txt2img, img2img, inpaint): num_inference_steps, guidance_scale, strength
+    call_defaults: Mapping[str, Mapping[str, float]] = field(hash=False, default_factory=lambda: dict(SD_DEFAULTS))
 
 
 _SD1 = Family(
     "sd1",
-    source_pipelines=("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipeline"),
+    source_pipelines=(
+        "StableDiffusionPipeline",
+        "StableDiffusionImg2ImgPipeline",
+        "StableDiffusionInpaintPipeline",
+        "LatentConsistencyModelPipeline",
+    ),
     onnx_pipelines={"standard": "OnnxStableDiffusionPipeline", "inpainting": "OnnxStableDiffusionInpaintPipeline"},
     source_components=("unet", "vae", "text_encoder", "tokenizer", "scheduler"),
     components=("text_encoder", "unet", "vae_decoder", "vae_encoder"),
@@ -197,13 +299,35 @@ _SD1 = Family(
 FAMILIES: dict[str, Family] = {
     "sd1": _SD1,
     "sd2": replace(_SD1, name="sd2", text_hidden_act="gelu", defaults={**_SD1.defaults, "D": 1024}),  # OpenCLIP ViT-H
-}
+    # SDXL base: CLIP ViT-L (penultimate layer) ‖ OpenCLIP ViT-bigG (penultimate layer; its pooled projection and
+    # the size numbers go in as added conditioning)
+    "sdxl": Family(
+        "sdxl",
+        source_pipelines=("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline",
+                          "StableDiffusionXLInpaintPipeline"),
+        # optimum's SDXL export keeps the diffusers class name (diffusers has no ONNX SDXL pipeline)
+        onnx_pipelines={"standard": "StableDiffusionXLPipeline", "inpainting": "StableDiffusionXLInpaintPipeline"},
+        source_components=("unet", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "scheduler"),
+        components=("text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder"),
+        required=("text_encoder", "text_encoder_2", "unet", "vae_decoder"),
+        text_hidden_act="quick_gelu",
+        defaults={"S": CLIP_POSITIONS, "D": 2048, "D1": 768, "D2": 1280, "P": 1280, "T": 6, "C": 4},
+        features=frozenset({"hidden_states", "added_cond"}),
+        tokenizers=("tokenizer", "tokenizer_2"),
+        loader="StableDiffusionXLPipeline",
+        call_defaults=SDXL_DEFAULTS,
+    ),
+}  # fmt: skip
 DEFAULT_FAMILY = "sd1"  # what a folder whose text encoder says nothing is taken for
 
 
-def family_for(text_hidden_act: str | None) -> str:
-    """The family whose text encoder uses ``text_hidden_act`` (SD 2's OpenCLIP: gelu); else ``DEFAULT_FAMILY``."""
-    return next((f.name for f in FAMILIES.values() if f.text_hidden_act == text_hidden_act), DEFAULT_FAMILY)
+def family_for(text_hidden_act: str | None, two_encoders: bool = False) -> str:
+    """The family of a model: SDXL when it has a second text encoder, else the family whose text encoder uses
+    ``text_hidden_act`` (SD 2's OpenCLIP: gelu), else ``DEFAULT_FAMILY``."""
+    if two_encoders:
+        return "sdxl"
+    return next((f.name for f in FAMILIES.values() if f.text_hidden_act == text_hidden_act and len(f.tokenizers) == 1),
+                DEFAULT_FAMILY)  # fmt: skip
 
 
 def source_pipelines() -> list[str]:

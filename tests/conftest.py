@@ -14,17 +14,18 @@ needs_torch = pytest.mark.skipif(not HAS_TORCH, reason="needs the export extra (
 
 @pytest.fixture(scope="session")
 def tiny_source(tmp_path_factory):
-    """variant ("sd1", "sd2"; "-inpaint" appended: a 9-channel inpainting UNet) -> path of a saved diffusers folder
-    (built once per variant)."""
+    """variant ("sd1", "sd2", "sdxl", with "-inpaint": a 9-channel inpainting UNet, "-lcm": an LCM-distilled UNet,
+    "-turbo": Turbo's scheduler) -> path of a saved diffusers folder (built once per variant)."""
     from edgediff.export.random_model import build_tiny_pipeline
 
     cache = {}
 
     def get(variant: str):
         if variant not in cache:
-            base, inpaint = variant.removesuffix("-inpaint"), variant.endswith("-inpaint")
+            base, *flags = variant.split("-")
             out = tmp_path_factory.mktemp(f"src-{variant}") / "model"
-            cache[variant] = build_tiny_pipeline(out, base, inpaint=inpaint)
+            cache[variant] = build_tiny_pipeline(out, base, inpaint="inpaint" in flags, lcm="lcm" in flags,
+                                                 turbo="turbo" in flags)  # fmt: skip
         return cache[variant]
 
     return get

@@ -62,7 +62,7 @@ def test_every_symbol_is_documented_and_guidance_doubles_whole_batches():
 
 def test_separate_in_and_out_channels():
     """An inpainting UNet takes 9 channels and returns 4: the contract has a symbol for each side."""
-    unet = SUBMODELS["unet"]
+    unet = SUBMODELS["unet"].for_model()
     symbols = specs.resolve_symbols({"C": 4, "C_in": 9, "S": 77, "D": 8}, 1, (8, 8), 8)
     assert unet.input_shapes(symbols)["sample"] == (1, 9, 8, 8)
     assert unet.outputs[0].concrete(symbols) == (1, 4, 8, 8)
@@ -74,13 +74,13 @@ def test_dummy_inputs_follow_the_contract():
     rng = np.random.default_rng(0)
     ids = specs.dummy_inputs(SUBMODELS["text_encoder"], symbols, rng, guidance=True)["input_ids"]
     assert ids.shape == (6, 77) and ids.dtype == np.int32 and 0 <= ids.min() and ids.max() < 50
-    unet = specs.dummy_inputs(SUBMODELS["unet"], symbols, rng)
+    unet = specs.dummy_inputs(SUBMODELS["unet"].for_model(), symbols, rng)
     assert unet["sample"].shape == (3, 4, 4, 6) and unet["encoder_hidden_states"].shape == (3, 77, 8)
     assert unet["timestep"].shape == () and unet["timestep"].dtype == np.float32 and 0 <= unet["timestep"] < 1000
     image = specs.dummy_inputs(SUBMODELS["vae_encoder"], symbols, rng)["sample"]
     assert image.shape == (3, 3, 32, 48) and -1 <= image.min() and image.max() <= 1
     with pytest.raises(ModelFolderError, match=r"symbol\(s\) \['D'\] have no value"):
-        SUBMODELS["unet"].input_shapes({k: v for k, v in symbols.items() if k != "D"})
+        SUBMODELS["unet"].for_model().input_shapes({k: v for k, v in symbols.items() if k != "D"})
 
 
 # ------------------------------------------------------------------------------ one table, every consumer
@@ -140,7 +140,9 @@ def test_a_family_added_to_the_table_reaches_export_dummy_inputs(fake_family):
     pipe = SimpleNamespace(
         unet=SimpleNamespace(config=cfg(sample_size=8, in_channels=9, out_channels=4, cross_attention_dim=16)),
         vae=SimpleNamespace(config=cfg(latent_channels=4, block_out_channels=[8, 8])),
-        text_encoder=SimpleNamespace(config=cfg(hidden_act="fake_act", vocab_size=50, max_position_embeddings=77)),
+        text_encoder=SimpleNamespace(
+            config=cfg(hidden_act="fake_act", vocab_size=50, max_position_embeddings=77, hidden_size=16)
+        ),
         tokenizer=SimpleNamespace(model_max_length=int(1e30)),  # unset: the tokenizer's rule gives CLIP's 77
     )
     assert onnx_export.family_of(pipe) == "fake"
@@ -254,13 +256,15 @@ def test_manifest_io_the_contract_allows(tmp_path):
 
 
 def test_a_diffusers_folder_of_another_pipeline_names_what_edgediff_exports(tmp_path):
-    src = tmp_path / "sdxl"
+    src = tmp_path / "sd3"
     (src / "unet").mkdir(parents=True)
     (src / "vae").mkdir()
-    (src / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionXLPipeline"}))
-    with pytest.raises(ModelFolderError, match=r"StableDiffusionXLPipeline .*does not export; it exports "
-                                               r"StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline, "
-                                               r"StableDiffusionPipeline models"):  # fmt: skip
+    (src / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusion3Pipeline"}))
+    with pytest.raises(ModelFolderError, match=r"StableDiffusion3Pipeline .*does not export; it exports "
+                                               r"LatentConsistencyModelPipeline, StableDiffusionImg2ImgPipeline, "
+                                               r"StableDiffusionInpaintPipeline, StableDiffusionPipeline, "
+                                               r"StableDiffusionXLImg2ImgPipeline, .*StableDiffusionXLPipeline "
+                                               r"models"):  # fmt: skip
         ModelFolder.open(src)
 
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from edgediff.runtime import Pipeline
-from edgediff.runtime.pipeline import StepHook
+from edgediff.runtime.pipeline import StepHook, _Texts
 
 MICRO = Path(__file__).parent / "fixtures" / "micro-sd1"
 
@@ -33,7 +33,7 @@ def _loop(pipe, hook, begin=0, steps=4):
     sched = pipe.default_scheduler
     schedule = sched.schedule(steps)
     timings: dict[str, float] = {}
-    cond = pipe._encode_prompt(["a red circle"], [""], True, 1, timings)
+    cond = pipe._encode_prompt(_Texts(["a red circle"], [""]), True, 1, timings)
     latents = np.random.RandomState(0).randn(1, 4, 16, 16).astype(np.float32)
     out, calls = pipe._denoise(sched, schedule, begin, latents, cond, 7.5, None, None, hook, timings)
     return out, calls, schedule

@@ -52,7 +52,7 @@ MICRO = Path(__file__).parent / "fixtures" / "micro-sd1"
 
 
 def contract(component: str) -> list[TensorSpec]:
-    return list(SUBMODELS[component].inputs)
+    return list(SUBMODELS[component].for_model().inputs)  # SD 1.5's: no SDXL or LCM inputs
 
 
 def profile_for(component: str, facts=SD15, **options) -> plans.Profile:
@@ -221,7 +221,7 @@ def make_record(model_dir: Path, env=ENV, component="unet", sha="sha-1", write=T
     options = plans.ProfileOptions(**profile_options)
     profiles = plans.build_profiles(component, contract(component), SD15, options)
     key = plans.plan_key(sha, component, "fp16", env, profiles)
-    spec = SUBMODELS[component]
+    spec = SUBMODELS[component].for_model()
     record = plans.BuildRecord(
         key=key, component=component, precision="fp16", model_sha256=sha, trt_version=env.trt_version,
         gpu_name=env.gpu_name, compute_capability=env.compute_capability, profiles=profiles,
