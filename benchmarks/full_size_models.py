@@ -1,5 +1,5 @@
 """Full-size Stable Diffusion shapes with no download: random-weight diffusers models with the exact
-published architectures of SD 1.5 and SD 2.1-base, exported with ``edgediff export``.
+published architectures of SD 1.5, SD 2.1-base and SDXL base 1.0, exported with ``edgediff export``.
 
     python benchmarks/full_size_models.py                  # sd15 into ~/.cache/edgediff/full-size
     python benchmarks/full_size_models.py --arch sd21-base --root /data/models [--fp16]
@@ -19,27 +19,33 @@ import time
 from pathlib import Path
 
 # Parameter counts of the published checkpoints (runwayml/stable-diffusion-v1-5,
-# stabilityai/stable-diffusion-2-1-base): public facts, computed from their weights.
+# stabilityai/stable-diffusion-2-1-base, stabilityai/stable-diffusion-xl-base-1.0): public facts, computed from
+# their weights.
 PUBLISHED_PARAMETERS = {
     "sd15": {"unet": 859_520_964, "text_encoder": 123_060_480, "vae": 83_653_863},
     "sd21-base": {"unet": 865_910_724, "text_encoder": 340_387_840, "vae": 83_653_863},
-}
+    "sdxl-base": {"unet": 2_567_463_684, "text_encoder": 123_060_480, "text_encoder_2": 694_659_840,
+                  "vae": 83_653_863},
+}  # fmt: skip
 DEFAULT_ROOT = Path.home() / ".cache" / "edgediff" / "full-size"
 
 
 def parameter_counts(source: Path) -> dict[str, int]:
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     counts = {}
-    for name, cls in (("unet", UNet2DConditionModel), ("text_encoder", CLIPTextModel), ("vae", AutoencoderKL)):
+    classes = [("unet", UNet2DConditionModel), ("text_encoder", CLIPTextModel), ("vae", AutoencoderKL)]
+    if (source / "text_encoder_2").is_dir():
+        classes.append(("text_encoder_2", CLIPTextModelWithProjection))
+    for name, cls in classes:
         model = cls.from_pretrained(source, subfolder=name)
         counts[name] = sum(p.numel() for p in model.parameters())
         del model
     return counts
 
 
-def ensure(arch: str, root: Path = DEFAULT_ROOT, fp16: bool = False) -> tuple[Path, Path]:
+def ensure(arch: str, root: Path = DEFAULT_ROOT, fp16: bool = False, build_only: bool = False) -> tuple[Path, Path]:
     """(diffusers source, edgediff folder) for ``arch``, built and exported if missing."""
     from edgediff.export import export_model
     from edgediff.export.random_model import build_full_size_pipeline
@@ -56,7 +62,7 @@ def ensure(arch: str, root: Path = DEFAULT_ROOT, fp16: bool = False) -> tuple[Pa
         if wrong:
             raise SystemExit(f"{arch}: parameter counts differ from the published model (ours, published): {wrong}")
         (source / "parameter_counts.json").write_text(json.dumps(counts, indent=1) + "\n")
-    if not (folder / "model_index.json").exists():
+    if not build_only and not (folder / "model_index.json").exists():
         t0 = time.time()
         export_model(source, folder, fp16=fp16, progress=sys.stderr.isatty())
         print(f"exported {folder} in {time.time() - t0:.0f} s", file=sys.stderr)
@@ -68,8 +74,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--arch", choices=sorted(PUBLISHED_PARAMETERS), default="sd15")
     p.add_argument("--root", type=Path, default=DEFAULT_ROOT)
     p.add_argument("--fp16", action="store_true", help="export fp16 components")
+    p.add_argument("--build-only", action="store_true", help="build and check the diffusers source, do not export")
     args = p.parse_args(argv)
-    source, folder = ensure(args.arch, args.root, args.fp16)
+    source, folder = ensure(args.arch, args.root, args.fp16, args.build_only)
     print(json.dumps({"source": str(source), "folder": str(folder)}))
 
 

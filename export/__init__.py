@@ -48,7 +48,7 @@ except ImportError:  # Windows
 from edgediff.runtime import specs
 from edgediff.runtime.errors import ExportError, ExportValidationError, ModelConfigError
 from edgediff.runtime.files import replace_dir
-from edgediff.runtime.model_folder import MANIFEST, MANIFEST_FORMAT, ONNX_FILE, sha256_file
+from edgediff.runtime.model_folder import FEW_STEP, MANIFEST, MANIFEST_FORMAT, ONNX_FILE, few_step_kind, sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -98,6 +98,14 @@ def _check_source(source: Path) -> dict:
         if not (source / comp).is_dir():
             raise ExportError(f"SOURCE {source} has no {comp}/ folder; it is not a complete diffusers model")
     return info
+
+
+def _source_config(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ExportError(f"{path} cannot be read ({e}); it is not a complete diffusers model") from e
+    return data if isinstance(data, dict) else {}
 
 
 def _check_opset(opset) -> None:
@@ -252,15 +260,29 @@ def export_model(
     opset: int = 17,
     progress: bool = False,
     device: str = "cpu",
+    tiny_vae: str | os.PathLike | None = None,
+    few_step: str | None = None,
 ) -> Path:
     """Export ``source`` (a local diffusers folder) to the model folder ``out``; return ``out``.
+
+    ``tiny_vae``: a diffusers AutoencoderTiny folder (TAESD) exported too, as ``vae_decoder_tiny`` and
+    ``vae_encoder_tiny`` (``decoder="tiny"``). ``few_step``: what kind of few-step model it is when its configs do not
+    say (``"turbo"``, ``"lcm"``, ``"lcm_lora"``; ``"none"``: a standard model): the defaults calls get.
 
     ``force`` replaces an existing ONNX model folder (see the module docstring for what counts).
     ``opset``: 14 to 20. ``device="cuda"`` traces and validates on the GPU (same ONNX; much faster
     for full-size models)."""
     _check_opset(opset)
     source, out = Path(source), Path(out)
-    _check_source(source)
+    info = _check_source(source)
+    if tiny_vae is not None:
+        vae_cfg = _source_config(source / "vae" / "config.json")
+        blocks = vae_cfg.get("block_out_channels")
+        factor = 2 ** (len(blocks) - 1) if isinstance(blocks, list) and blocks else None
+        check_tiny_vae(Path(tiny_vae), vae_cfg.get("latent_channels"), factor, f"SOURCE {source}")
+    if few_step is not None and few_step not in (*FEW_STEP, "none"):
+        raise ExportError(f"--few-step {few_step!r}: say turbo, lcm, lcm_lora or none")
+    del info
     try:
         src, dst = source.resolve(), out.resolve()
     except (OSError, RuntimeError) as e:  # a symlink loop
@@ -270,7 +292,8 @@ def export_model(
     try:
         with _out_lock(dst, out):
             _remove_stale_partials(dst)
-            _export(_load(source, device), src, dst, out, force, fp16, opset, progress, device)
+            _export(_load(source, device), src, dst, out, force, fp16, opset, progress, device,
+                    Path(tiny_vae) if tiny_vae is not None else None, few_step)  # fmt: skip
     except BaseException:
         for p in created:  # parents this call made, if still empty
             try:
@@ -308,66 +331,28 @@ def _source_family(info: dict) -> specs.Family:
     return next(f for f in specs.FAMILIES.values() if info.get("_class_name") in f.source_pipelines)
 
 
-def _export(pipe, src: Path, dst: Path, out: Path, force: bool, fp16: bool, opset: int, progress: bool, device: str):
+def _export(pipe, src: Path, dst: Path, out: Path, force: bool, fp16: bool, opset: int, progress: bool, device: str,
+            tiny_vae: Path | None = None, few_step: str | None = None):  # fmt: skip
     """Export into ``.OUT.partial-PID`` beside OUT, then move it into place (with the OUT lock held)."""
-    from tqdm import tqdm
     from transformers import CLIPTokenizerFast
 
-    from .fp16 import convert_to_fp16
-    from .onnx_export import export_component, family_of
-    from .validate import check_component
+    from .onnx_export import family_of
 
     tmp = dst.parent / f".{dst.name}.partial-{os.getpid()}"
     try:
         tmp.mkdir()
-        precision: dict[str, str] = {}
-        failures: list[str] = []
-        notes: dict[str, str] = {}
         family = specs.FAMILIES[family_of(pipe)]
         try:
             kind = specs.unet_kind(int(pipe.vae.config.latent_channels), int(pipe.unet.config.in_channels))
         except ModelConfigError as e:
             raise ExportError(f"SOURCE {src}: {e}") from None
-        bar = tqdm(family.components, desc="export", unit="component", disable=not progress)
-        for name in bar:
-            bar.set_postfix_str(name)
-            try:
-                path = export_component(pipe, name, tmp / name, opset=opset, device=device)
-            except (MemoryError, OSError) as e:
-                raise ExportError(f"exporting {name} failed ({type(e).__name__}: {e}); free memory or disk space "
-                                  "and run the export again") from e  # fmt: skip
-            except Exception as e:  # torch.onnx's own errors: one line, not an IR dump
-                first = (str(e).strip().splitlines() or [""])[0][:300]
-                raise ExportError(
-                    f"torch.onnx could not export {name} ({type(e).__name__}: {first}); run with -v for the "
-                    "details, and report it if the model is a standard SD 1.x/2.x one"
-                ) from e
-            checks = check_component(pipe, name, path, "fp32", device=device)
-            bad = [c for c in checks if not c.passed]
-            precision[name] = "fp32"
-            if fp16 and not bad:
-                fp16_dir = tmp / f".{name}-fp16"
-                fp16_dir.mkdir()
-                convert_to_fp16(path, fp16_dir / ONNX_FILE)
-                checks16 = check_component(pipe, name, fp16_dir / ONNX_FILE, "fp16", device=device)
-                bad16 = [c for c in checks16 if not c.passed]
-                if not bad16:
-                    shutil.rmtree(tmp / name)
-                    fp16_dir.rename(tmp / name)
-                    precision[name], checks = "fp16", checks16
-                elif name in ("vae_decoder", "vae_encoder"):  # SDXL's VAE overflows in fp16
-                    shutil.rmtree(fp16_dir)
-                    notes[name] = "kept fp32: fp16 output out of tolerance (" + bad16[0].describe() + ")"
-                    logger.warning("%s: %s", name, notes[name])
-                else:
-                    bad = bad16
-            for c in checks:
-                logger.info("validated %s", c.describe())
-            failures += [c.describe() + f" exceeds the {precision[name]} tolerance" for c in bad]
-        if failures:
-            raise ExportValidationError(failures)
-        index = _write_side_files(pipe, src, tmp, family, kind, CLIPTokenizerFast)
-        _write_manifest(pipe, tmp, family, kind, precision, notes, opset, src)
+        components = family.components
+        if tiny_vae is not None:
+            pipe.vae_tiny = _load_tiny_vae(tiny_vae, device)
+            components += specs.TINY_COMPONENTS
+        precision, notes = _export_components(pipe, components, tmp, fp16, opset, progress, device)
+        index = _write_side_files(pipe, src, tmp, family, kind, components, CLIPTokenizerFast)
+        _write_manifest(pipe, tmp, family, kind, components, precision, notes, opset, src, few_step)
         # model_index.json goes last: the runtime refuses a folder without it
         (tmp / "model_index.json").write_text(json.dumps(index, indent=2), encoding="utf-8")
         _check_out(src, dst, out, force)  # again: OUT may have changed during the export
@@ -377,7 +362,170 @@ def _export(pipe, src: Path, dst: Path, out: Path, force: bool, fp16: bool, opse
         raise
 
 
-def _write_side_files(pipe, source: Path, tmp: Path, family: specs.Family, kind: str, fast_tokenizer_cls) -> dict:
+def _export_components(pipe, components, tmp: Path, fp16: bool, opset: int, progress: bool,
+                       device: str) -> tuple[dict[str, str], dict[str, str]]:  # fmt: skip
+    """Export and validate each component into ``tmp/<name>``; (precision, notes) per component. Every
+    validation failure is collected and raised at the end as one ExportValidationError."""
+    from tqdm import tqdm
+
+    from .fp16 import convert_to_fp16
+    from .onnx_export import export_component
+    from .validate import check_component
+
+    precision: dict[str, str] = {}
+    failures: list[str] = []
+    notes: dict[str, str] = {}
+    bar = tqdm(components, desc="export", unit="component", disable=not progress)
+    for name in bar:
+        bar.set_postfix_str(name)
+        try:
+            path = export_component(pipe, name, tmp / name, opset=opset, device=device)
+        except (MemoryError, OSError) as e:
+            raise ExportError(f"exporting {name} failed ({type(e).__name__}: {e}); free memory or disk space "
+                              "and run the export again") from e  # fmt: skip
+        except Exception as e:  # torch.onnx's own errors: one line, not an IR dump
+            first = (str(e).strip().splitlines() or [""])[0][:300]
+            raise ExportError(
+                f"torch.onnx could not export {name} ({type(e).__name__}: {first}); run with -v for the "
+                "details, and report it if the model is a standard SD 1.x/2.x/XL one"
+            ) from e
+        checks = check_component(pipe, name, path, "fp32", device=device)
+        bad = [c for c in checks if not c.passed]
+        precision[name] = "fp32"
+        if fp16 and not bad:
+            fp16_dir = tmp / f".{name}-fp16"
+            fp16_dir.mkdir()
+            convert_to_fp16(path, fp16_dir / ONNX_FILE)
+            checks16 = check_component(pipe, name, fp16_dir / ONNX_FILE, "fp16", device=device)
+            bad16 = [c for c in checks16 if not c.passed]
+            if not bad16:
+                shutil.rmtree(tmp / name)
+                fp16_dir.rename(tmp / name)
+                precision[name], checks = "fp16", checks16
+            elif specs.SUBMODELS[name].source in ("vae", "vae_tiny"):  # SDXL's VAE overflows in fp16
+                shutil.rmtree(fp16_dir)
+                notes[name] = "kept fp32: fp16 output out of tolerance (" + bad16[0].describe() + ")"
+                logger.warning("%s: %s", name, notes[name])
+            else:
+                bad = bad16
+        for c in checks:
+            logger.info("validated %s", c.describe())
+        failures += [c.describe() + f" exceeds the {precision[name]} tolerance" for c in bad]
+    if failures:
+        raise ExportValidationError(failures)
+    return precision, notes
+
+
+TINY_VAE_HINT = ("a diffusers AutoencoderTiny folder: madebyollin/taesd for SD 1.x/2.x, madebyollin/taesdxl for "
+                 "SDXL, saved locally")  # fmt: skip
+
+
+def check_tiny_vae(tiny: Path, latent_channels: int | None, downscale: int | None, model: str) -> dict:
+    """The tiny autoencoder folder's config, checked against the model it is for (torch is not imported)."""
+    config = Path(tiny) / "config.json"
+    if not config.is_file():
+        raise ExportError(f"--tiny-vae {tiny} has no config.json; pass {TINY_VAE_HINT}")
+    try:
+        cfg = json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ExportError(f"--tiny-vae {tiny}: config.json is not valid JSON ({e})") from e
+    cls = cfg.get("_class_name") if isinstance(cfg, dict) else None
+    if cls != "AutoencoderTiny":
+        raise ExportError(f"--tiny-vae {tiny} holds a {cls!r}, not an AutoencoderTiny (TAESD); pass {TINY_VAE_HINT}")
+    channels = cfg.get("latent_channels", 4)
+    if latent_channels is not None and channels != latent_channels:
+        raise ExportError(
+            f"--tiny-vae {tiny} makes {channels}-channel latents but {model} has {latent_channels}; a tiny "
+            f"autoencoder only decodes the latents of the VAE it was distilled from ({TINY_VAE_HINT})"
+        )
+    blocks = cfg.get("decoder_block_out_channels", [64, 64, 64, 64])
+    factor = 2 ** (len(blocks) - 1) if isinstance(blocks, list) and blocks else None
+    if downscale is not None and factor != downscale:
+        raise ExportError(f"--tiny-vae {tiny} scales by {factor} but the VAE of {model} by {downscale}; pass the "
+                          f"tiny autoencoder of this model's VAE ({TINY_VAE_HINT})")  # fmt: skip
+    return cfg
+
+
+def _load_tiny_vae(tiny: Path, device: str):
+    import torch
+    from diffusers import AutoencoderTiny
+
+    try:
+        vae = AutoencoderTiny.from_pretrained(tiny, local_files_only=True, torch_dtype=torch.float32)
+    except Exception as e:  # diffusers raises many types for a broken folder
+        raise ExportError(f"--tiny-vae {tiny} cannot be loaded by diffusers ({type(e).__name__}: {e})") from e
+    return vae.to(device).eval()
+
+
+def add_tiny_vae(model: str | os.PathLike, tiny_vae: str | os.PathLike, fp16: bool = False, force: bool = False,
+                 opset: int = 17, device: str = "cpu") -> Path:  # fmt: skip
+    """Export the tiny autoencoder ``tiny_vae`` (a diffusers AutoencoderTiny folder) into the model folder
+    ``model`` as ``vae_decoder_tiny`` and ``vae_encoder_tiny``, validated against torch like any component, and
+    record them in its manifest. Both are written beside the folder's files first and moved in only when all
+    passed; ``force`` replaces a tiny autoencoder already there."""
+    from edgediff.runtime.model_folder import ModelFolder
+
+    from .onnx_export import TinyVaeSource
+
+    _check_opset(opset)
+    folder = ModelFolder.open(model)
+    tiny = Path(tiny_vae)
+    check_tiny_vae(tiny, folder.latent_channels, folder.vae_downscale, str(model))
+    present = [n for n in specs.TINY_COMPONENTS if (folder.path / n).exists()]
+    if present and not force:
+        raise ExportError(f"{model} already has a tiny autoencoder ({', '.join(present)}); pass --force "
+                          "(force=True) to replace it")  # fmt: skip
+    path = folder.path.resolve()
+    with _out_lock(path, Path(model)):
+        tmp = path / f".tiny-vae.partial-{os.getpid()}"
+        try:
+            tmp.mkdir()
+            vae = _load_tiny_vae(tiny, device)
+            f = folder.vae_downscale
+            nh, nw = folder.native_size
+            source = TinyVaeSource(vae, folder.model_symbols(), f, (nh // f, nw // f))
+            precision, notes = _export_components(source, specs.TINY_COMPONENTS, tmp, fp16, opset, False, device)
+            for name in specs.TINY_COMPONENTS:
+                vae.save_config(tmp / name)
+            for name in specs.TINY_COMPONENTS:
+                replace_dir(tmp / name, path / name)
+            if (path / MANIFEST).is_file():
+                _record_components(path, specs.TINY_COMPONENTS, precision, notes)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return Path(model)
+
+
+def _component_records(folder: Path, components, precision: dict, notes: dict) -> dict:
+    records = {name: {"file": f"{name}/{ONNX_FILE}", "precision": precision[name],
+                      **_io_specs(folder / name / ONNX_FILE)} for name in components}  # fmt: skip
+    for name, note in notes.items():
+        records[name]["note"] = note
+    return records
+
+
+def _file_records(folder: Path, under: str = "") -> dict:
+    root = folder / under if under else folder
+    return {p.relative_to(folder).as_posix(): {"size": p.stat().st_size, "sha256": sha256_file(p)}
+            for p in sorted(root.rglob("*")) if p.is_file()}  # fmt: skip
+
+
+def _record_components(folder: Path, components, precision: dict, notes: dict) -> None:
+    """Add (or replace) ``components`` in the folder's manifest: their I/O, precision and files; the manifest is
+    written beside itself and renamed over the old one."""
+    manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+    manifest["components"].update(_component_records(folder, components, precision, notes))
+    files = {k: v for k, v in manifest["files"].items() if not k.startswith(tuple(f"{c}/" for c in components))}
+    for name in components:
+        files |= _file_records(folder, name)
+    manifest["files"] = dict(sorted(files.items()))
+    tmp = folder / f".{MANIFEST}.{os.getpid()}"
+    tmp.write_text(json.dumps(manifest, indent=2), encoding="utf-8")
+    os.replace(tmp, folder / MANIFEST)
+
+
+def _write_side_files(pipe, source: Path, tmp: Path, family: specs.Family, kind: str, components,
+                      fast_tokenizer_cls) -> dict:  # fmt: skip
     entries = {
         "feature_extractor": [None, None],
         "requires_safety_checker": False,
@@ -390,7 +538,7 @@ def _write_side_files(pipe, source: Path, tmp: Path, family: specs.Family, kind:
         fast_tokenizer_cls.from_pretrained(source / name).save_pretrained(tmp / name)
         entries[name] = ["transformers", type(getattr(pipe, name)).__name__]
     pipe.scheduler.save_config(tmp / "scheduler")
-    for name in family.components:  # each component's config is its diffusers module's (both VAE halves: the VAE's)
+    for name in components:  # each component's config is its diffusers module's (both VAE halves: the VAE's)
         module = getattr(pipe, specs.SUBMODELS[name].source)
         if hasattr(module, "save_config"):  # diffusers
             module.save_config(tmp / name)
@@ -404,23 +552,19 @@ def _write_side_files(pipe, source: Path, tmp: Path, family: specs.Family, kind:
             **dict(sorted(entries.items()))}  # fmt: skip
 
 
-def _write_manifest(pipe, tmp: Path, family: specs.Family, kind: str, precision: dict, notes: dict, opset: int,
-                    source: Path) -> None:  # fmt: skip
+def _write_manifest(pipe, tmp: Path, family: specs.Family, kind: str, components, precision: dict, notes: dict,
+                    opset: int, source: Path, few_step: str | None = None) -> None:  # fmt: skip
     from .onnx_export import guidance_frequencies, native_latent, text_length, vae_downscale
 
     vae_cfg = pipe.vae.config
     down, (size, _) = vae_downscale(pipe), native_latent(pipe)
-    files = {}
-    for p in sorted(tmp.rglob("*")):
-        if p.is_file():
-            files[p.relative_to(tmp).as_posix()] = {"size": p.stat().st_size, "sha256": sha256_file(p)}
-    records = {
-        name: {"file": f"{name}/{ONNX_FILE}", "precision": precision[name], **_io_specs(tmp / name / ONNX_FILE)}
-        for name in family.components
-    }
-    for name, note in notes.items():
-        records[name]["note"] = note
-    extra = {}
+    files = _file_records(tmp)
+    records = _component_records(tmp, components, precision, notes)
+    extra: dict = {}
+    if few_step is None:  # what the configs say (Turbo's scheduler, an LCM UNet or scheduler)
+        few_step = few_step_kind(pipe.unet.config.get("time_cond_proj_dim"), dict(pipe.scheduler.config))
+    if few_step is not None:  # "none" (said at export): a standard model whatever its scheduler
+        extra["few_step"] = {"kind": few_step, "defaults": FEW_STEP.get(few_step, {}).get("defaults", {})}
     if pipe.unet.config.get("time_cond_proj_dim") is not None:
         frequencies = guidance_frequencies(int(pipe.unet.config.time_cond_proj_dim))
         note = "torch's float32 table; numpy's exp differs by an ulp in some"

@@ -79,6 +79,37 @@ class VaeEncoderWrapper(torch.nn.Module):
         return h
 
 
+class TinyDecoderWrapper(torch.nn.Module):
+    """diffusers' AutoencoderTiny decoder: the UNet's latents (its scaling factor is 1) -> pixels in [-1, 1]."""
+
+    def __init__(self, vae_tiny):
+        super().__init__()
+        self.vae = vae_tiny
+
+    def forward(self, latent_sample):
+        return self.vae.decode(latent_sample, return_dict=False)[0]
+
+
+class TinyEncoderWrapper(torch.nn.Module):
+    """diffusers' AutoencoderTiny encoder: pixels in [-1, 1] -> the latents themselves (no distribution)."""
+
+    def __init__(self, vae_tiny):
+        super().__init__()
+        self.vae = vae_tiny
+
+    def forward(self, sample):
+        return self.vae.encode(sample, return_dict=False)[0]
+
+
+class TinyVaeSource:
+    """The tiny autoencoder alone, for adding it to a model folder that is already exported: what the export and
+    validation helpers read of a pipeline (the contract's symbols, the VAE factor, the native latent size)."""
+
+    def __init__(self, vae_tiny, symbols: dict[str, int], downscale: int, native: tuple[int, int]):
+        self.vae_tiny = vae_tiny
+        self.symbols, self.downscale, self.native = symbols, downscale, native
+
+
 def wrap(pipe, name: str) -> torch.nn.Module:
     spec = pipe_spec(pipe, name)
     hidden = any(t.name.startswith("hidden_states.") for t in spec.outputs)
@@ -88,6 +119,8 @@ def wrap(pipe, name: str) -> torch.nn.Module:
         "unet": lambda: UNetWrapper(pipe.unet, tuple(t.name for t in spec.inputs)),
         "vae_decoder": lambda: VaeDecoderWrapper(pipe.vae),
         "vae_encoder": lambda: VaeEncoderWrapper(pipe.vae),
+        "vae_decoder_tiny": lambda: TinyDecoderWrapper(pipe.vae_tiny),
+        "vae_encoder_tiny": lambda: TinyEncoderWrapper(pipe.vae_tiny),
     }[name]()
     return module.eval()
 
@@ -99,6 +132,8 @@ def family_of(pipe) -> str:
 
 def features_of(pipe) -> frozenset[str]:
     """The model's ``specs.FEATURES``: its family's, and ``timestep_cond`` for an LCM-distilled UNet."""
+    if isinstance(pipe, TinyVaeSource):
+        return frozenset()
     lcm = getattr(pipe.unet.config, "time_cond_proj_dim", None) is not None
     return FAMILIES[family_of(pipe)].features | ({"timestep_cond"} if lcm else set())
 
@@ -117,10 +152,14 @@ def text_length(pipe) -> int:
 
 
 def vae_downscale(pipe) -> int:
+    if isinstance(pipe, TinyVaeSource):
+        return pipe.downscale
     return 2 ** (len(pipe.vae.config.block_out_channels) - 1)
 
 
 def native_latent(pipe) -> tuple[int, int]:
+    if isinstance(pipe, TinyVaeSource):
+        return pipe.native
     size = pipe.unet.config.sample_size
     size = size if isinstance(size, int) else size[0]
     return size, size
@@ -128,6 +167,8 @@ def native_latent(pipe) -> tuple[int, int]:
 
 def model_symbols(pipe) -> dict[str, int]:
     """The contract's fixed symbols for a diffusers pipeline: its family's defaults, overridden by its configs."""
+    if isinstance(pipe, TinyVaeSource):
+        return dict(pipe.symbols)
     unet, te = pipe.unet.config, pipe.text_encoder.config
     symbols = {**FAMILIES[family_of(pipe)].defaults, "C": int(pipe.vae.config.latent_channels),
                "C_in": int(unet.in_channels), "C_out": int(unet.out_channels), "S": text_length(pipe),

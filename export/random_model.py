@@ -193,6 +193,24 @@ def build_tiny_pipeline(
     return out
 
 
+def build_tiny_autoencoder(out: str | Path, size: str = "tiny", seed: int = 0, latent_channels: int = 4) -> Path:
+    """Save a random-weight diffusers AutoencoderTiny (TAESD's architecture) to ``out``. ``size="tiny"``: two
+    16-wide blocks (factor 2, the tiny pipelines' VAE factor); ``size="full"``: TAESD / TAESDXL as published
+    (diffusers' defaults: factor 8)."""
+    import torch
+    from diffusers import AutoencoderTiny
+
+    torch.manual_seed(seed)
+    options: dict = {}
+    if size == "tiny":
+        options = dict(encoder_block_out_channels=(16, 16), decoder_block_out_channels=(16, 16),
+                       num_encoder_blocks=(1, 1), num_decoder_blocks=(1, 1))  # fmt: skip
+    elif size != "full":
+        raise ValueError(f"size must be 'tiny' or 'full', got {size!r}")
+    AutoencoderTiny(latent_channels=latent_channels, **options).save_pretrained(out)
+    return Path(out)
+
+
 # The published architectures (their config.json values are public facts): Stable Diffusion 1.5
 # (CompVis/runwayml) and 2.1-base (Stability AI). Random weights cost what the real model costs.
 _SD_VAE = dict(
@@ -220,44 +238,66 @@ ARCHITECTURES = {
                   hidden_act="gelu", projection_dim=512),
         prediction_type="epsilon", pad_token="!",
     ),
+    # stabilityai/stable-diffusion-xl-base-1.0: CLIP ViT-L (penultimate layer) + OpenCLIP ViT-bigG with projection
+    "sdxl-base": dict(
+        unet=dict(_SD_UNET, block_out_channels=[320, 640, 1280], attention_head_dim=[5, 10, 20],
+                  down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+                  up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+                  transformer_layers_per_block=[1, 2, 10], cross_attention_dim=2048, use_linear_projection=True,
+                  addition_embed_type="text_time", addition_time_embed_dim=256,
+                  projection_class_embeddings_input_dim=2816, sample_size=128),
+        text=dict(hidden_size=_SD1_D, intermediate_size=4 * _SD1_D, num_attention_heads=12, num_hidden_layers=12,
+                  hidden_act="quick_gelu", projection_dim=_SD1_D),
+        text_2=dict(hidden_size=1280, intermediate_size=5120, num_attention_heads=20, num_hidden_layers=32,
+                    hidden_act="gelu", projection_dim=1280),
+        vae=dict(_SD_VAE, sample_size=1024, scaling_factor=0.13025, force_upcast=True),
+        prediction_type="epsilon", pad_token="<|endoftext|>",
+    ),
 }  # fmt: skip
 
 
 def build_full_size_pipeline(out: str | Path, arch: str = "sd15", seed: int = 0) -> Path:
-    """Save a random-weight pipeline with the exact published architecture ``arch`` (sd15, sd21-base).
+    """Save a random-weight pipeline with the exact published architecture ``arch`` (sd15, sd21-base, sdxl-base).
 
-    The text encoder keeps CLIP's real vocabulary size (49408) so its embedding costs what the real
-    one does; the tokenizer is the small locally trained one (its ids are a subset)."""
+    The text encoders keep CLIP's real vocabulary size (49408) so their embeddings cost what the real
+    ones do; the tokenizers are the small locally trained one (its ids are a subset)."""
+    import diffusers
     import torch
-    from diffusers import (
-        AutoencoderKL,
-        PNDMScheduler,
-        StableDiffusionPipeline,
-        UNet2DConditionModel,
-    )
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     spec = ARCHITECTURES[arch]
     out = Path(out)
     write_clip_tokenizer(out / "tokenizer", pad_token=spec["pad_token"])
     tokenizer = CLIPTokenizer.from_pretrained(out / "tokenizer")
     torch.manual_seed(seed)
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
+
+    def text_config(**text) -> CLIPTextConfig:
+        return CLIPTextConfig(
             vocab_size=49408, max_position_embeddings=CLIP_POSITIONS, layer_norm_eps=1e-05,
             bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id, **spec["text"],
-        )
-    )  # fmt: skip
-    scheduler = PNDMScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", set_alpha_to_one=False,
-        skip_prk_steps=True, steps_offset=1, prediction_type=spec["prediction_type"],
-    )  # fmt: skip
-    pipe = StableDiffusionPipeline(
-        unet=UNet2DConditionModel(**spec["unet"]), vae=AutoencoderKL(**_SD_VAE), text_encoder=text_encoder,
-        tokenizer=tokenizer, scheduler=scheduler, safety_checker=None, feature_extractor=None,
-        requires_safety_checker=False,
-    )  # fmt: skip
+            pad_token_id=tokenizer.pad_token_id, **text,
+        )  # fmt: skip
+
+    parts = dict(unet=UNet2DConditionModel(**spec["unet"]), vae=AutoencoderKL(**spec.get("vae", _SD_VAE)),
+                 text_encoder=CLIPTextModel(text_config(**spec["text"])), tokenizer=tokenizer)  # fmt: skip
+    if "text_2" in spec:  # SDXL
+        write_clip_tokenizer(out / "tokenizer_2", pad_token="!")
+        parts["tokenizer_2"] = CLIPTokenizer.from_pretrained(out / "tokenizer_2")
+        parts["text_encoder_2"] = CLIPTextModelWithProjection(text_config(**spec["text_2"]))
+        scheduler = diffusers.EulerDiscreteScheduler(
+            beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
+            timestep_spacing="leading", prediction_type=spec["prediction_type"],
+        )  # fmt: skip
+        pipe = diffusers.StableDiffusionXLPipeline(**parts, scheduler=scheduler, force_zeros_for_empty_prompt=True,
+                                                   add_watermarker=False)  # fmt: skip
+    else:
+        scheduler = diffusers.PNDMScheduler(
+            beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", set_alpha_to_one=False,
+            skip_prk_steps=True, steps_offset=1, prediction_type=spec["prediction_type"],
+        )  # fmt: skip
+        pipe = diffusers.StableDiffusionPipeline(**parts, scheduler=scheduler, safety_checker=None,
+                                                 feature_extractor=None, requires_safety_checker=False)  # fmt: skip
     pipe.save_pretrained(out)
     return out
 

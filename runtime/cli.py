@@ -48,7 +48,20 @@ def main(verbose: bool) -> None:
 @click.option(
     "--device", default="cpu", show_default=True, help="Trace and validate on this torch device (cpu, cuda)."
 )
-def export(source: Path, out: Path, fp16: bool, force: bool, opset: int, device: str) -> None:
+@click.option(
+    "--tiny-vae",
+    default=None,
+    type=click.Path(path_type=Path),
+    help="Also export this diffusers AutoencoderTiny folder (TAESD; taesdxl for SDXL): generate --tiny-vae.",
+)
+@click.option(
+    "--few-step",
+    type=click.Choice(["turbo", "lcm", "lcm_lora", "none"]),
+    default=None,
+    help="The model's kind when its configs do not say (Turbo: 1 step, guidance 0; LCM: 4 steps): its defaults.",
+)
+def export(source: Path, out: Path, fp16: bool, force: bool, opset: int, device: str, tiny_vae: Path | None,
+           few_step: str | None) -> None:  # fmt: skip
     """Export the diffusers Stable Diffusion folder SOURCE to the ONNX model folder OUT."""
     try:
         from edgediff.export import export_model
@@ -56,10 +69,31 @@ def export(source: Path, out: Path, fp16: bool, force: bool, opset: int, device:
         raise click.ClickException(
             f"export needs the PyTorch side ({e.name or e} is missing): pip install 'edgediff[export]'"
         ) from None
-    folder = export_model(
-        source, out, fp16=fp16, force=force, opset=opset, progress=sys.stderr.isatty(), device=device
-    )
+    folder = export_model(source, out, fp16=fp16, force=force, opset=opset, progress=sys.stderr.isatty(),
+                          device=device, tiny_vae=tiny_vae, few_step=few_step)  # fmt: skip
     click.echo(f"exported {source} -> {folder}")
+
+
+@main.command("add-tiny-vae")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.argument("tiny_vae", type=click.Path(path_type=Path))
+@click.option("--fp16", is_flag=True, help="Write fp16 tiny components (kept fp32 if fp16 misses the tolerance).")
+@click.option("--force", is_flag=True, help="Replace the tiny autoencoder the folder already has.")
+@click.option(
+    "--device", default="cpu", show_default=True, help="Trace and validate on this torch device (cpu, cuda)."
+)
+def add_tiny_vae(model: Path, tiny_vae: Path, fp16: bool, force: bool, device: str) -> None:
+    """Add the tiny autoencoder TINY_VAE (a diffusers AutoencoderTiny folder: madebyollin/taesd for SD 1.x/2.x,
+    madebyollin/taesdxl for SDXL) to the model folder MODEL: fast final images (generate --tiny-vae) and
+    previews."""
+    try:
+        from edgediff.export import add_tiny_vae as add
+    except ImportError as e:
+        raise click.ClickException(
+            f"add-tiny-vae needs the PyTorch side ({e.name or e} is missing): pip install 'edgediff[export]'"
+        ) from None
+    add(model, tiny_vae, fp16=fp16, force=force, device=device)
+    click.echo(f"added {tiny_vae} to {model} (vae_decoder_tiny, vae_encoder_tiny)")
 
 
 _HINT_MIN_BYTES = 200 * 2**20  # UNet files above this size (every real SD model) get the hint
@@ -227,6 +261,7 @@ _CALL_OPTIONS = {
     is_flag=True,
     help="With --mask: paste the input's own pixels back outside the mask (diffusers leaves the VAE's rendering).",
 )
+@click.option("--tiny-vae", is_flag=True, help="Decode (and encode --image) with the folder's tiny autoencoder.")
 @click.option("--provider", "providers", multiple=True, help="ONNX Runtime execution provider (repeatable).")
 @click.option("--low-memory", is_flag=True, help="Load one component at a time and release it after use.")
 @click.option(
@@ -237,7 +272,7 @@ _CALL_OPTIONS = {
 def generate(ctx, prompt, model, output, negative_prompt, prompt_2, negative_prompt_2, steps, guidance,
              guidance_rescale, width, height, seed, scheduler,
              scheduler_option, eta, timesteps, sigmas, from_png, params_file, init_image, strength, mask,
-             keep_unmasked, providers, low_memory, int8, memory_limit):  # fmt: skip
+             keep_unmasked, tiny_vae, providers, low_memory, int8, memory_limit):  # fmt: skip
     """Generate an image from PROMPT and write it as a PNG with its parameters.
 
     With --image IN.png it starts from that picture (image-to-image), and with --mask MASK.png too it repaints where
@@ -283,6 +318,8 @@ def generate(ctx, prompt, model, output, negative_prompt, prompt_2, negative_pro
         recorded = record.get("engine_options") or {}
         # "optimized": the option's name in records written before it became cpu_variant
         int8 = int8 or recorded.get("cpu_variant", recorded.get("optimized")) == "int8"
+    if tiny_vae:
+        call["decoder"] = "tiny"
     if init_image is not None:
         call.update(image=init_image, mask_image=mask, keep_unmasked=keep_unmasked)
     elif mask is not None or keep_unmasked or call.get("strength") is not None:

@@ -235,8 +235,8 @@ class ModelFolder:
     def few_step(self) -> dict[str, Any]:
         """What a few-step model dictates (``few_step_kind``): the manifest's record, else inferred from configs."""
         recorded = self.manifest.get("few_step")
-        if isinstance(recorded, dict) and recorded.get("kind") in FEW_STEP:
-            return recorded
+        if isinstance(recorded, dict) and (recorded.get("kind") in FEW_STEP or recorded.get("kind") == "none"):
+            return recorded  # "none": said at export, a standard model whatever its scheduler
         kind = few_step_kind(self._config_value("unet/config.json", "time_cond_proj_dim"),
                              _load_config(self.path / "scheduler" / "scheduler_config.json"))  # fmt: skip
         return {"kind": kind} if kind else {}
@@ -251,6 +251,17 @@ class ModelFolder:
         say: diffusers' for the family and mode, overridden by a few-step model's (``FEW_STEP``)."""
         few = FEW_STEP.get(str(self.few_step.get("kind")), {}).get("defaults", {})
         return {**self.family.call_defaults[mode], **few.get(mode, {})}
+
+    @property
+    def has_tiny_vae(self) -> bool:
+        """The folder holds a tiny autoencoder (TAESD: ``edgediff add-tiny-vae``)."""
+        return self.component_path("vae_decoder_tiny").is_file()
+
+    @property
+    def tiny_vae_scaling_factor(self) -> float:
+        """The tiny autoencoder's ``scaling_factor`` (TAESD's is 1: it works on the UNet's latents as they are)."""
+        value = self._config_value("vae_decoder_tiny/config.json", "scaling_factor")
+        return float(value) if _is_number(value) and value > 0 else 1.0
 
     @property
     def force_zeros_for_empty_prompt(self) -> bool:

@@ -17,6 +17,7 @@ object serves concurrent calls from several threads.
 from __future__ import annotations
 
 import gc
+import inspect
 import json
 import logging
 import math
@@ -28,7 +29,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from PIL import Image
@@ -292,6 +293,7 @@ class Pipeline:
         negative_original_size: tuple[int, int] | None = None,
         negative_crops_coords_top_left: tuple[int, int] | None = None,
         negative_target_size: tuple[int, int] | None = None,
+        decoder: str = "full",
     ) -> GenerationResult:
         """Generate images. Arguments as diffusers' StableDiffusionPipeline: ``eta`` reaches DDIM
         only; ``timesteps`` / ``sigmas`` give a custom schedule to schedulers that accept one
@@ -327,7 +329,15 @@ class Pipeline:
         ``crops_coords_top_left``, ``target_size`` (``(height, width)`` and ``(top, left)`` in pixels; default the
         output size and (0, 0)) and their ``negative_`` counterparts (default: the positive ones). With no
         ``negative_prompt`` an SDXL model whose folder says ``force_zeros_for_empty_prompt`` conditions the negative
-        on zeros (``""`` is encoded)."""
+        on zeros (``""`` is encoded).
+
+        ``decoder="tiny"``: the folder's tiny autoencoder (TAESD, ``edgediff add-tiny-vae``) decodes the image, and
+        encodes img2img's and inpainting's picture (as diffusers with ``pipe.vae = AutoencoderTiny``): much faster,
+        a little softer.
+
+        ``callback(step, timestep, latents)`` runs after every UNet call (return False to cancel); one that also
+        takes a ``preview`` keyword gets a function that decodes the current estimate of the clean image to PIL
+        images, on the tiny decoder when the folder has one (a live preview at the cost of one decode)."""
         timings: dict[str, float] = {}
         t_start = time.perf_counter()
         custom_latents = latents is not None  # not recorded: an image made from them cannot be regenerated
@@ -349,9 +359,10 @@ class Pipeline:
             self._refuse_sdxl_arguments(prompt_2=prompt_2, negative_prompt_2=negative_prompt_2, **sizes)
         mode = "txt2img" if image is None else "img2img" if mask_image is None else "inpaint"
         defaults = self.folder.call_defaults(mode)
+        tiny = self._tiny_decoder(decoder)
         per_prompt = _check_positive_int("num_images_per_prompt", num_images_per_prompt)
         init_image, mask, strength, height, width = self._image_inputs(image, mask_image, strength, latents,
-                                                                       keep_unmasked, height, width)  # fmt: skip
+                                                                       keep_unmasked, height, width, tiny)  # fmt: skip
         native_h, native_w = self.folder.native_size
         height = native_h if height is None else height
         width = native_w if width is None else width
@@ -411,7 +422,7 @@ class Pipeline:
             pixels = preprocess(init_image, height, width)
             binary_mask, soft = (None, None) if mask is None else preprocess_mask(mask, height, width)
             latents, hook = self._image_start(pixels, binary_mask, shape, sched, schedule, begin, strength, do_cfg,
-                                              generator, timings)  # fmt: skip
+                                              generator, timings, tiny)  # fmt: skip
         else:
             if latents is None:
                 latents = generator.randn(shape).astype(np.float32)
@@ -422,7 +433,7 @@ class Pipeline:
                                             callback, hook, timings, guidance_rescale)  # fmt: skip
 
         # 5. Decode
-        images = self._decode(latents, timings)
+        images = self._decode(latents, timings, tiny)
         if keep_unmasked and soft is not None:
             images = paste_unmasked(images, init_image, soft)
         timings["total"] = time.perf_counter() - t_start
@@ -452,6 +463,8 @@ class Pipeline:
         }
         if guidance_rescale:
             params["guidance_rescale"] = guidance_rescale
+        if tiny:
+            params["decoder"] = "tiny"
         if "added_cond" in self.folder.features:  # SDXL's own arguments, as given
             params["prompt_2"] = prompt_2
             params["negative_prompt_2"] = negative_prompt_2
@@ -504,7 +517,8 @@ class Pipeline:
             begin = _begin_index(n, strength, sched.order)
         return _Plan(sched, schedule, begin, steps, eta)
 
-    def _image_inputs(self, image, mask_image, strength, latents, keep_unmasked: bool, height, width):
+    def _image_inputs(self, image, mask_image, strength, latents, keep_unmasked: bool, height, width,
+                      tiny: bool = False):  # fmt: skip
         """Checks the image-to-image and inpainting arguments; returns (RGB image or None, mask or None, strength,
         height, width) with diffusers' strength defaults (img2img 0.8, inpainting 1.0)."""
         inpainting_unet = self.folder.unet_kind == "inpainting"
@@ -527,12 +541,13 @@ class Pipeline:
         strength = _strength(strength, mask_image is not None, self.folder.call_defaults(mode)["strength"])
         if latents is not None:
             raise InvalidArgumentError("pass image or latents, not both: img2img starts from the image's latents")
-        if "vae_encoder" not in self.engines and not self.folder.component_path("vae_encoder").is_file():
+        encoder = "vae_encoder_tiny" if tiny else "vae_encoder"
+        if encoder not in self.engines and not self.folder.component_path(encoder).is_file():
             mode = "image-to-image" if mask_image is None else "inpainting"
-            raise ModelFolderError(
-                f"{self.folder.path} has no vae_encoder, which {mode} needs; re-export the model with "
-                "`edgediff export` (it writes vae_encoder/model.onnx)"
-            )
+            fix = "re-export the model with `edgediff export` (it writes vae_encoder/model.onnx)"
+            if tiny:
+                fix = f"add the tiny autoencoder again: `edgediff add-tiny-vae {self.folder.path} TAESD_DIR --force`"
+            raise ModelFolderError(f"{self.folder.path} has no {encoder}, which {mode} needs; {fix}")
         init_image = load_image(image)
         mask = None
         if mask_image is not None:
@@ -687,10 +702,18 @@ class Pipeline:
         return np.repeat(emb[None], batch, axis=0)
 
     def _encode_image(self, pixels: np.ndarray, batch: int, generator: Generator,
-                      timings: dict[str, float]) -> np.ndarray:  # fmt: skip
+                      timings: dict[str, float], tiny: bool = False) -> np.ndarray:  # fmt: skip
         """[1,3,H,W] in [-1, 1] -> [batch,C,h,w] scaled latents sampled from the VAE encoder's diagonal Gaussian
         (mean ‖ logvar) as diffusers' ``latent_dist.sample(generator)``: one draw of one image's latent shape, tiled
-        to the batch; with per-image generators (``seeds``) each image's row is its own generator's draw."""
+        to the batch; with per-image generators (``seeds``) each image's row is its own generator's draw. ``tiny``:
+        the tiny encoder gives the latents themselves (no draw), times its own scaling factor."""
+        if tiny:
+            with self._component("vae_encoder_tiny", timings) as vae_encoder:
+                t0 = time.perf_counter()
+                z = vae_encoder.run({"sample": pixels})["latent_sample"].astype(np.float32)
+                timings["vae_encoder"] = timings.get("vae_encoder", 0.0) + time.perf_counter() - t0
+            z = (np.float32(self.folder.tiny_vae_scaling_factor) * z).astype(np.float32)
+            return np.concatenate([z] * batch) if batch > 1 else z
         with self._component("vae_encoder", timings) as vae_encoder:
             t0 = time.perf_counter()
             moments = vae_encoder.run({"sample": pixels})["latent_parameters"].astype(np.float32)
@@ -707,7 +730,8 @@ class Pipeline:
         z = (np.float32(self.folder.vae_scaling_factor) * z).astype(np.float32)
         return np.concatenate([z] * (batch // rows)) if rows < batch else z
 
-    def _image_start(self, pixels, mask, shape, sched, schedule, begin, strength, do_cfg, generator, timings):
+    def _image_start(self, pixels, mask, shape, sched, schedule, begin, strength, do_cfg, generator, timings,
+                     tiny: bool = False):  # fmt: skip
         """img2img's and inpainting's start latents, and inpainting's StepHook, as diffusers (its draws: the image's
         VAE sample, then the noise, then the masked image's VAE sample; an inpainting UNet at strength 1.0 never
         uses the image latents, so they are not drawn). ``mask``: [1,1,H,W] of 0/1, or None for img2img."""
@@ -715,7 +739,7 @@ class Pipeline:
         inpainting_unet = mask is not None and self.folder.unet_kind == "inpainting"
         image_latents = None
         if not (inpainting_unet and strength == 1.0):
-            image_latents = self._encode_image(pixels, batch, generator, timings)
+            image_latents = self._encode_image(pixels, batch, generator, timings, tiny)
         noise = generator.randn(shape).astype(np.float32)
         if mask is not None and strength == 1.0:  # inpainting from pure noise (img2img at 1.0 still adds noise)
             latents = noise * np.float32(schedule.init_noise_sigma)
@@ -723,7 +747,7 @@ class Pipeline:
             latents = sched.add_noise(schedule, image_latents, noise, begin)
         if mask is None:
             return latents, None
-        masked = self._encode_image(pixels * (mask < 0.5), batch, generator, timings)  # repainted area: mid-grey
+        masked = self._encode_image(pixels * (mask < 0.5), batch, generator, timings, tiny)  # repainted: mid-grey
         f = self.folder.vae_downscale
         m = np.repeat(mask[:, :, ::f, ::f], batch, axis=0)  # nearest: each latent cell takes its top-left pixel
         if inpainting_unet:
@@ -767,8 +791,10 @@ class Pipeline:
             timestep_spec = unet.inputs["timestep"]
             state = sched.initial_state(schedule)
             n_calls = len(schedule.timesteps) - begin
+            wants_preview = callback is not None and _takes_keyword(callback, "preview")
             for j, i in enumerate(range(begin, len(schedule.timesteps))):
                 t = schedule.timesteps[i]
+                before = latents
                 model_in = np.concatenate([latents, latents]) if do_cfg else latents
                 model_in = sched.scale_model_input(schedule, i, model_in)
                 if hook is not None and hook.extra_inputs is not None:
@@ -796,7 +822,11 @@ class Pipeline:
                     )
                 if callback is not None:
                     c0 = time.perf_counter()
-                    stop = callback(j, float(t), latents) is False
+                    if wants_preview:
+                        preview = self._previewer(sched, schedule, i, before, noise)
+                        stop = cast(Any, callback)(j, float(t), latents, preview=preview) is False
+                    else:
+                        stop = callback(j, float(t), latents) is False
                     in_callback += time.perf_counter() - c0
                     if stop:
                         raise GenerationCancelled(f"cancelled by the callback at step {j + 1} of {n_calls}")
@@ -807,10 +837,33 @@ class Pipeline:
         timings["host"] = timings["denoise"] - timings["unet"] - in_callback
         return latents, unet_calls
 
-    def _decode(self, latents: np.ndarray, timings: dict[str, float]) -> list[Image.Image]:
-        with self._component("vae_decoder", timings) as vae_decoder:
+    def _previewer(self, sched, schedule, i: int, sample: np.ndarray, prediction: np.ndarray) -> Callable:
+        """A function that decodes call ``i``'s estimate of the clean image (tiny decoder when there is one)."""
+
+        def preview() -> list[Image.Image]:
+            return self._decode(sched.denoised(schedule, i, sample, prediction), {}, self.folder.has_tiny_vae)
+
+        return preview
+
+    def _tiny_decoder(self, decoder) -> bool:
+        if decoder not in ("full", "tiny"):
+            raise InvalidArgumentError(
+                f"decoder must be 'full' (the model's VAE) or 'tiny' (its TAESD), got {decoder!r}"
+            )
+        if decoder == "tiny" and not self.folder.has_tiny_vae:
+            raise ModelFolderError(
+                f"{self.folder.path} has no tiny autoencoder (vae_decoder_tiny/); add one with `edgediff "
+                f"add-tiny-vae {self.folder.path} TAESD_DIR`, TAESD_DIR being a diffusers AutoencoderTiny folder "
+                "(madebyollin/taesd for SD 1.x/2.x, madebyollin/taesdxl for SDXL)"
+            )
+        return decoder == "tiny"
+
+    def _decode(self, latents: np.ndarray, timings: dict[str, float], tiny: bool = False) -> list[Image.Image]:
+        name, scale = ("vae_decoder_tiny", self.folder.tiny_vae_scaling_factor) if tiny else (
+            "vae_decoder", self.folder.vae_scaling_factor)  # fmt: skip
+        with self._component(name, timings) as vae_decoder:
             t0 = time.perf_counter()
-            decoded = vae_decoder.run({"latent_sample": latents / np.float32(self.folder.vae_scaling_factor)})
+            decoded = vae_decoder.run({"latent_sample": latents / np.float32(scale)})
             timings["vae_decoder"] = time.perf_counter() - t0
         if not np.isfinite(decoded["sample"]).all():
             raise NonFiniteError(
@@ -865,6 +918,14 @@ def _text_list(name: str, value, n: int | None = None) -> list[str]:
     if n is not None and len(values) != n:
         raise InvalidArgumentError(f"{name} has {len(values)} entries but prompt has {n}; give one per prompt")
     return values
+
+
+def _takes_keyword(fn: Callable, name: str) -> bool:
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # a builtin without a signature
+        return False
+    return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
 
 
 def _rescale_guidance(guided: np.ndarray, cond: np.ndarray, phi: float) -> np.ndarray:

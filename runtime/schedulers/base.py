@@ -186,6 +186,24 @@ class Scheduler(Generic[S]):
         a = self.alphas_cumprod[int(schedule.timesteps[index])]
         return (a**0.5 * original + (1 - a) ** 0.5 * noise).astype(np.float32)
 
+    def denoised(self, schedule: S, i: int, sample: np.ndarray, model_output: np.ndarray) -> np.ndarray:
+        """The current estimate of the clean latents x0 from call ``i``'s (guided) prediction, for previews. Every
+        scheduler's scaled UNet input is √ᾱ·x0 + √(1−ᾱ)·ε: σ-space schedulers scale by 1/√(σ²+1) = √ᾱ (so ᾱ is
+        the scale squared), the others feed the sample as it is (ᾱ of the call's integer timestep)."""
+        scale = float(self.scale_model_input(schedule, i, np.ones((1,), np.float32))[0])
+        if scale != 1.0:
+            a = scale * scale
+        else:
+            t = min(max(round(float(schedule.timesteps[i])), 0), len(self.alphas_cumprod) - 1)
+            a = float(self.alphas_cumprod[t])
+        x = sample * np.float32(scale)
+        kind = self.config.get("prediction_type", "epsilon")
+        if kind == "sample":
+            return model_output.astype(np.float32)
+        if kind == "v_prediction":
+            return (np.float32(a**0.5) * x - np.float32((1 - a) ** 0.5) * model_output).astype(np.float32)
+        return ((x - np.float32((1 - a) ** 0.5) * model_output) / np.float32(max(a, 1e-12) ** 0.5)).astype(np.float32)
+
     def initial_state(self, schedule: S) -> Any:
         return None
 
