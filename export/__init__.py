@@ -305,10 +305,12 @@ def export_model(
 
 
 def _load(source: Path, device: str):
-    import diffusers
+    """The source as a LazyPipeline: its models load one at a time, as each component is exported."""
     import diffusers.utils.logging as diffusers_logging
     import torch
     import transformers.utils.logging as transformers_logging
+
+    from .lazy import LazyPipeline
 
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ExportError(f"--device {device}: this torch build sees no CUDA GPU; use --device cpu")
@@ -316,15 +318,27 @@ def _load(source: Path, device: str):
     diffusers_logging.set_verbosity_error()
     transformers_logging.set_verbosity_error()
     family = _source_family(_check_source(source))
-    options: dict = {"add_watermarker": False} if family.name == "sdxl" else {
-        "safety_checker": None, "requires_safety_checker": False}  # fmt: skip
     try:
-        pipe = getattr(diffusers, family.loader).from_pretrained(
-            source, local_files_only=True, torch_dtype=torch.float32, low_cpu_mem_usage=False, **options
-        )
-    except Exception as e:  # diffusers raises many types for a broken folder
+        pipe = LazyPipeline(source, family.tokenizers, device)
+        for name in family.source_components:  # every config now: a broken folder fails before any export
+            if name not in ("scheduler", *family.tokenizers):
+                _ = getattr(pipe, name).config
+    except Exception as e:  # diffusers and transformers raise many types for a broken folder
         raise ExportError(f"SOURCE {source} cannot be loaded by diffusers ({type(e).__name__}: {e})") from e
-    return pipe.to(device) if device != "cpu" else pipe
+    return pipe
+
+
+def _hold(pipe, module: str, source: Path | None = None):
+    """Load ``module`` of a LazyPipeline (releasing the others); a source that does not load is one ExportError."""
+    if not hasattr(pipe, "hold"):
+        return
+    try:
+        pipe.hold(module)
+    except (MemoryError, KeyboardInterrupt):
+        raise
+    except Exception as e:  # diffusers raises many types for a broken folder
+        where = f"SOURCE {source}" if source else "the source"
+        raise ExportError(f"{where} cannot be loaded by diffusers: {module} ({type(e).__name__}: {e})") from e
 
 
 def _source_family(info: dict) -> specs.Family:
@@ -369,8 +383,8 @@ def _export_components(pipe, components, tmp: Path, fp16: bool, opset: int, prog
     from tqdm import tqdm
 
     from .fp16 import convert_to_fp16
-    from .onnx_export import export_component
-    from .validate import check_component
+    from .onnx_export import consolidate_onnx, export_component, pipe_spec
+    from .validate import compare, reference_outputs
 
     precision: dict[str, str] = {}
     failures: list[str] = []
@@ -378,8 +392,9 @@ def _export_components(pipe, components, tmp: Path, fp16: bool, opset: int, prog
     bar = tqdm(components, desc="export", unit="component", disable=not progress)
     for name in bar:
         bar.set_postfix_str(name)
+        _hold(pipe, specs.SUBMODELS[name].source)
         try:
-            path = export_component(pipe, name, tmp / name, opset=opset, device=device)
+            raw = export_component(pipe, name, tmp / name, opset=opset, device=device, consolidate=False)
         except (MemoryError, OSError) as e:
             raise ExportError(f"exporting {name} failed ({type(e).__name__}: {e}); free memory or disk space "
                               "and run the export again") from e  # fmt: skip
@@ -389,14 +404,19 @@ def _export_components(pipe, components, tmp: Path, fp16: bool, opset: int, prog
                 f"torch.onnx could not export {name} ({type(e).__name__}: {first}); run with -v for the "
                 "details, and report it if the model is a standard SD 1.x/2.x/XL one"
             ) from e
-        checks = check_component(pipe, name, path, "fp32", device=device)
+        spec = pipe_spec(pipe, name)
+        references = reference_outputs(pipe, name, device=device)
+        if hasattr(pipe, "release"):  # the torch model's memory goes before ONNX Runtime's comes
+            pipe.release()
+        path = consolidate_onnx(raw, tmp / name)
+        checks = compare(name, spec, path, references, "fp32", device=device)
         bad = [c for c in checks if not c.passed]
         precision[name] = "fp32"
         if fp16 and not bad:
             fp16_dir = tmp / f".{name}-fp16"
             fp16_dir.mkdir()
             convert_to_fp16(path, fp16_dir / ONNX_FILE)
-            checks16 = check_component(pipe, name, fp16_dir / ONNX_FILE, "fp16", device=device)
+            checks16 = compare(name, spec, fp16_dir / ONNX_FILE, references, "fp16", device=device)
             bad16 = [c for c in checks16 if not c.passed]
             if not bad16:
                 shutil.rmtree(tmp / name)

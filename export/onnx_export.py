@@ -203,8 +203,11 @@ def guidance_frequencies(dim: int) -> list[float]:
     return [float(f) for f in torch.exp(torch.arange(half, dtype=torch.float32) * -step)]
 
 
-def export_component(pipe, name: str, out_dir: Path, opset: int = 17, device: str = "cpu") -> Path:
-    """Export sub-model ``name`` to ``out_dir/model.onnx`` (+ one external-data file if > 2 GB)."""
+def export_component(pipe, name: str, out_dir: Path, opset: int = 17, device: str = "cpu",
+                     consolidate: bool = True) -> Path:  # fmt: skip
+    """Export sub-model ``name`` to ``out_dir/model.onnx`` (+ one external-data file if > 2 GB). ``consolidate=False``
+    stops after torch's export and returns its raw file (``out_dir/.raw/model.onnx``, weights maybe scattered over
+    many files): ``consolidate_onnx`` finishes it, after the torch model's memory is released."""
     spec = pipe_spec(pipe, name)
     module = wrap(pipe, name)
     # batch 2, as optimum: tracing with batch 1 lets some broadcasts be recorded with a fixed size
@@ -226,10 +229,17 @@ def export_component(pipe, name: str, out_dir: Path, opset: int = 17, device: st
             do_constant_folding=True,
             dynamo=False,
         )
+    del module
+    return consolidate_onnx(raw, out_dir) if consolidate else raw
+
+
+def consolidate_onnx(raw: Path, out_dir: Path) -> Path:
+    """torch's raw export -> ``out_dir/model.onnx`` (weights inline, or in one external-data file); the raw files
+    are removed."""
     save_onnx(onnx.load(str(raw)), out_dir / "model.onnx")
-    for f in raw_dir.iterdir():
+    for f in raw.parent.iterdir():
         f.unlink()
-    raw_dir.rmdir()
+    raw.parent.rmdir()
     return out_dir / "model.onnx"
 
 

@@ -49,27 +49,47 @@ def probe_shapes(pipe, name: str) -> list[dict]:
     return [dict(batch=1), dict(batch=3, latent_hw=(small, size))]
 
 
-def check_component(pipe, name: str, onnx_path: Path, precision: str = "fp32", device: str = "cpu") -> list[Check]:
-    """``device="cuda"`` runs the PyTorch reference on the GPU and ONNX Runtime with its CUDA
-    provider when the installed onnxruntime has it (fast validation of full-size models)."""
-    import onnxruntime as ort
+@dataclass
+class Reference:
+    """One probe: the inputs (numpy) and the PyTorch original's outputs, in the contract's order."""
 
+    inputs: dict[str, np.ndarray]
+    outputs: list[np.ndarray]
+
+
+def reference_outputs(pipe, name: str, device: str = "cpu") -> list[Reference]:
+    """The PyTorch original's outputs on every probe (computed once: the fp32 and fp16 checks share them, and the
+    torch model can be released before ONNX Runtime loads the export)."""
     spec = pipe_spec(pipe, name)
-    atol, rtol = spec.tolerance[precision]
     module = wrap(pipe, name)
-    providers = ["CPUExecutionProvider"]
-    if device.startswith("cuda") and "CUDAExecutionProvider" in ort.get_available_providers():
-        providers.insert(0, "CUDAExecutionProvider")
-    session = ort.InferenceSession(str(onnx_path), providers=providers)
-    checks = []
+    refs = []
     for k, probe in enumerate(probe_shapes(pipe, name)):
         inputs = dummy_inputs(pipe, name, seed=k + 1, **probe)
         with torch.inference_mode():
-            ref = module(*(inputs[t.name].to(device) for t in spec.inputs))
-        ref = ref if isinstance(ref, tuple) else (ref,)
-        got = session.run(None, {t.name: inputs[t.name].numpy() for t in spec.inputs})
-        for t, r, g in zip(spec.outputs, ref, got):
-            r = r.float().cpu().numpy()
+            out = module(*(inputs[t.name].to(device) for t in spec.inputs))
+        out = out if isinstance(out, tuple) else (out,)
+        refs.append(Reference({t.name: inputs[t.name].numpy() for t in spec.inputs},
+                              [r.float().cpu().numpy() for r in out]))  # fmt: skip
+    return refs
+
+
+def compare(name: str, spec, onnx_path: Path, references: list[Reference], precision: str = "fp32",
+            device: str = "cpu") -> list[Check]:  # fmt: skip
+    """ONNX Runtime on the references' inputs against their outputs. ``device="cuda"`` runs ONNX Runtime with its
+    CUDA provider when the installed onnxruntime has it (fast validation of full-size models)."""
+    import onnxruntime as ort
+
+    atol, rtol = spec.tolerance[precision]
+    providers = ["CPUExecutionProvider"]
+    if device.startswith("cuda") and "CUDAExecutionProvider" in ort.get_available_providers():
+        providers.insert(0, "CUDAExecutionProvider")
+    options = ort.SessionOptions()
+    options.add_session_config_entry("session.disable_prepacking", "1")  # no second copy of the weights
+    session = ort.InferenceSession(str(onnx_path), options, providers=providers)
+    checks = []
+    for ref in references:
+        got = session.run(None, ref.inputs)
+        for t, r, g in zip(spec.outputs, ref.outputs, got):
             g = np.asarray(g, dtype=np.float32)
             if r.shape != g.shape:
                 checks.append(Check(name, t.name, g.shape, math.inf, 0.0, -math.inf, False))
@@ -78,4 +98,10 @@ def check_component(pipe, name: str, onnx_path: Path, precision: str = "fp32", d
             ref_max = float(np.max(np.abs(r)))
             ok = max_abs <= atol + rtol * ref_max
             checks.append(Check(name, t.name, r.shape, max_abs, ref_max, psnr(g, r, ref_max), ok))
+    del session
     return checks
+
+
+def check_component(pipe, name: str, onnx_path: Path, precision: str = "fp32", device: str = "cpu") -> list[Check]:
+    """The ONNX export of sub-model ``name`` against its PyTorch original, on every probe."""
+    return compare(name, pipe_spec(pipe, name), onnx_path, reference_outputs(pipe, name, device), precision, device)

@@ -195,7 +195,7 @@ def test_force_replaces_and_interrupt_leaves_nothing(tiny_source, tmp_path, monk
     assert not (out / "old.txt").exists() and (out / "edgediff.json").exists()
 
     calls = []
-    real = validate.check_component
+    real = validate.reference_outputs
 
     def interrupted(pipe, name, *a, **k):
         calls.append(name)
@@ -203,7 +203,7 @@ def test_force_replaces_and_interrupt_leaves_nothing(tiny_source, tmp_path, monk
             raise KeyboardInterrupt
         return real(pipe, name, *a, **k)
 
-    monkeypatch.setattr("edgediff.export.validate.check_component", interrupted)
+    monkeypatch.setattr("edgediff.export.validate.reference_outputs", interrupted)
     fresh = tmp_path / "fresh"
     with pytest.raises(KeyboardInterrupt):
         export_model(tiny_source("sd1"), fresh)
