@@ -45,10 +45,16 @@ def parameter_counts(source: Path) -> dict[str, int]:
     return counts
 
 
-def ensure(arch: str, root: Path = DEFAULT_ROOT, fp16: bool = False, build_only: bool = False) -> tuple[Path, Path]:
-    """(diffusers source, edgediff folder) for ``arch``, built and exported if missing."""
+def ensure(arch: str, root: Path = DEFAULT_ROOT, fp16: bool = False, build_only: bool = False,
+           tiny_vae: bool = False) -> tuple[Path, Path]:  # fmt: skip
+    """(diffusers source, edgediff folder) for ``arch``, built and exported if missing; ``tiny_vae``: with a
+    random-weight tiny autoencoder of TAESD's published architecture (ROOT/taesd-diffusers)."""
     from edgediff.export import export_model
-    from edgediff.export.random_model import build_full_size_pipeline
+    from edgediff.export.random_model import build_full_size_pipeline, build_tiny_autoencoder
+
+    taesd = root / "taesd-diffusers"
+    if tiny_vae and not (taesd / "config.json").exists():
+        build_tiny_autoencoder(taesd, size="full")
 
     source = root / f"{arch}-diffusers"
     folder = root / f"{arch}-onnx{'-fp16' if fp16 else ''}"
@@ -64,7 +70,7 @@ def ensure(arch: str, root: Path = DEFAULT_ROOT, fp16: bool = False, build_only:
         (source / "parameter_counts.json").write_text(json.dumps(counts, indent=1) + "\n")
     if not build_only and not (folder / "model_index.json").exists():
         t0 = time.time()
-        export_model(source, folder, fp16=fp16, progress=sys.stderr.isatty())
+        export_model(source, folder, fp16=fp16, progress=sys.stderr.isatty(), tiny_vae=taesd if tiny_vae else None)
         print(f"exported {folder} in {time.time() - t0:.0f} s", file=sys.stderr)
     return source, folder
 
@@ -75,8 +81,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--root", type=Path, default=DEFAULT_ROOT)
     p.add_argument("--fp16", action="store_true", help="export fp16 components")
     p.add_argument("--build-only", action="store_true", help="build and check the diffusers source, do not export")
+    p.add_argument("--tiny-vae", action="store_true", help="export a TAESD-architecture tiny autoencoder too")
     args = p.parse_args(argv)
-    source, folder = ensure(args.arch, args.root, args.fp16, args.build_only)
+    source, folder = ensure(args.arch, args.root, args.fp16, args.build_only, args.tiny_vae)
     print(json.dumps({"source": str(source), "folder": str(folder)}))
 
 

@@ -1,14 +1,23 @@
 """edgediff against what users would run instead, on the same model, size, steps, scheduler and
 thread count, on this machine, in one run:
 
-- diffusers ``StableDiffusionPipeline`` (PyTorch, CPU, fp32),
-- optimum's ``ORTStableDiffusionPipeline`` (ONNX Runtime, CPU) on the same ONNX folder,
+- diffusers ``StableDiffusionPipeline`` / ``StableDiffusionXLPipeline`` (PyTorch, CPU, fp32),
+- optimum's ``ORTStableDiffusionPipeline`` / ``ORTStableDiffusionXLPipeline`` (ONNX Runtime, CPU) on the same
+  ONNX folder,
 - edgediff (ONNX Runtime, CPU).
 
     python benchmarks/peer_comparison.py                       # SD 1.5 architecture, 512 and 256 px
     python benchmarks/peer_comparison.py --sizes 256 --runs 1  # quicker
     python benchmarks/peer_comparison.py --sizes 512 256 --edgediff 'edgediff={}' \
         --edgediff 'low-memory={"low_memory": true}' --edgediff 'int8={"cpu_variant": "int8"}'
+    python benchmarks/peer_comparison.py --arch sdxl-base --sizes 1024 512 --steps 4 --runs 0 --no-optimize
+    python benchmarks/peer_comparison.py --arch sdxl-base --sizes 512 --mode turbo --decoders full tiny
+
+``--mode``: ``standard`` (DPM++ 2M, ``--steps`` at ``--guidance``), ``turbo`` (SD/SDXL-Turbo-shaped: 1 step of
+Euler ancestral on trailing timesteps, guidance 0) or ``lcm`` (LCM-shaped: 4 steps of LCM, guidance 1, so one
+batch-1 UNet call per step); ``--decoders full tiny`` runs each contender with the full VAE and with the tiny
+autoencoder (TAESD architecture, random weights) too. ``--runs 0`` times the first image itself (full-size SDXL
+at 1024 px costs minutes per image on a small CPU).
 
 The model is the random-weight SD 1.5-architecture model of ``full_size_models.py`` (built and
 exported first if missing; ``edgediff optimize`` is run on it, as users run it on a CPU, and
@@ -46,9 +55,12 @@ def _worker(args) -> dict:
     from edgediff.runtime.measure import peak_rss_bytes
 
     size, steps, guidance, threads = args.size, args.steps, args.guidance, args.threads
+    tiny = args.decoder == "tiny"
     unet_calls: list[float] = []
+    decodes: list[float] = []
     stages: dict[str, float] = {}  # edgediff: the last image's per-stage seconds (host = loop minus UNet calls)
     out_png = Path(args.tmp) / f"{args.worker}-{size}.png"
+    xl = args.arch.startswith("sdxl")
 
     def timed(fn):
         def wrapper(*a, **k):
@@ -67,10 +79,15 @@ def _worker(args) -> dict:
         pipe = Pipeline.load(args.folder, threads=threads, **json.loads(args.edgediff_options))
         load = time.perf_counter() - t0
 
+        scheduler = {"standard": "dpmpp_2m", "lcm": "lcm",
+                     "turbo": {"_class_name": "EulerAncestralDiscreteScheduler", "timestep_spacing": "trailing"}}[
+            args.mode]  # fmt: skip
+
         def generate(seed):
             r = pipe(PROMPT, num_inference_steps=steps, guidance_scale=guidance, width=size, height=size, seed=seed,
-                     scheduler="dpmpp_2m")  # fmt: skip
+                     scheduler=scheduler, decoder=args.decoder)  # fmt: skip
             unet_calls.extend(r.unet_calls)
+            decodes.append(r.timings["vae_decoder"])
             stages.clear()
             stages.update(r.timings)
             return r.images[0]
@@ -81,26 +98,47 @@ def _worker(args) -> dict:
         import torch
 
         torch.set_num_threads(threads)
-        from diffusers import DPMSolverMultistepScheduler
+        import diffusers
 
         t0 = time.perf_counter()
         if args.worker == "diffusers":
-            from diffusers import StableDiffusionPipeline
-
-            pipe = StableDiffusionPipeline.from_pretrained(
-                args.source, safety_checker=None, requires_safety_checker=False, local_files_only=True
-            )
+            if xl:
+                pipe = diffusers.StableDiffusionXLPipeline.from_pretrained(args.source, add_watermarker=False,
+                                                                           local_files_only=True)  # fmt: skip
+            else:
+                pipe = diffusers.StableDiffusionPipeline.from_pretrained(
+                    args.source, safety_checker=None, requires_safety_checker=False, local_files_only=True
+                )
+            if tiny:
+                pipe.vae = diffusers.AutoencoderTiny.from_pretrained(args.tiny_vae, local_files_only=True)
         else:
             import onnxruntime as ort
-            from optimum.onnxruntime import ORTStableDiffusionPipeline
+            import optimum.onnxruntime as ortd
 
             so = ort.SessionOptions()
             so.intra_op_num_threads = threads
-            pipe = ORTStableDiffusionPipeline.from_pretrained(args.folder, export=False, session_options=so)
-        pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+            cls = ortd.ORTStableDiffusionXLPipeline if xl else ortd.ORTStableDiffusionPipeline
+            pipe = cls.from_pretrained(args.folder, export=False, session_options=so)
+        config = pipe.scheduler.config
+        pipe.scheduler = {
+            "standard": lambda: diffusers.DPMSolverMultistepScheduler.from_config(config),
+            "lcm": lambda: diffusers.LCMScheduler.from_config(config),
+            "turbo": lambda: diffusers.EulerAncestralDiscreteScheduler.from_config(
+                config, timestep_spacing="trailing"
+            ),
+        }[args.mode]()
         pipe.set_progress_bar_config(disable=True)
         load = time.perf_counter() - t0
         pipe.unet.forward = timed(pipe.unet.forward)  # nn.Module / ORTUnet __call__ -> instance forward
+        decode = pipe.vae.decode
+
+        def timed_decode(*a, **k):
+            t0 = time.perf_counter()
+            r = decode(*a, **k)
+            decodes.append(time.perf_counter() - t0)
+            return r
+
+        pipe.vae.decode = timed_decode
 
         def generate(seed):
             g = torch.Generator("cpu").manual_seed(seed)
@@ -121,7 +159,7 @@ def _worker(args) -> dict:
             save(image)
             cold_start = time.time() - t_spawn
         runs.append({"end_to_end": end_to_end, "unet_calls": unet_calls[before:]})
-    timed_runs = runs[1 + args.warmup :]
+    timed_runs = runs[1 + args.warmup :] or runs[:1]  # --runs 0: the first image is the timed one
     calls = [c for r in timed_runs for c in r["unet_calls"]]
     return {
         "contender": args.worker,
@@ -134,17 +172,19 @@ def _worker(args) -> dict:
         "unet_calls_per_image": len(timed_runs[0]["unet_calls"]),
         "unet_call_median_s": float(np.median(calls)),
         "unet_call_p90_s": float(np.percentile(calls, 90)),
+        "vae_decode_median_s": float(np.median(decodes[-len(timed_runs) :])) if decodes else None,
         "peak_rss_bytes": peak_rss_bytes(),
         **({"stages_s": dict(stages)} if stages else {}),
     }
 
 
 # ----------------------------------------------------------------------------------------- parent
-def _run_contender(name, size, options: dict, args, source, folder, tmp) -> dict:
+def _run_contender(name, size, options: dict, args, source, folder, tmp, decoder: str = "full") -> dict:
     cmd = [sys.executable, __file__, "--worker", name, "--size", str(size), "--steps", str(args.steps),
            "--guidance", str(args.guidance), "--threads", str(args.threads), "--warmup", str(args.warmup),
            "--runs", str(args.runs), "--source", str(source), "--folder", str(folder), "--tmp", str(tmp),
-           "--edgediff-options", json.dumps(options)]  # fmt: skip
+           "--edgediff-options", json.dumps(options), "--arch", args.arch, "--mode", args.mode,
+           "--decoder", decoder, "--tiny-vae", str(args.tiny_vae)]  # fmt: skip
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
     cmd += ["--spawn-time", repr(time.time())]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
@@ -160,9 +200,13 @@ def _ratio(a, b):
 def summarise(results: list[dict]) -> list[dict]:
     """One row per (size, edgediff configuration, peer): edgediff's figure over the peer's."""
     ok = sorted((r for r in results if "error" not in r), key=lambda r: -r["size"])
-    peers = {(r["size"], r["contender"]): r for r in ok if r["contender"] in PEERS}
-    ours_rows = [r for r in ok if r["contender"] not in PEERS]
-    pairs = [(ours, peers.get((ours["size"], name))) for ours in ours_rows for name in PEERS]
+
+    def worker(r):  # results written before --decoders have neither key
+        return r.get("worker", r["contender"] if r["contender"] in PEERS else "edgediff"), r.get("decoder", "full")
+
+    peers = {(r["size"], *worker(r)): r for r in ok if worker(r)[0] in PEERS}
+    ours_rows = [r for r in ok if worker(r)[0] not in PEERS]
+    pairs = [(ours, peers.get((ours["size"], name, worker(ours)[1]))) for ours in ours_rows for name in PEERS]
     return [{
         "size": ours["size"], "edgediff": ours["contender"], "peer": peer["contender"],
         "unet_call": _ratio(ours["unet_call_median_s"], peer["unet_call_median_s"]),
@@ -230,8 +274,9 @@ def judge_targets(report: dict) -> list[dict]:
 def write_markdown(path: Path, report: dict) -> None:
     m, s = report["machine"], report["settings"]
     lines = [
-        f"# Peer comparison: {s['arch']} architecture (random weights), {s['steps']} steps DPM++ 2M, "
-        f"guidance {s['guidance']}, batch 1 (UNet batch 2)",
+        f"# Peer comparison: {s['arch']} architecture (random weights), {s['steps']} steps "
+        f"{s.get('scheduler', 'DPM++ 2M')}, guidance {s['guidance']}, batch 1 (UNet batch "
+        f"{2 if s['guidance'] > 1 else 1})",
         "",
         f"Machine: {m['cpu']}, {m['usable_cpus']} CPUs ({', '.join(m['flags'])}), "
         f"{(m['memory_bytes'] or 0) / 2**30:.0f} GiB; {m['os']}; threads {s['threads']} for every contender.",
@@ -239,20 +284,25 @@ def write_markdown(path: Path, report: dict) -> None:
         f"Run: `{s['command']}` on {s['date']}; {s['warmup']} warm-up + {s['runs']} timed images per contender "
         "after the cold one, each contender in its own fresh process.",
         "",
-        "| size | contender | UNet call median (s) | UNet p90 (s) | end to end median (s) | cold start (s) | load (s) "
-        "| peak RSS (GiB) | image vs diffusers: mean / max abs (0-255) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| size | contender | UNet call median (s) | UNet p90 (s) | VAE decode (s) | end to end median (s) "
+        "| cold start (s) | load (s) | peak RSS (GiB) | image vs diffusers: mean / max abs (0-255) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["results"]:
         if "error" in r:
-            lines.append(f"| {r['size']} | {r['contender']} | failed: {r['error']} | | | | | | |")
+            lines.append(f"| {r['size']} | {r['contender']} | failed: {r['error']} | | | | | | | |")
             continue
         diff = r.get("image_vs_diffusers")
         lines.append(
             f"| {r['size']} | {r['contender']} | {r['unet_call_median_s']:.2f} | {r['unet_call_p90_s']:.2f} | "
-            f"{r['end_to_end_median_s']:.1f} | {r['cold_start_s']:.1f} | {r['load_s']:.1f} | "
+            + (f"{r['vae_decode_median_s']:.2f}" if r.get("vae_decode_median_s") is not None else "-")
+            + f" | {r['end_to_end_median_s']:.1f} | {r['cold_start_s']:.1f} | {r['load_s']:.1f} | "
             f"{r['peak_rss_bytes'] / 2**30:.2f} | "
-            + ("-" if r["contender"] == "diffusers" or not diff else f"{diff['mean_abs']:.2f} / {diff['max_abs']:.0f}")
+            + (
+                "-"
+                if r.get("worker", r["contender"]) == "diffusers" or not diff
+                else f"{diff['mean_abs']:.2f} / {diff['max_abs']:.0f}"
+            )
             + " |"
         )
     variants = [r for r in report["results"] if r.get("image_vs_edgediff")]
@@ -325,7 +375,10 @@ def draw_chart(path: Path, report: dict) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description="edgediff vs diffusers and optimum on this machine.")
-    p.add_argument("--arch", default="sd15", choices=("sd15", "sd21-base"))
+    p.add_argument("--arch", default="sd15", choices=("sd15", "sd21-base", "sdxl-base"))
+    p.add_argument("--mode", default="standard", choices=("standard", "turbo", "lcm"))
+    p.add_argument("--decoders", nargs="+", default=["full"], choices=("full", "tiny"))
+    p.add_argument("--no-optimize", action="store_true", help="run edgediff without `edgediff optimize`'s variant")
     p.add_argument("--sizes", type=int, nargs="+", default=[512, 256])
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--guidance", type=float, default=7.5)
@@ -350,6 +403,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="compare on these folders instead of the random-weight --arch model")  # fmt: skip
     # worker-only
     p.add_argument("--worker", choices=CONTENDERS)
+    p.add_argument("--decoder", default="full")
+    p.add_argument("--tiny-vae", type=Path, default=None)
     p.add_argument("--size", type=int)
     p.add_argument("--source")
     p.add_argument("--folder")
@@ -378,28 +433,35 @@ def main(argv: list[str] | None = None) -> None:
     # label -> Pipeline.load options; parsed here so a typo fails before hours of benchmarking
     variants = {label: json.loads(options) for label, options in (v.split("=", 1) for v in args.variants or
                                                                   ["edgediff={}"])}  # fmt: skip
-    source, folder = args.model or ensure(args.arch, args.root or DEFAULT_ROOT)
-    if "edgediff" in args.contenders:  # edgediff as users run it on a CPU: after `edgediff optimize`
+    if args.mode != "standard":  # the shapes of the few-step models' calls
+        args.steps, args.guidance = (1, 0.0) if args.mode == "turbo" else (4, 1.0)
+    root = args.root or DEFAULT_ROOT
+    args.tiny_vae = root / "taesd-diffusers"
+    source, folder = args.model or ensure(args.arch, root, tiny_vae="tiny" in args.decoders)
+    if "edgediff" in args.contenders and not args.no_optimize:  # as users run it on a CPU: after `edgediff optimize`
         from edgediff.engines.ort_optimize import optimize_folder
 
         optimize_folder(folder)  # skipped when up to date
         if any(options.get("cpu_variant") == "int8" for options in variants.values()):
             optimize_folder(folder, int8=True)
-    runs = [(size, name, label, options) for size in args.sizes for name in args.contenders
-            for label, options in (variants.items() if name == "edgediff" else [(name, {})])]  # fmt: skip
+    runs = [(size, name, label + (" tiny" if decoder == "tiny" else ""), options, decoder)
+            for size in args.sizes for decoder in args.decoders for name in args.contenders
+            for label, options in (variants.items() if name == "edgediff" else [(name, {})])
+            if not (decoder == "tiny" and name == "optimum")]  # fmt: skip
     results = []
     with tempfile.TemporaryDirectory() as tmp:
-        for size, name, label, options in runs:
+        for size, name, label, options, decoder in runs:
             print(f"{label} {size}x{size} ...", file=sys.stderr, flush=True)
-            r = _run_contender(name, size, options, args, source, folder, tmp)
-            r.update(contender=label, options=options)
+            r = _run_contender(name, size, options, args, source, folder, tmp, decoder)
+            r.update(contender=label, options=options, worker=name, decoder=decoder)
             # every contender's first image (seed 0), kept under its label to compare with the others'
             image = Path(tmp) / f"image-{label}-{size}.png"
             if (Path(tmp) / f"{name}-{size}.png").is_file():
                 (Path(tmp) / f"{name}-{size}.png").rename(image)
-            r["image_vs_diffusers"] = image_difference(Path(tmp) / f"image-diffusers-{size}.png", image)
-            if name == "edgediff" and label != "edgediff":
-                r["image_vs_edgediff"] = image_difference(Path(tmp) / f"image-edgediff-{size}.png", image)
+            suffix = " tiny" if decoder == "tiny" else ""
+            r["image_vs_diffusers"] = image_difference(Path(tmp) / f"image-diffusers{suffix}-{size}.png", image)
+            if name == "edgediff" and label != f"edgediff{suffix}":
+                r["image_vs_edgediff"] = image_difference(Path(tmp) / f"image-edgediff{suffix}-{size}.png", image)
             print(json.dumps(r), file=sys.stderr, flush=True)
             results.append(r)
     report = {
@@ -411,7 +473,10 @@ def main(argv: list[str] | None = None) -> None:
             "threads": args.threads,
             "warmup": args.warmup,
             "runs": args.runs,
-            "scheduler": "DPM++ 2M",
+            "scheduler": {"standard": "DPM++ 2M", "turbo": "Euler ancestral, trailing", "lcm": "LCM"}[args.mode],
+            "mode": args.mode,
+            "decoders": args.decoders,
+            "optimized": not args.no_optimize,
             "prompt": PROMPT,
             "edgediff_variants": variants,
             **command_and_date(__file__, argv),

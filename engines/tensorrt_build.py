@@ -10,6 +10,7 @@ functions; this module only calls TensorRT and CUDA.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import shutil
@@ -62,6 +63,12 @@ def trt_logger(trt, verbose: bool = False):
 def current_environment(trt, cudart, device: int = 0) -> plans.Environment:
     name, cc = probe_gpu(cudart, device)
     return plans.Environment(str(trt.__version__), name, cc)
+
+
+def guided_by_default(mf: ModelFolder) -> bool:
+    """Whether calls on this model double the batch for guidance by default: not for an LCM UNet (guidance is an
+    embedding) nor a guidance-distilled model (Turbo: guidance 0)."""
+    return "timestep_cond" not in mf.features and mf.call_defaults("txt2img")["guidance_scale"] > 1
 
 
 def model_facts(mf: ModelFolder) -> plans.ModelFacts:
@@ -307,6 +314,8 @@ def build_model(
     env = current_environment(trt, cudart, device)
     check(cudart, cudart.cudaSetDevice(device), "cudaSetDevice")
     options = options or plans.ProfileOptions()
+    if options.guidance is None:
+        options = dataclasses.replace(options, guidance=guided_by_default(mf))
     results = []
     for name in components:
         result = build_component(

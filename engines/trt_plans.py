@@ -149,7 +149,7 @@ class ProfileOptions:
     batch: int = 1
     height: int | None = None
     width: int | None = None
-    guidance: bool = True
+    guidance: bool | None = None  # None: the model's (off for LCM UNets and guidance-distilled Turbo models)
     dynamic: bool = False
     min_size: int | None = None  # default min(256, native)
     max_size: int | None = None  # default max(1024, native)
@@ -171,7 +171,8 @@ def symbol_ranges(component: str, facts: ModelFacts, options: ProfileOptions) ->
     if options.batch < 1 or options.max_batch < 1:
         raise BuildError(f"batch and max batch must be >= 1, got {options.batch} and {options.max_batch}")
     spec = SUBMODELS.get(component)
-    g = 2 if options.guidance and spec is not None and spec.guidance_doubled else 1
+    guided = options.guidance is not False  # None (the model's, resolved by build_plans): on
+    g = 2 if guided and spec is not None and spec.guidance_doubled else 1
     if options.dynamic:
         lo = options.min_size or min(256, nh, nw)
         hi = options.max_size or max(1024, nh, nw)

@@ -235,12 +235,61 @@ def export_component(pipe, name: str, out_dir: Path, opset: int = 17, device: st
 
 def consolidate_onnx(raw: Path, out_dir: Path) -> Path:
     """torch's raw export -> ``out_dir/model.onnx`` (weights inline, or in one external-data file); the raw files
-    are removed."""
-    save_onnx(onnx.load(str(raw)), out_dir / "model.onnx")
+    are removed. A raw export whose weights are external (over 2 GB: torch writes one file per tensor) is
+    rewritten tensor by tensor into ``model.onnx_data``, never holding the weights in memory (``onnx.load`` of
+    SDXL's 10 GB UNet needs over twice that)."""
+    model = onnx.load(str(raw), load_external_data=False)
+    tensors = [t for t in _all_tensors(model) if t.data_location == onnx.TensorProto.EXTERNAL]
+    if not tensors:
+        save_onnx(model, out_dir / "model.onnx")
+    else:
+        with open(out_dir / EXTERNAL_DATA, "wb") as data:
+            for t in tensors:
+                info = {e.key: e.value for e in t.external_data}
+                with open(raw.parent / info["location"], "rb") as src:
+                    src.seek(int(info.get("offset", 0)))
+                    length = int(info["length"]) if "length" in info else None
+                    offset = data.tell()
+                    copied = _copy(src, data, length)
+                del t.external_data[:]
+                for key, value in (("location", EXTERNAL_DATA), ("offset", str(offset)), ("length", str(copied))):
+                    entry = t.external_data.add()
+                    entry.key, entry.value = key, value
+        onnx.save_model(model, str(out_dir / "model.onnx"))
     for f in raw.parent.iterdir():
         f.unlink()
     raw.parent.rmdir()
     return out_dir / "model.onnx"
+
+
+def _all_tensors(model: onnx.ModelProto):
+    """Every TensorProto of the model: initializers and tensor attributes, subgraphs included."""
+
+    def graph_tensors(graph):
+        yield from graph.initializer
+        for node in graph.node:
+            for attr in node.attribute:
+                if attr.HasField("t"):
+                    yield attr.t
+                yield from attr.tensors
+                if attr.HasField("g"):
+                    yield from graph_tensors(attr.g)
+                for g in attr.graphs:
+                    yield from graph_tensors(g)
+
+    yield from graph_tensors(model.graph)
+
+
+def _copy(src, dst, length: int | None, chunk: int = 64 << 20) -> int:
+    """Copy ``length`` bytes (None: to the end) from ``src`` to ``dst`` in chunks; the bytes copied."""
+    done = 0
+    while length is None or done < length:
+        block = src.read(chunk if length is None else min(chunk, length - done))
+        if not block:
+            break
+        dst.write(block)
+        done += len(block)
+    return done
 
 
 def save_onnx(model: onnx.ModelProto, path: Path) -> None:

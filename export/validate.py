@@ -85,6 +85,8 @@ def compare(name: str, spec, onnx_path: Path, references: list[Reference], preci
         providers.insert(0, "CUDAExecutionProvider")
     options = ort.SessionOptions()
     options.add_session_config_entry("session.disable_prepacking", "1")  # no second copy of the weights
+    if (Path(onnx_path).parent / "model.onnx_data").is_file():  # over 2 GB: graph rewrites that copy weights off
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     session = ort.InferenceSession(str(onnx_path), options, providers=providers)
     checks = []
     for ref in references:

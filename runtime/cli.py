@@ -557,9 +557,9 @@ def bench(model, prompt, steps, width, height, batch, guidance, scheduler, engin
 @click.option("--height", default=None, type=int, help="Default: the model's native size.")
 @click.option(
     "--guidance/--no-guidance",
-    default=True,
-    show_default=True,
-    help="Text encoder and UNet take twice the batch (classifier-free guidance, guidance_scale > 1).",
+    default=None,
+    help="Text encoder and UNet take twice the batch (classifier-free guidance, guidance_scale > 1). Default: the "
+    "model's (off for LCM UNets and Turbo models).",
 )
 @click.option("--dynamic", is_flag=True, help="Add a profile for a range of sizes and batches to each plan.")
 @click.option(

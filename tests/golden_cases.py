@@ -85,3 +85,27 @@ TOKENIZER_PROMPTS = [
 ]
 
 RNG_CASES = [(0, (1, 4, 8, 8)), (42, (3,)), (42, (17,)), (2**32 + 5, (2, 4, 16, 16)), (7, (15,))]
+
+
+# SDXL goldens (tests/fixtures/micro-sdxl, goldens_sdxl.npz): label -> (diffusers pipeline class, call arguments;
+# "scheduler": an edgediff name whose diffusers class is swapped in, or "turbo" for Euler ancestral on trailing
+# timesteps). Each case moves a different part of SDXL's conditioning; images within 1/255, latents as the SD ones.
+SDXL_PROMPT = "a red circle on a blue background"
+SDXL_CASES = {
+    "zeros-negative": ("StableDiffusionXLPipeline", {"scheduler": "euler", "num_inference_steps": 5}),
+    "second-prompt-sizes-rescale": ("StableDiffusionXLPipeline", {
+        "scheduler": "dpmpp_2m", "num_inference_steps": 5, "prompt_2": "a green square", "negative_prompt": "dark",
+        "original_size": (48, 40), "crops_coords_top_left": (2, 4), "target_size": (36, 32),
+        "guidance_rescale": 0.6}),
+    "no-guidance-euler-a": ("StableDiffusionXLPipeline", {"scheduler": "euler_a", "num_inference_steps": 4,
+                                                          "guidance_scale": 1.0}),
+    "turbo-1-step": ("StableDiffusionXLPipeline", {"scheduler": "turbo", "num_inference_steps": 1,
+                                                   "guidance_scale": 0.0}),
+    "img2img": ("StableDiffusionXLImg2ImgPipeline", {"scheduler": "euler", "num_inference_steps": 10,
+                                                     "image": "picture"}),
+    # (diffusers' inpainting defaults to the model's native size, edgediff to the image's: both given here)
+    "inpaint": ("StableDiffusionXLInpaintPipeline", {"scheduler": "euler", "num_inference_steps": 6,
+                                                     "image": "picture", "mask_image": "mask", "width": 48,
+                                                     "height": 32}),
+}  # fmt: skip
+SDXL_SEED = 21

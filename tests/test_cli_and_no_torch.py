@@ -94,6 +94,9 @@ def test_full_generate_imports_no_torch(tiny_export, tmp_path):
              "-o", {str(tmp_path / "d.png")!r}],
             ["--model", {str(tiny_export("sd1-inpaint"))!r}, "--image", {str(tmp_path / "a.png")!r}, "--mask", mask,
              "--keep-unmasked", "-o", {str(tmp_path / "e.png")!r}],
+            ["--model", {str(tiny_export("sdxl"))!r}, "--prompt-2", "a cow", "--guidance-rescale", "0.5",
+             "-o", {str(tmp_path / "f.png")!r}],  # SDXL: both text encoders, size conditioning
+            ["--model", {str(tiny_export("sdxl-lcm"))!r}, "-o", {str(tmp_path / "g.png")!r}],  # LCM: timestep_cond
         ]
         for args in runs:
             try:
@@ -107,7 +110,7 @@ def test_full_generate_imports_no_torch(tiny_export, tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "BANNED []" in proc.stdout, proc.stdout
-    assert all((tmp_path / f"{name}.png").exists() for name in "abcde"), proc.stdout
+    assert all((tmp_path / f"{name}.png").exists() for name in "abcdefg"), proc.stdout
 
 
 @pytest.mark.parametrize("module", ["edgediff.runtime", "edgediff.engines.onnxruntime", "edgediff.runtime.cli"])

@@ -327,3 +327,29 @@ def test_damaged_sdxl_folders_are_named(tiny_export, tmp_path, damage, message):
         cfg.write_text(json.dumps(data))
     with pytest.raises(ModelFolderError, match=message):
         ModelFolder.open(folder)
+
+
+# -- TensorRT profiles (no GPU needed: the shapes come from the I/O contract) -----------------------------------
+def test_tensorrt_profiles_cover_the_new_inputs(tiny_export, tmp_path):
+    """SDXL's and LCM's extra inputs, the second text encoder and the tiny autoencoder get profiles from the
+    contract like any input; an LCM or Turbo model is not built for a doubled batch."""
+    from edgediff.engines import trt_plans as plans
+    from edgediff.engines.tensorrt_build import guided_by_default, model_facts
+    from edgediff.runtime.model_folder import ModelFolder
+    from edgediff.runtime.specs import TensorSpec
+
+    def profile(mf, component):
+        inputs = [TensorSpec.from_json(t) for t in mf.manifest["components"][component]["inputs"]]
+        options = plans.ProfileOptions(guidance=guided_by_default(mf))
+        [static] = plans.build_profiles(component, inputs, model_facts(mf), options)
+        return {name: shapes[1] for name, shapes in static.items()}  # the opt shapes (static: min = opt = max)
+
+    xl = ModelFolder.open(tiny_export("sdxl"))
+    assert guided_by_default(xl)
+    assert profile(xl, "unet") == {"sample": (2, 4, 16, 16), "timestep": (), "encoder_hidden_states": (2, 77, 80),
+                                   "text_embeds": (2, 40), "time_ids": (2, 6)}  # fmt: skip
+    assert profile(xl, "text_encoder_2") == {"input_ids": (2, 77)}
+    lcm = ModelFolder.open(tiny_export("sdxl-lcm"))
+    assert not guided_by_default(lcm)
+    assert profile(lcm, "unet")["timestep_cond"] == (1, 64) and profile(lcm, "unet")["sample"] == (1, 4, 16, 16)
+    assert not guided_by_default(ModelFolder.open(tiny_export("sdxl-turbo")))

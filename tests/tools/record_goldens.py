@@ -2,6 +2,7 @@
 
     python tests/tools/record_goldens.py            # writes tests/fixtures/goldens.npz, goldens.json
     python tests/tools/record_goldens.py --models   # also re-exports tests/fixtures/micro-sd1, -sd2, -sd1-inpaint
+    python tests/tools/record_goldens.py --sdxl     # only the SDXL goldens (and micro-sdxl when missing)
 
 Writes:
 - tests/fixtures/micro-sd1/, micro-sd2/, micro-sd1-inpaint/: micro random-weight models (SD1 epsilon, SD2
@@ -18,6 +19,8 @@ Writes:
       StableDiffusionInpaintPipeline's images (uint8) for golden_cases.IMAGE_CASES
   rng/<seed>/<shape>            torch.randn with torch.Generator("cpu").manual_seed(seed), in sequence
   tok/<variant>                 CLIPTokenizer ids of TOKENIZER_PROMPTS
+- tests/fixtures/micro-sdxl/ and goldens_sdxl.npz: a micro SDXL model and, for golden_cases.SDXL_CASES, the
+  SDXL pipelines' images (uint8) and final latents (kept apart, so recording them leaves goldens.npz as it is);
 - tests/fixtures/goldens.json: versions used.
 Re-run it when a case is added; the committed files are what the tests read.
 """
@@ -46,6 +49,9 @@ from golden_cases import (  # noqa: E402
     PIPELINE_SEED,
     RNG_CASES,
     SCHEDULER_NAMES,
+    SDXL_CASES,
+    SDXL_PROMPT,
+    SDXL_SEED,
     TOKENIZER_PROMPTS,
     generation_scheduler_config,
     image_case_key,
@@ -104,10 +110,62 @@ def record_image_cases(goldens: dict, variant: str, pipe) -> None:
         )
 
 
+def sdxl_call(kw: dict) -> tuple[dict, str]:
+    """A SDXL_CASES entry as call arguments (the picture and mask made) and its scheduler name."""
+    w, h = IMAGE_SIZE
+    call = dict(kw)
+    name = call.pop("scheduler")
+    if call.get("image") == "picture":
+        call["image"] = picture(w, h)
+    if call.get("mask_image") == "mask":
+        call["mask_image"] = mask_for(w, h)
+    return call, name
+
+
+def record_sdxl(models: bool) -> None:
+    import diffusers
+    import torch
+
+    from edgediff.export import export_model
+    from edgediff.export.random_model import build_tiny_pipeline
+
+    goldens: dict[str, np.ndarray] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        src = build_tiny_pipeline(Path(tmp) / "src-sdxl", "sdxl", seed=0, size="micro")
+        dst = FIXTURES / "micro-sdxl"
+        if models or not dst.exists():
+            if dst.exists():
+                shutil.rmtree(dst)
+            export_model(src, dst)
+        base = diffusers.StableDiffusionXLPipeline.from_pretrained(src, add_watermarker=False)
+        for label, (cls_name, kw) in SDXL_CASES.items():
+            options = {} if cls_name == "StableDiffusionXLPipeline" else {"requires_aesthetics_score": False}
+            ref = getattr(diffusers, cls_name)(**base.components, add_watermarker=False, **options)
+            ref.set_progress_bar_config(disable=True)
+            call, name = sdxl_call(kw)
+            cls_name_, overrides = ("EulerAncestralDiscreteScheduler", {"timestep_spacing": "trailing"}) if (
+                name == "turbo") else SCHEDULER_NAMES[name]  # fmt: skip
+            ref.scheduler = getattr(diffusers, cls_name_).from_config(base.scheduler.config, **overrides)
+            for output in ("latent", "np"):  # two seeded runs: each output exactly as the pipeline makes it
+                out = ref(prompt=SDXL_PROMPT, generator=torch.Generator("cpu").manual_seed(SDXL_SEED),
+                          output_type=output, **call).images  # fmt: skip
+                if output == "latent":
+                    goldens[f"sdxl/{label}/latents"] = out.numpy().astype(np.float32)
+                else:
+                    goldens[f"sdxl/{label}/image"] = (out * 255).round().astype(np.uint8)
+    np.savez_compressed(FIXTURES / "goldens_sdxl.npz", **goldens)
+    print(f"wrote {len(goldens)} SDXL arrays to {FIXTURES}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", action="store_true", help="re-export the committed micro model folders too")
+    parser.add_argument("--sdxl", action="store_true", help="record only the SDXL goldens")
     args = parser.parse_args()
+    FIXTURES.mkdir(exist_ok=True)
+    record_sdxl(args.models)
+    if args.sdxl:
+        return
     import diffusers
     import torch
     import transformers
