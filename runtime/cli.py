@@ -424,6 +424,9 @@ def info(model: Path, verify: bool, as_json: bool) -> None:
         "vae_downscale": m["vae_downscale"],
         "vae_scaling_factor": m["vae_scaling_factor"],
         "scheduler": mf.scheduler_config.get("_class_name"),
+        "few_step": mf.few_step.get("kind") or "none",  # turbo, lcm, lcm_lora: what the call defaults follow
+        "defaults": mf.call_defaults("txt2img"),
+        "tiny_vae": mf.has_tiny_vae,
         "components": {k: v.get("precision") for k, v in m["components"].items()},
         "schedulers_available": schedulers.known_names(),
         "size_multiple": mf.size_multiple,

@@ -292,3 +292,15 @@ def test_low_memory_mode_fails_at_load_for_a_missing_engine():
 
     with pytest.raises(EngineUnavailableError, match="unknown engine 'nope'"):
         Pipeline.load(engine="nope", low_memory=True)
+
+
+def test_bench_reports_sdxl_stages():
+    """On an SDXL folder (the committed micro model) bench loads and times both text encoders; the UNet's shapes
+    for the FLOP count include SDXL's added conditioning."""
+    model = Path(__file__).parent / "fixtures" / "micro-sdxl"
+    args = ["bench", str(model), "--steps", "2", "--runs", "1", "--warmup", "0", "--json"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert set(report["load"]) == {"total", "text_encoder", "text_encoder_2", "unet", "vae_decoder"}
+    assert report["stages"]["text_encoder"]["median"] > 0 and report["settings"]["unet_batch"] == 2

@@ -353,3 +353,35 @@ def test_tensorrt_profiles_cover_the_new_inputs(tiny_export, tmp_path):
     assert not guided_by_default(lcm)
     assert profile(lcm, "unet")["timestep_cond"] == (1, 64) and profile(lcm, "unet")["sample"] == (1, 4, 16, 16)
     assert not guided_by_default(ModelFolder.open(tiny_export("sdxl-turbo")))
+
+
+def test_sdxl_img2img_and_inpaint_class_folders_export(tiny_source, tmp_path):
+    """A folder saved by StableDiffusionXLImg2ImgPipeline (its model_index.json class) exports as SDXL too."""
+    from edgediff.export import export_model
+    from edgediff.runtime.model_folder import ModelFolder
+
+    source = tmp_path / "src"
+    shutil.copytree(tiny_source("sdxl"), source)
+    index = json.loads((source / "model_index.json").read_text())
+    index.update(_class_name="StableDiffusionXLImg2ImgPipeline", requires_aesthetics_score=False)
+    (source / "model_index.json").write_text(json.dumps(index))
+    folder = ModelFolder.open(export_model(source, tmp_path / "out"))
+    assert folder.family.name == "sdxl" and folder.unet_kind == "standard"
+    assert (
+        json.loads((tmp_path / "out" / "model_index.json").read_text())["_class_name"] == "StableDiffusionXLPipeline"
+    )
+
+
+def test_fp16_export_keeps_a_vae_that_misses_the_fp16_tolerance(tiny_source, tmp_path, monkeypatch):
+    """SDXL's VAE overflows in fp16: a VAE half whose fp16 output misses the tolerance (forced here) stays fp32,
+    and the manifest says so; the other components are fp16."""
+    from edgediff.export import export_model
+    from edgediff.runtime.specs import SUBMODELS
+
+    for name in ("vae_decoder", "vae_encoder"):
+        monkeypatch.setitem(SUBMODELS[name].tolerance, "fp16", (0.0, 0.0))
+    out = export_model(tiny_source("sdxl"), tmp_path / "fp16", fp16=True)
+    components = json.loads((out / "edgediff.json").read_text())["components"]
+    for name in ("vae_decoder", "vae_encoder"):
+        assert components[name]["precision"] == "fp32" and "kept fp32" in components[name]["note"]
+    assert {components[n]["precision"] for n in ("text_encoder", "text_encoder_2", "unet")} == {"fp16"}
