@@ -117,6 +117,8 @@ def _worker(args) -> dict:
 
             so = ort.SessionOptions()
             so.intra_op_num_threads = threads
+            if args.no_prepack:  # as edgediff's {"prepack": false}: no packed second copy of the weights
+                so.add_session_config_entry("session.disable_prepacking", "1")
             cls = ortd.ORTStableDiffusionXLPipeline if xl else ortd.ORTStableDiffusionPipeline
             pipe = cls.from_pretrained(args.folder, export=False, session_options=so)
         config = pipe.scheduler.config
@@ -185,6 +187,7 @@ def _run_contender(name, size, options: dict, args, source, folder, tmp, decoder
            "--runs", str(args.runs), "--source", str(source), "--folder", str(folder), "--tmp", str(tmp),
            "--edgediff-options", json.dumps(options), "--arch", args.arch, "--mode", args.mode,
            "--decoder", decoder, "--tiny-vae", str(args.tiny_vae)]  # fmt: skip
+    cmd += ["--no-prepack"] if args.no_prepack else []
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
     cmd += ["--spawn-time", repr(time.time())]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
@@ -379,6 +382,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--mode", default="standard", choices=("standard", "turbo", "lcm"))
     p.add_argument("--decoders", nargs="+", default=["full"], choices=("full", "tiny"))
     p.add_argument("--no-optimize", action="store_true", help="run edgediff without `edgediff optimize`'s variant")
+    p.add_argument("--no-prepack", action="store_true", help="optimum's sessions without weight prepacking")
     p.add_argument("--sizes", type=int, nargs="+", default=[512, 256])
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--guidance", type=float, default=7.5)
@@ -477,6 +481,7 @@ def main(argv: list[str] | None = None) -> None:
             "mode": args.mode,
             "decoders": args.decoders,
             "optimized": not args.no_optimize,
+            "peer_prepacking": not args.no_prepack,
             "prompt": PROMPT,
             "edgediff_variants": variants,
             **command_and_date(__file__, argv),
