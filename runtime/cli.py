@@ -613,5 +613,36 @@ def build(model, components, batch, width, height, guidance, dynamic, min_size, 
         click.echo(f"{r.component}: {r.status}{took} -> {r.path}")
 
 
+@main.command()
+@click.option("--model", "models", multiple=True, type=click.Path(path_type=Path),
+              help="A model folder to serve (repeatable; clients switch with sd_model_checkpoint). Default: the "
+              "embedded model.")  # fmt: skip
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (see --listen).")
+@click.option("--port", default=7860, show_default=True, type=int)
+@click.option("--listen", is_flag=True, help="Bind 0.0.0.0: reachable from other machines (use --api-auth).")
+@click.option("--api-auth", default=None, metavar="USER:PASS[,USER:PASS]", help="HTTP Basic auth on every route.")
+@click.option("--cors-allow-origins", default="", metavar="ORIGIN[,ORIGIN]", help="Origins allowed to call it.")
+@click.option("--max-queue", default=8, show_default=True, type=int, help="Jobs that may wait behind the running one.")
+def serve(models, host, port, listen, api_auth, cors_allow_origins, max_queue) -> None:
+    """Serve AUTOMATIC1111's HTTP API (/sdapi/v1/txt2img, img2img, progress, interrupt, ...) on this machine, for
+    the desktop plugins and client libraries that speak it. Needs the serve extra (pip install 'edgediff[serve]')."""
+    try:
+        import uvicorn
+
+        from .serve import create_app
+    except ImportError as e:
+        raise click.ClickException(f"serve needs the serve extra ({e.name or e} is missing): pip install "
+                                   "'edgediff[serve]'") from None  # fmt: skip
+    if listen:
+        host = "0.0.0.0"
+        if not api_auth:
+            click.echo("warning: --listen without --api-auth: anyone who can reach this machine can use the server",
+                       err=True)  # fmt: skip
+    origins = [o.strip() for o in cors_allow_origins.split(",") if o.strip()]
+    app = create_app(list(models), api_auth=api_auth, listen=listen, cors_origins=origins, max_queue=max_queue)
+    click.echo(f"serving {', '.join(app.state.server.folders)} on http://{host}:{port} (Ctrl+C stops)", err=True)
+    uvicorn.run(app, host=host, port=port, log_level="warning")
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

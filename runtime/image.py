@@ -3,6 +3,7 @@ PNG files that carry their generation parameters (formats: ``parameters.py``).""
 
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 
@@ -92,14 +93,26 @@ def to_pil(images: np.ndarray) -> list[Image.Image]:
     return [Image.fromarray(img) for img in images]
 
 
-def save_png(image: Image.Image, path: str | os.PathLike, parameters: dict | str | None = None) -> Path:
-    """Write ``image`` to ``path`` atomically (temporary file, then rename). ``parameters``: a record
-    (``GenerationResult.parameters``) goes in as A1111's ``parameters`` text and in full as JSON in an
-    ``edgediff`` chunk; a string goes in as the ``parameters`` text only."""
+def _png_info(parameters: dict | str | None) -> PngImagePlugin.PngInfo:
     info = PngImagePlugin.PngInfo()
     if isinstance(parameters, dict):
         info.add_text(TEXT_KEY, format_parameters(parameters))
         info.add_text(JSON_KEY, to_json(parameters))
     elif parameters:
         info.add_text(TEXT_KEY, parameters)
+    return info
+
+
+def save_png(image: Image.Image, path: str | os.PathLike, parameters: dict | str | None = None) -> Path:
+    """Write ``image`` to ``path`` atomically (temporary file, then rename). ``parameters``: a record
+    (``GenerationResult.parameters``) goes in as A1111's ``parameters`` text and in full as JSON in an
+    ``edgediff`` chunk; a string goes in as the ``parameters`` text only."""
+    info = _png_info(parameters)
     return write_atomic(path, lambda f: image.save(f, format="PNG", pnginfo=info))
+
+
+def png_bytes(image: Image.Image, parameters: dict | str | None = None) -> bytes:
+    """The PNG file ``save_png`` writes, as bytes (what a server sends)."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=_png_info(parameters))
+    return buffer.getvalue()

@@ -94,6 +94,9 @@ _A1111_SAMPLERS = {
     "HeunDiscreteScheduler": "Heun", "DDIMScheduler": "DDIM", "UniPCMultistepScheduler": "UniPC",
     "LCMScheduler": "LCM", "DDPMScheduler": "DDPM",
 }  # fmt: skip
+# The A1111 sampler names edgediff runs, in A1111's list order (what a server lists at /sdapi/v1/samplers)
+A1111_SAMPLER_NAMES = ("DPM++ 2M", "DPM++ 2M SDE", "DPM++ 2M SDE Heun", "DPM++ 3M SDE", "Euler a", "Euler", "LMS",
+                       "Heun", "DDIM", "PLMS", "UniPC", "LCM", "DDPM")  # fmt: skip
 # Samplers A1111 runs on a σ schedule (k-diffusion), where a plain spaced schedule is "Uniform".
 _SIGMA_CLASSES = {"EulerAncestralDiscreteScheduler", "EulerDiscreteScheduler", "LMSDiscreteScheduler",
                   "HeunDiscreteScheduler", "DPMSolverMultistepScheduler"}  # fmt: skip
@@ -130,7 +133,7 @@ def a1111_schedule_type(class_name: str, config: dict[str, Any]) -> str | None:
     return "Uniform"
 
 
-def _from_a1111(sampler: str, schedule: str | None) -> tuple[str, dict[str, Any]]:
+def from_a1111(sampler: str, schedule: str | None) -> tuple[str, dict[str, Any]]:
     """A1111's sampler (old combined names such as ``DPM++ 2M Karras`` too) and schedule type -> an edgediff
     name and the options it does not say. Also takes edgediff's own names (older edgediff PNGs)."""
     if sampler in schedulers.known_names():
@@ -384,7 +387,7 @@ def parse_parameters_text(text: str, where: str = "the parameters text") -> dict
     if "Scheduler" in fields:
         record["scheduler"] = fields["Scheduler"]
     elif "Sampler" in fields:
-        name, options = _from_a1111(fields["Sampler"], fields.get("Schedule type"))
+        name, options = from_a1111(fields["Sampler"], fields.get("Schedule type"))
         record["scheduler"], record["scheduler_options"] = name, {**options, **record.get("scheduler_options", {})}
     if "Version" in fields and fields["Version"].startswith("edgediff "):
         record["edgediff_version"] = fields["Version"].removeprefix("edgediff ")

@@ -49,8 +49,8 @@ try:
 except metadata.PackageNotFoundError:  # running from a source tree
     __version__ = "0.0.0+source"
 
-# callback(step_index, timestep, latents) -> False to cancel
-Callback = Callable[[int, float, np.ndarray], Any]
+# callback(step_index, timestep, latents) -> False to cancel; it may also take ``preview`` / ``denoised`` keywords
+Callback = Callable[..., Any]
 
 
 EMBEDDED_MODEL = Path(__file__).resolve().parent / "models" / "shapes"
@@ -337,7 +337,8 @@ class Pipeline:
 
         ``callback(step, timestep, latents)`` runs after every UNet call (return False to cancel); one that also
         takes a ``preview`` keyword gets a function that decodes the current estimate of the clean image to PIL
-        images, on the tiny decoder when the folder has one (a live preview at the cost of one decode)."""
+        images, on the tiny decoder when the folder has one (a live preview at the cost of one decode); one that
+        takes ``denoised`` gets a function returning that estimate's latents."""
         timings: dict[str, float] = {}
         t_start = time.perf_counter()
         custom_latents = latents is not None  # not recorded: an image made from them cannot be regenerated
@@ -791,7 +792,7 @@ class Pipeline:
             timestep_spec = unet.inputs["timestep"]
             state = sched.initial_state(schedule)
             n_calls = len(schedule.timesteps) - begin
-            wants_preview = callback is not None and _takes_keyword(callback, "preview")
+            wanted = [k for k in ("preview", "denoised") if callback is not None and _takes_keyword(callback, k)]
             for j, i in enumerate(range(begin, len(schedule.timesteps))):
                 t = schedule.timesteps[i]
                 before = latents
@@ -822,9 +823,9 @@ class Pipeline:
                     )
                 if callback is not None:
                     c0 = time.perf_counter()
-                    if wants_preview:
-                        preview = self._previewer(sched, schedule, i, before, noise)
-                        stop = cast(Any, callback)(j, float(t), latents, preview=preview) is False
+                    if wanted:
+                        extra = self._step_views(sched, schedule, i, before, noise, wanted)
+                        stop = cast(Any, callback)(j, float(t), latents, **extra) is False
                     else:
                         stop = callback(j, float(t), latents) is False
                     in_callback += time.perf_counter() - c0
@@ -837,13 +838,24 @@ class Pipeline:
         timings["host"] = timings["denoise"] - timings["unet"] - in_callback
         return latents, unet_calls
 
-    def _previewer(self, sched, schedule, i: int, sample: np.ndarray, prediction: np.ndarray) -> Callable:
-        """A function that decodes call ``i``'s estimate of the clean image (tiny decoder when there is one)."""
+    def _step_views(self, sched, schedule, i: int, sample: np.ndarray, prediction: np.ndarray,
+                    wanted: list[str]) -> dict[str, Callable]:  # fmt: skip
+        """What a callback asked for, as zero-argument functions (computed only when called): ``denoised``, call
+        ``i``'s estimate of the clean latents; ``preview``, those decoded (tiny decoder when there is one)."""
+
+        def denoised() -> np.ndarray:
+            return sched.denoised(schedule, i, sample, prediction)
 
         def preview() -> list[Image.Image]:
-            return self._decode(sched.denoised(schedule, i, sample, prediction), {}, self.folder.has_tiny_vae)
+            return self._decode(denoised(), {}, self.folder.has_tiny_vae)
 
-        return preview
+        views = {"denoised": denoised, "preview": preview}
+        return {k: views[k] for k in wanted}
+
+    def decode(self, latents: np.ndarray, decoder: str = "full") -> list[Image.Image]:
+        """Latents in the UNet's space (what the callback sees, or its ``denoised()``) -> images, on the full VAE or
+        the tiny one: what a server returns for a job interrupted mid-way."""
+        return self._decode(np.asarray(latents, dtype=np.float32), {}, self._tiny_decoder(decoder))
 
     def _tiny_decoder(self, decoder) -> bool:
         if decoder not in ("full", "tiny"):

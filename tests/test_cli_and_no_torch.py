@@ -113,7 +113,9 @@ def test_full_generate_imports_no_torch(tiny_export, tmp_path):
     assert all((tmp_path / f"{name}.png").exists() for name in "abcdefg"), proc.stdout
 
 
-@pytest.mark.parametrize("module", ["edgediff.runtime", "edgediff.engines.onnxruntime", "edgediff.runtime.cli"])
+@pytest.mark.parametrize(
+    "module", ["edgediff.runtime", "edgediff.engines.onnxruntime", "edgediff.runtime.cli", "edgediff.runtime.serve.app"]
+)
 def test_runtime_modules_import_without_torch(module):
     banned = "('torch', 'diffusers', 'transformers')"
     code = f"import sys, {module}; print(sorted(m for m in sys.modules if m.split('.')[0] in {banned}))"

@@ -1,0 +1,261 @@
+"""`edgediff serve` against a real AUTOMATIC1111 API client (webuiapi 0.9.17 from PyPI), on a server started here
+on 127.0.0.1 and a free port with the embedded model: txt2img, img2img, inpainting, progress with a preview,
+interrupt, the listings, png-info; the images equal the Python API's for the same seeds. Bad requests get a 4xx that
+names the field, and the next good request succeeds. Loopback only."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import socket
+import threading
+import time
+
+import numpy as np
+import pytest
+import requests
+import webuiapi
+from PIL import Image
+
+from edgediff.runtime import Pipeline
+from parity import mask_for, picture
+
+PROMPT = "a red circle on a blue background"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server():
+    import uvicorn
+
+    from edgediff.runtime.serve import create_app
+
+    app = create_app([])
+    port = _free_port()
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not srv.started and time.time() < deadline:
+        time.sleep(0.05)
+    assert srv.started, "the server did not start"
+    yield port, app
+    srv.should_exit = True
+    thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def api(server):
+    return webuiapi.WebUIApi(host="127.0.0.1", port=server[0], sampler="Euler a", steps=4)
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    with Pipeline.load() as p:
+        yield p
+
+
+def _post(server, route: str, body, **kw):
+    return requests.post(f"http://127.0.0.1:{server[0]}/sdapi/v1/{route}", json=body, timeout=120, **kw)
+
+
+def _same(a: Image.Image, b: Image.Image) -> bool:
+    return np.array_equal(np.asarray(a.convert("RGB")), np.asarray(b.convert("RGB")))
+
+
+# -- generation ---------------------------------------------------------------------------------------------------
+def test_txt2img_batch_has_per_image_seeds_and_equals_the_python_api(api, pipe):
+    result = api.txt2img(prompt=PROMPT, seed=42, steps=4, width=64, height=64, batch_size=2, cfg_scale=7.0)
+    assert len(result.images) == 2
+    assert result.info["all_seeds"] == [42, 43] and len(result.info["infotexts"]) == 2
+    assert "Seed: 43" in result.info["infotexts"][1] and "Sampler: Euler a" in result.info["infotexts"][0]
+    want = pipe(PROMPT, num_inference_steps=4, width=64, height=64, guidance_scale=7.0, scheduler="euler_a",
+                seeds=[42, 43], num_images_per_prompt=2).images  # fmt: skip
+    assert all(_same(g, w) for g, w in zip(result.images, want))
+    again = api.txt2img(prompt=PROMPT, seed=42, steps=4, width=64, height=64, batch_size=2, cfg_scale=7.0)
+    assert _same(again.images[0], result.images[0])
+
+
+def test_n_iter_continues_the_seeds(api, pipe):
+    result = api.txt2img(prompt=PROMPT, seed=7, steps=3, width=64, height=64, n_iter=2, sampler_name="DPM++ 2M")
+    assert result.info["all_seeds"] == [7, 8]
+    for seed, image in zip((7, 8), result.images):
+        want = pipe(PROMPT, num_inference_steps=3, width=64, height=64, guidance_scale=7.0,
+                    scheduler="dpmpp_2m_karras", seed=seed).images[0]  # fmt: skip
+        assert _same(image, want)  # A1111's "Automatic" schedule for DPM++ 2M is Karras
+
+
+def test_img2img_and_inpainting_equal_the_python_api(api, pipe):
+    image, mask = picture(64, 64), mask_for(64, 64)
+    got = api.img2img(images=[image], prompt=PROMPT, denoising_strength=0.6, seed=5, steps=5, width=64, height=64,
+                      sampler_name="Euler", cfg_scale=5.0)  # fmt: skip
+    want = pipe(PROMPT, image=image, strength=0.6, seed=5, num_inference_steps=5, guidance_scale=5.0,
+                scheduler="euler").images[0]  # fmt: skip
+    assert _same(got.image, want) and got.info["denoising_strength"] == 0.6
+    got = api.img2img(images=[image], mask_image=mask, prompt=PROMPT, denoising_strength=1.0, seed=6, steps=5,
+                      width=64, height=64, sampler_name="Euler", cfg_scale=5.0, inpaint_full_res=False,
+                      mask_blur=0)  # fmt: skip
+    want = pipe(PROMPT, image=image, mask_image=mask, strength=1.0, seed=6, num_inference_steps=5, guidance_scale=5.0,
+                scheduler="euler").images[0]  # fmt: skip
+    assert _same(got.image, want)
+
+
+def test_progress_has_a_preview_and_interrupt_returns_the_partial_image(api, server):
+    result: dict = {}
+
+    def job():
+        result["r"] = api.txt2img(prompt=PROMPT, seed=1, steps=150, width=256, height=256)
+
+    thread = threading.Thread(target=job)
+    thread.start()
+    seen = None
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        p = api.get_progress()
+        if p["state"]["sampling_step"] >= 2 and p["current_image"]:
+            seen = p
+            break
+        time.sleep(0.05)
+    assert seen is not None, "no progress with a preview while the job ran"
+    assert 0 < seen["progress"] < 1 and seen["state"]["sampling_steps"] == 150 and seen["eta_relative"] >= 0
+    preview = Image.open(io.BytesIO(base64.b64decode(seen["current_image"])))
+    assert preview.size == (256, 256)
+    api.interrupt()
+    thread.join(60)
+    assert len(result["r"].images) == 1 and result["r"].images[0].size == (256, 256)  # 200 with what it had
+    idle = api.get_progress()
+    assert idle["progress"] == 0.0 and idle["state"]["job_count"] == 0  # what util_wait_for_ready waits for
+
+
+def test_concurrent_clients_get_their_own_images(server, pipe):
+    results: dict = {}
+
+    def job(seed):
+        api = webuiapi.WebUIApi(host="127.0.0.1", port=server[0])
+        results[seed] = api.txt2img(prompt=PROMPT, seed=seed, steps=3, width=64, height=64, sampler_name="Euler")
+
+    threads = [threading.Thread(target=job, args=(s,)) for s in (11, 12, 13)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    for seed, r in results.items():
+        want = pipe(PROMPT, num_inference_steps=3, width=64, height=64, guidance_scale=7.0, scheduler="euler",
+                    seed=seed).images[0]  # fmt: skip
+        assert r.info["all_seeds"] == [seed] and _same(r.image, want)
+    assert len(results) == 3
+
+
+# -- listings and settings ----------------------------------------------------------------------------------------
+def test_listings_options_and_png_info(api):
+    samplers = {s["name"]: s for s in api.get_samplers()}
+    assert {"Euler a", "Euler", "DPM++ 2M", "DDIM", "UniPC"} <= set(samplers)
+    assert samplers["DPM++ 2M"]["options"] == {"scheduler": "karras"}
+    assert {"automatic", "karras", "exponential"} <= {s["name"] for s in api.get_schedulers()}
+    [title] = api.util_get_model_names()
+    assert api.get_options()["sd_model_checkpoint"] == title and title.startswith("shapes [")
+    assert api.set_options({"sd_model_checkpoint": title}) is None
+    assert api.get_scripts() == {"txt2img": [], "img2img": []}
+    raw = api.txt2img(prompt=PROMPT, seed=42, steps=2, width=64, height=64).json["images"][0]
+    # the PNG as sent (webuiapi's png_info re-encodes a PIL image, which drops its text chunks)
+    info = requests.post(f"{api.baseurl}/png-info", json={"image": "data:image/png;base64," + raw}, timeout=30).json()
+    assert info["parameters"]["Seed"] == "42" and info["parameters"]["Prompt"] == PROMPT
+    assert info["parameters"]["Size-1"] == "64" and info["info"].startswith(PROMPT) and "edgediff" in info["items"]
+    assert api.png_info(picture(8, 8)).parameters == {}  # no parameters chunk: an empty parse, not an error
+
+
+# -- bad input ----------------------------------------------------------------------------------------------------
+GOOD = {"prompt": PROMPT, "steps": 2, "width": 64, "height": 64, "seed": 3}
+
+
+@pytest.mark.parametrize(
+    ("route", "body", "status", "detail"),
+    [
+        ("txt2img", {**GOOD, "steps": "many"}, 422, "steps must be an integer"),
+        ("txt2img", {**GOOD, "steps": 10_000}, 422, "steps must be an integer 1..150"),
+        ("txt2img", {**GOOD, "batch_size": 8, "n_iter": 4}, 422, "batch_size x n_iter is 32"),
+        ("txt2img", {**GOOD, "width": 60}, 422, "width must be a positive multiple of 16"),
+        ("txt2img", {**GOOD, "sampler_name": "Restart"}, 404, "Sampler not found"),
+        ("txt2img", {**GOOD, "enable_hr": True}, 422, "enable_hr: hires fix is not supported"),
+        ("txt2img", {**GOOD, "seed": "abc"}, 422, "seed must be an integer"),
+        ("txt2img", {**GOOD, "override_settings": {"sd_model_checkpoint": "nope"}}, 422, "sd_model_checkpoint 'nope'"),
+        ("img2img", dict(GOOD), 404, "Init image not found"),
+        ("img2img", {**GOOD, "init_images": ["@@not base64@@"]}, 422, "init_images[0] is not valid base64"),
+        ("img2img", {**GOOD, "init_images": [base64.b64encode(b"hello").decode()]}, 422,
+         "init_images[0] is not an image"),
+        ("img2img", {**GOOD, "init_images": ["https://example.com/a.png"]}, 422, "image URLs are not fetched"),
+        ("options", {"sd_model_checkpoint": "other"}, 422, "sd_model_checkpoint 'other'"),
+    ],
+)  # fmt: skip
+def test_bad_requests_name_the_field_and_the_server_goes_on(server, route, body, status, detail):
+    r = _post(server, route, body)
+    assert r.status_code == status, r.text
+    assert detail in r.json()["detail"] and set(r.json()) == {"error", "detail", "body", "errors"}
+    assert _post(server, "txt2img", GOOD).status_code == 200
+
+
+def test_bad_images_masks_and_payloads(server):
+    image = base64.b64encode(_png(picture(64, 64))).decode()
+    small_mask = base64.b64encode(_png(mask_for(32, 32))).decode()
+    r = _post(server, "img2img", {**GOOD, "init_images": [image], "mask": small_mask, "inpaint_full_res": False})
+    assert r.status_code == 422 and "mask is 32x32 but init_images[0] is 64x64" in r.json()["detail"]
+    full = base64.b64encode(_png(mask_for(64, 64))).decode()
+    r = _post(server, "img2img", {**GOOD, "init_images": [image], "mask": full})  # webuiapi's default: True
+    assert r.status_code == 422 and r.json()["detail"].startswith("inpaint_full_res:")
+    url = f"http://127.0.0.1:{server[0]}/sdapi/v1/txt2img"
+    r = requests.post(url, data=b"{not json", headers={"Content-Type": "application/json"}, timeout=30)
+    assert r.status_code == 422 and "not valid JSON" in r.json()["detail"]
+    r = requests.post(url, data=json.dumps(GOOD), headers={"Content-Type": "text/plain"}, timeout=30)
+    assert r.status_code == 415  # a cross-site form cannot send JSON
+    r = requests.post(url, json=GOOD, headers={"Origin": "http://evil.example"}, timeout=30)
+    assert r.status_code == 403
+    r = requests.get(f"http://127.0.0.1:{server[0]}/sdapi/v1/options", headers={"Host": "evil.example"}, timeout=30)
+    assert r.status_code == 400  # DNS rebinding: not a loopback host name
+    ai_render = {"prompt": PROMPT, "negative_prompt": "", "width": 64, "height": 64, "seed": 9, "cfg_scale": 7,
+                 "steps": 2, "sampler_index": "Euler", "image_similarity": 0.4, "sampler": "Euler",
+                 "denoising_strength": 0.6, "init_images": ["data:image/png;base64," + image]}  # fmt: skip
+    assert _post(server, "img2img", ai_render).status_code == 200  # unknown keys are ignored, as A1111 does
+    assert requests.get(f"http://127.0.0.1:{server[0]}/sdapi/v1/server-kill", timeout=30).status_code == 404
+
+
+def _png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_basic_auth_on_every_route():
+    from fastapi.testclient import TestClient
+
+    from edgediff.runtime.serve import create_app
+
+    client = TestClient(create_app([], api_auth="ann:secret"), base_url="http://127.0.0.1")
+    r = client.get("/sdapi/v1/options")
+    assert r.status_code == 401 and r.headers["WWW-Authenticate"] == "Basic"
+    assert client.get("/sdapi/v1/options", auth=("ann", "wrong")).status_code == 401
+    assert client.get("/sdapi/v1/options", auth=("ann", "secret")).status_code == 200
+    with pytest.raises(ValueError, match="--api-auth takes user:password"):
+        create_app([], api_auth="nocolon")
+
+
+def test_body_and_image_limits():
+    from fastapi.testclient import TestClient
+
+    from edgediff.runtime.serve import Limits, create_app
+
+    client = TestClient(create_app([], limits=Limits(max_body_bytes=2000)), base_url="http://127.0.0.1")
+    r = client.post("/sdapi/v1/txt2img", json={**GOOD, "prompt": "x" * 3000})
+    assert r.status_code == 413 and "over the 2000" in r.json()["detail"]
+    assert client.post("/sdapi/v1/txt2img", json=GOOD).status_code == 200
+    client = TestClient(create_app([], limits=Limits(max_image_pixels=32 * 32)), base_url="http://127.0.0.1")
+    big = base64.b64encode(_png(picture(40, 40))).decode()
+    r = client.post("/sdapi/v1/png-info", json={"image": big})
+    assert r.status_code == 422 and "40x40, over the 1024 pixels" in r.json()["detail"]
+    small = base64.b64encode(_png(picture(8, 8))).decode()
+    assert client.post("/sdapi/v1/png-info", json={"image": small}).status_code == 200
