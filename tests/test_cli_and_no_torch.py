@@ -114,7 +114,8 @@ def test_full_generate_imports_no_torch(tiny_export, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "module", ["edgediff.runtime", "edgediff.engines.onnxruntime", "edgediff.runtime.cli", "edgediff.runtime.serve.app"]
+    "module",
+    ["edgediff.runtime", "edgediff.engines.onnxruntime", "edgediff.runtime.cli", "edgediff.runtime.serve.app"],
 )
 def test_runtime_modules_import_without_torch(module):
     banned = "('torch', 'diffusers', 'transformers')"

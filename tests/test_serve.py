@@ -259,3 +259,37 @@ def test_body_and_image_limits():
     assert r.status_code == 422 and "40x40, over the 1024 pixels" in r.json()["detail"]
     small = base64.b64encode(_png(picture(8, 8))).decode()
     assert client.post("/sdapi/v1/png-info", json={"image": small}).status_code == 200
+
+
+def test_a_client_that_goes_away_stops_its_job(server):
+    """A request abandoned mid-job (the client's timeout closes the connection) interrupts the job, which frees
+    the worker for the next request."""
+    worker = server[1].state.server.worker
+    body = {**GOOD, "steps": 150, "width": 256, "height": 256}
+    with pytest.raises(requests.exceptions.ReadTimeout):
+        requests.post(f"http://127.0.0.1:{server[0]}/sdapi/v1/txt2img", json=body, timeout=1.0)
+    deadline = time.time() + 60
+    while worker.current is not None and time.time() < deadline:
+        time.sleep(0.05)
+    assert worker.current is None and worker.last is not None and worker.last.interrupted.is_set()
+    assert worker.last.sampling_step < 150  # stopped before its end
+    assert _post(server, "txt2img", GOOD).status_code == 200
+
+
+def test_progress_stream_sends_events_while_a_job_runs(api, server):
+    thread = threading.Thread(target=lambda: api.txt2img(prompt=PROMPT, seed=2, steps=60, width=128, height=128))
+    url = f"http://127.0.0.1:{server[0]}/edgediff/v1/progress/stream?interval=0.1&previews=true"
+    with requests.get(url, stream=True, timeout=30) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        thread.start()
+        events = []
+        for line in r.iter_lines():
+            if line.startswith(b"data: "):
+                event = json.loads(line[6:])
+                if event["active"] and event.get("current_image"):
+                    events.append(event)
+                if len(events) == 2:
+                    break
+    thread.join(60)
+    assert all(0 < e["progress"] <= 1 and e["sampling_steps"] == 60 for e in events)
+    assert Image.open(io.BytesIO(base64.b64decode(events[0]["current_image"]))).size == (128, 128)

@@ -28,7 +28,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from PIL import Image
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
@@ -109,24 +109,8 @@ def create_app(models: Sequence[str | Path | None] = (), api_auth: str | None = 
         app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["*"],
                            allow_headers=["*"])  # fmt: skip
 
-    @app.middleware("http")
-    async def guard(request: Request, call_next):
-        origin = request.headers.get("origin")
-        if origin is not None and origin not in cors_origins:
-            return _error(403, f"requests from the origin {origin!r} are not allowed (--cors-allow-origins)")
-        if credentials and not _authorized(request.headers.get("authorization"), credentials):
-            response = _error(401, "Incorrect username or password")
-            response.headers["WWW-Authenticate"] = "Basic"
-            return response
-        if request.method == "POST":
-            length = request.headers.get("content-length")
-            if length is not None and length.isdigit() and int(length) > limits.max_body_bytes:
-                return _error(413, f"the request body is {int(length)} bytes, over the {limits.max_body_bytes} the "
-                                   "server takes")  # fmt: skip
-            kind = request.headers.get("content-type", "").split(";")[0].strip()
-            if kind != "application/json":
-                return _error(415, f"POST bodies must be application/json, got {kind or 'no content type'!r}")
-        return await call_next(request)
+    app.add_middleware(_Guard, credentials=credentials, cors_origins=tuple(cors_origins),
+                       max_body=limits.max_body_bytes)  # fmt: skip
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, e: ApiError):
@@ -153,10 +137,19 @@ def create_app(models: Sequence[str | Path | None] = (), api_auth: str | None = 
         pipe = server.pipeline(checkpoint)
         p = a1111.plan(body, pipe, limits, mode)
         try:
-            _, future = server.worker.submit(lambda state: a1111.run(pipe, p, state), job=f"scripts_{mode}")
+            state, future = server.worker.submit(lambda st: a1111.run(pipe, p, st), job=f"scripts_{mode}")
         except QueueFull as e:
             raise ApiError(503, str(e)) from None
-        made = await asyncio.wrap_future(future)
+        waiting = asyncio.wrap_future(future)
+        while not waiting.done():  # a client that goes away does not leave its job running for nobody
+            await asyncio.wait([waiting], timeout=0.25)
+            if not waiting.done() and await request.is_disconnected():
+                if not future.cancel():  # already running: stop it at its next step
+                    state.interrupted.set()
+                with contextlib.suppress(BaseException):
+                    await waiting
+                raise ApiError(499, "the client went away; the job was cancelled")
+        made = waiting.result()
         result = await run_in_threadpool(a1111.response, p, made, pipe, bool(body.get("send_images", True)))
         return result
 
@@ -189,6 +182,31 @@ def create_app(models: Sequence[str | Path | None] = (), api_auth: str | None = 
                       "sampling_step": state.sampling_step, "sampling_steps": state.sampling_steps},
             "current_image": image, "textinfo": None, "current_task": state.id,
         }  # fmt: skip
+
+    def progress_now(skip_current_image: bool = True) -> dict:
+        state = server.worker.current
+        if state is None:
+            return {"active": False, "queued": server.worker.queued(), "progress": 0.0}
+        out = {"active": True, "queued": server.worker.queued(), "id": state.id, "progress": state.fraction(),
+               "job_no": state.job_no, "job_count": state.job_count, "sampling_step": state.sampling_step,
+               "sampling_steps": state.sampling_steps}  # fmt: skip
+        if not skip_current_image and state.denoised is not None:
+            out["current_image"] = _preview_png(server.pipeline(), state.denoised)
+        return out
+
+    @app.get("/edgediff/v1/progress/stream")
+    async def progress_stream(request: Request, previews: bool = False, interval: float = 0.5):
+        """Server-sent events: one ``data:`` JSON line per ``interval`` seconds (at least 0.1) with the running
+        job's progress (and its preview with ``previews=true``), until the client goes away."""
+        interval = min(max(interval, 0.1), 10.0)
+
+        async def events():
+            while not await request.is_disconnected():
+                now = await run_in_threadpool(progress_now, not previews)
+                yield f"data: {json.dumps(now)}\n\n"
+                await asyncio.sleep(interval)
+
+        return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
     @app.post("/sdapi/v1/interrupt")
     async def interrupt():
@@ -267,6 +285,40 @@ def create_app(models: Sequence[str | Path | None] = (), api_auth: str | None = 
         app.add_api_route(f"/sdapi/v1/{route}", (lambda v=value: v), methods=["GET"])
 
     return app
+
+
+class _Guard:
+    """The checks every request passes before a route sees it (pure ASGI, so that a route can still tell when its
+    client goes away): Origin, Basic auth, and for POST the body's declared size and JSON content type."""
+
+    def __init__(self, app, credentials: list[tuple[str, str]], cors_origins: tuple[str, ...], max_body: int):
+        self.app, self.credentials, self.cors_origins, self.max_body = app, credentials, cors_origins, max_body
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            response = self._refusal(Request(scope))
+            if response is not None:
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+    def _refusal(self, request: Request) -> JSONResponse | None:
+        origin = request.headers.get("origin")
+        if origin is not None and origin not in self.cors_origins:
+            return _error(403, f"requests from the origin {origin!r} are not allowed (--cors-allow-origins)")
+        if self.credentials and not _authorized(request.headers.get("authorization"), self.credentials):
+            response = _error(401, "Incorrect username or password")
+            response.headers["WWW-Authenticate"] = "Basic"
+            return response
+        if request.method == "POST":
+            length = request.headers.get("content-length")
+            if length is not None and length.isdigit() and int(length) > self.max_body:
+                return _error(413, f"the request body is {int(length)} bytes, over the {self.max_body} the server "
+                                   "takes")  # fmt: skip
+            kind = request.headers.get("content-type", "").split(";")[0].strip()
+            if kind != "application/json":
+                return _error(415, f"POST bodies must be application/json, got {kind or 'no content type'!r}")
+        return None
 
 
 def _parse_auth(api_auth: str | None) -> list[tuple[str, str]]:

@@ -47,6 +47,7 @@ class Worker:
     def __init__(self, max_queue: int = 8):
         self._jobs: queue.Queue = queue.Queue(maxsize=max_queue)
         self.current: JobState | None = None
+        self.last: JobState | None = None  # the job that ran last (what a test or a log looks at)
         self._thread = threading.Thread(target=self._run, name="edgediff-worker", daemon=True)
         self._thread.start()
 
@@ -57,6 +58,10 @@ class Worker:
         except queue.Full:
             raise QueueFull(f"{self._jobs.maxsize} jobs are already waiting; try again later") from None
         return state, future
+
+    def queued(self) -> int:
+        """Jobs waiting behind the running one."""
+        return self._jobs.qsize()
 
     def _run(self) -> None:
         while True:
@@ -69,4 +74,4 @@ class Worker:
             except BaseException as e:  # handed to the request that submitted it; the worker goes on
                 future.set_exception(e)
             finally:
-                self.current = None
+                self.current, self.last = None, state
