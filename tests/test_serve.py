@@ -293,3 +293,16 @@ def test_progress_stream_sends_events_while_a_job_runs(api, server):
     thread.join(60)
     assert all(0 < e["progress"] <= 1 and e["sampling_steps"] == 60 for e in events)
     assert Image.open(io.BytesIO(base64.b64decode(events[0]["current_image"]))).size == (128, 128)
+
+
+def test_load_script_runs_clean():
+    """benchmarks/serve_load.py, bounded: every request completes, none fails (its figures are not judged here)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    from serve_load import run
+
+    result = run(clients=2, requests=2, size=64, steps=2, model=None)
+    assert result["completed"] == 4 and result["failures"] == 0
+    assert result["latency_s"]["min"] <= result["latency_s"]["p50"] <= result["latency_s"]["max"]
