@@ -306,3 +306,54 @@ def test_load_script_runs_clean():
     result = run(clients=2, requests=2, size=64, steps=2, model=None)
     assert result["completed"] == 4 and result["failures"] == 0
     assert result["latency_s"]["min"] <= result["latency_s"]["p50"] <= result["latency_s"]["max"]
+
+
+def test_web_page_generates_with_a_live_preview_and_edits_with_a_drawn_mask(server, tmp_path):
+    """The page at / in headless Chromium (Debian's, which the README's test command installs): a prompt typed,
+    the live preview shown while it generates, the result with its parameters; then an image loaded, a mask drawn
+    by hand on it, and the edit sent to img2img with that mask."""
+    import shutil
+
+    from playwright.sync_api import sync_playwright
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("needs Debian's chromium (apt-get install chromium; the README's test command installs it)")
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, headless=True, args=["--no-sandbox"])
+        try:
+            page = browser.new_page()
+            page.goto(f"http://127.0.0.1:{server[0]}/")
+            page.wait_for_function("document.getElementById('sampler').options.length > 0")
+            page.fill("#prompt", PROMPT)
+            for field, value in (("#width", "256"), ("#height", "256"), ("#steps", "120"), ("#seed", "4")):
+                page.fill(field, value)
+            page.click("#generate")
+            page.wait_for_function("document.getElementById('preview').src.startsWith('data:image/png')",
+                                   timeout=60_000)  # fmt: skip
+            page.wait_for_function("document.getElementById('status').textContent === 'done'", timeout=120_000)
+            assert page.get_attribute("#result", "src").startswith("data:image/png;base64,")
+            assert "Seed: 4" in page.inner_text("#params")
+
+            picture(64, 64).save(tmp_path / "in.png")
+            page.set_input_files("#image", str(tmp_path / "in.png"))
+            page.wait_for_function("document.getElementById('canvas').width === 64")
+            box = page.locator("#canvas").bounding_box()
+            page.mouse.move(box["x"] + box["width"] * 0.3, box["y"] + box["height"] * 0.3)
+            page.mouse.down()
+            page.mouse.move(box["x"] + box["width"] * 0.7, box["y"] + box["height"] * 0.6, steps=8)
+            page.mouse.up()
+            page.fill("#steps", "4")
+            with page.expect_request("**/sdapi/v1/img2img") as sent:
+                page.click("#generate")
+            body = sent.value.post_data_json
+            assert body["init_images"][0].startswith("data:image/png;base64,") and body["mask"]
+            page.wait_for_function("document.getElementById('status').textContent === 'done'", timeout=120_000)
+            mask = np.asarray(a1111_image(body["mask"]).convert("L"))
+            assert mask.shape == (64, 64) and 0 < (mask > 127).mean() < 0.6  # drawn by hand: some of it, not all
+        finally:
+            browser.close()
+
+
+def a1111_image(data_url: str) -> Image.Image:
+    return Image.open(io.BytesIO(base64.b64decode(data_url.split(",", 1)[1])))

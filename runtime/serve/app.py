@@ -23,12 +23,13 @@ import secrets
 import threading
 import time
 from collections.abc import Sequence
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from PIL import Image
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
@@ -152,6 +153,11 @@ def create_app(models: Sequence[str | Path | None] = (), api_auth: str | None = 
         made = waiting.result()
         result = await run_in_threadpool(a1111.response, p, made, pipe, bool(body.get("send_images", True)))
         return result
+
+    @app.get("/", response_class=HTMLResponse)
+    async def page():
+        """The web page: a prompt, the settings, an image to edit with a mask drawn by hand, the live preview."""
+        return (resources.files(__package__) / "page.html").read_text(encoding="utf-8")
 
     @app.post("/sdapi/v1/txt2img")
     async def txt2img(request: Request):
@@ -304,7 +310,8 @@ class _Guard:
 
     def _refusal(self, request: Request) -> JSONResponse | None:
         origin = request.headers.get("origin")
-        if origin is not None and origin not in self.cors_origins:
+        own = {f"{scheme}://{request.headers.get('host', '')}" for scheme in ("http", "https")}  # the page at /
+        if origin is not None and origin not in self.cors_origins and origin not in own:
             return _error(403, f"requests from the origin {origin!r} are not allowed (--cors-allow-origins)")
         if self.credentials and not _authorized(request.headers.get("authorization"), self.credentials):
             response = _error(401, "Incorrect username or password")
