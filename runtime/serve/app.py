@@ -18,6 +18,7 @@ import contextlib
 import io
 import json
 import logging
+import os
 import re
 import secrets
 import threading
@@ -153,6 +154,12 @@ def create_app(models: Sequence[str | Path | None] = (), api_auth: str | None = 
         made = waiting.result()
         result = await run_in_threadpool(a1111.response, p, made, pipe, bool(body.get("send_images", True)))
         return result
+
+    @app.get("/edgediff/v1/health")
+    async def health():
+        """For load balancers and Ray: the process that answered, its models, and its queue."""
+        return {"ok": True, "pid": os.getpid(), "models": list(server.folders), "queued": server.worker.queued(),
+                "busy": server.worker.current is not None}  # fmt: skip
 
     @app.get("/", response_class=HTMLResponse)
     async def page():
