@@ -129,6 +129,8 @@ def test_progress_has_a_preview_and_interrupt_returns_the_partial_image(api, ser
     api.interrupt()
     thread.join(60)
     assert len(result["r"].images) == 1 and result["r"].images[0].size == (256, 256)  # 200 with what it had
+    stopped = server[1].state.server.worker.last
+    assert stopped.interrupted.is_set() and stopped.sampling_step < 150  # it did stop early
     idle = api.get_progress()
     assert idle["progress"] == 0.0 and idle["state"]["job_count"] == 0  # what util_wait_for_ready waits for
 
@@ -357,3 +359,94 @@ def test_web_page_generates_with_a_live_preview_and_edits_with_a_drawn_mask(serv
 
 def a1111_image(data_url: str) -> Image.Image:
     return Image.open(io.BytesIO(base64.b64decode(data_url.split(",", 1)[1])))
+
+
+def test_interrupt_affects_only_the_running_job(server):
+    """Two requests: the running one interrupted mid-way returns its partial image; the one queued behind it runs
+    whole (interrupt is A1111's: the current job's)."""
+    api = webuiapi.WebUIApi(host="127.0.0.1", port=server[0])
+    worker = server[1].state.server.worker
+    out: dict = {}
+
+    def run(key, **kw):
+        out[key] = api.txt2img(prompt=PROMPT, **kw)
+
+    long = threading.Thread(target=run, args=("a",), kwargs=dict(seed=1, steps=150, width=256, height=256))
+    long.start()
+    while worker.current is None or worker.current.sampling_step < 2:
+        time.sleep(0.02)
+    first = worker.current
+    queued = threading.Thread(target=run, args=("b",), kwargs=dict(seed=2, steps=5, width=64, height=64))
+    queued.start()
+    while worker.queued() == 0 and queued.is_alive():
+        time.sleep(0.01)
+    api.interrupt()
+    long.join(120)
+    queued.join(120)
+    assert first.interrupted.is_set() and first.sampling_step < 150
+    assert worker.last is not first and not worker.last.interrupted.is_set() and worker.last.sampling_step == 5
+    assert len(out["a"].images) == 1 and len(out["b"].images) == 1
+
+
+def test_skip_moves_to_the_next_batch(server):
+    api = webuiapi.WebUIApi(host="127.0.0.1", port=server[0])
+    worker = server[1].state.server.worker
+    out: dict = {}
+
+    def job():
+        out["r"] = api.txt2img(prompt=PROMPT, seed=30, steps=150, width=256, height=256, n_iter=2)
+
+    thread = threading.Thread(target=job)
+    thread.start()
+    while worker.current is None or worker.current.sampling_step < 2:
+        time.sleep(0.02)
+    api.skip()
+    while worker.current is not None and worker.current.job_no == 0:
+        time.sleep(0.02)
+    api.interrupt()  # the second batch too, to keep the test short
+    thread.join(120)
+    assert out["r"].info["all_seeds"] == [30, 31] and len(out["r"].images) == 2
+    skipped, interrupted = worker.last.steps_done
+    assert skipped < 150 and interrupted < 150  # the first batch was cut short by skip, the second ran after it
+
+
+def test_an_engine_failure_is_a_500_and_the_next_job_runs(server, monkeypatch):
+    from edgediff.runtime.errors import EngineRunError
+
+    pipe = server[1].state.server.pipeline()
+    unet = pipe.engines["unet"]
+    real = unet.run
+    calls = {"n": 0}
+
+    def failing(feeds):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise EngineRunError("unet failed on this call (a test's injected failure)")
+        return real(feeds)
+
+    monkeypatch.setattr(unet, "run", failing)
+    r = _post(server, "txt2img", GOOD)
+    assert r.status_code == 500 and "injected failure" in r.json()["detail"] and r.json()["error"] == "EngineRunError"
+    assert _post(server, "txt2img", GOOD).status_code == 200
+
+
+def test_model_switching_among_the_configured_folders(tmp_path):
+    from pathlib import Path
+
+    from fastapi.testclient import TestClient
+
+    from edgediff.runtime.serve import create_app
+
+    micro = Path(__file__).parent / "fixtures" / "micro-sd1"
+    client = TestClient(create_app([None, micro]), base_url="http://127.0.0.1")
+    titles = [m["title"] for m in client.get("/sdapi/v1/sd-models").json()]
+    assert len(titles) == 2 and titles[1].startswith("micro-sd1 [")
+    assert all("/" not in m["filename"] for m in client.get("/sdapi/v1/sd-models").json())  # names, never paths
+    assert client.post("/sdapi/v1/options", json={"sd_model_checkpoint": "micro-sd1"}).status_code == 200
+    assert client.get("/sdapi/v1/options").json()["sd_model_checkpoint"] == titles[1]
+    body = {**GOOD, "width": 32, "height": 32}
+    info = json.loads(client.post("/sdapi/v1/txt2img", json=body).json()["info"])
+    assert info["sd_model_name"] == "micro-sd1"
+    body["override_settings"] = {"sd_model_checkpoint": titles[0]}  # one request on the other model
+    info = json.loads(client.post("/sdapi/v1/txt2img", json={**body, "width": 64, "height": 64}).json()["info"])
+    assert info["sd_model_name"] == "shapes"

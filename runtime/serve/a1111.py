@@ -223,6 +223,7 @@ def run(pipe: Pipeline, p: Plan, state: JobState) -> dict:
             made = pipe.decode(partial["latents"])
             record = _partial_record(pipe, p)
             state.skipped.clear()
+        state.steps_done.append(state.sampling_step)
         for k, image in enumerate(made):
             images.append(image)
             records.append({**{key: v for key, v in record.items() if key != "seeds"}, "seed": seeds[k]})

@@ -330,7 +330,8 @@ class _Guard:
                 return _error(413, f"the request body is {int(length)} bytes, over the {self.max_body} the server "
                                    "takes")  # fmt: skip
             kind = request.headers.get("content-type", "").split(";")[0].strip()
-            if kind != "application/json":
+            empty = length in (None, "0") and "transfer-encoding" not in request.headers  # interrupt, skip: no body
+            if kind != "application/json" and not empty:
                 return _error(415, f"POST bodies must be application/json, got {kind or 'no content type'!r}")
         return None
 

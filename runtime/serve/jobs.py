@@ -34,6 +34,7 @@ class JobState:
     interrupted: threading.Event = field(default_factory=threading.Event)
     skipped: threading.Event = field(default_factory=threading.Event)
     denoised: Callable[[], Any] | None = None
+    steps_done: list[int] = field(default_factory=list)  # the UNet calls each finished batch ran
 
     def fraction(self) -> float:
         """A1111's progress: 0.01 + job_no / job_count + (1 / job_count) x step / steps, at most 1."""
