@@ -623,11 +623,12 @@ def build(model, components, batch, width, height, guidance, dynamic, min_size, 
 @click.option("--api-auth", default=None, metavar="USER:PASS[,USER:PASS]", help="HTTP Basic auth on every route.")
 @click.option("--cors-allow-origins", default="", metavar="ORIGIN[,ORIGIN]", help="Origins allowed to call it.")
 @click.option("--max-queue", default=8, show_default=True, type=int, help="Jobs that may wait behind the running one.")
+@click.option("--workers", default=1, show_default=True, type=int, help="Generations at a time (they share the CPU).")
 @click.option(
     "--ray", "use_ray", is_flag=True, help="Run as a Ray Serve deployment (the ray extra; RAY_ADDRESS: a cluster)."
 )
 @click.option("--replicas", default=1, show_default=True, type=int, help="With --ray: replicas, one pipeline each.")
-def serve(models, host, port, listen, api_auth, cors_allow_origins, max_queue, use_ray, replicas) -> None:
+def serve(models, host, port, listen, api_auth, cors_allow_origins, max_queue, workers, use_ray, replicas) -> None:
     """Serve AUTOMATIC1111's HTTP API (/sdapi/v1/txt2img, img2img, progress, interrupt, ...) on this machine, for
     the desktop plugins and client libraries that speak it. Needs the serve extra (pip install 'edgediff[serve]')."""
     try:
@@ -650,13 +651,15 @@ def serve(models, host, port, listen, api_auth, cors_allow_origins, max_queue, u
             raise click.ClickException(f"--ray needs the ray extra ({e.name or e} is missing): pip install "
                                        "'edgediff[ray]'") from None  # fmt: skip
         deploy(list(models), replicas, host=host, port=port, api_auth=api_auth, cors_origins=origins,
-               max_queue=max_queue)  # fmt: skip
+               max_queue=max_queue, workers=workers)  # fmt: skip
         click.echo(f"serving {replicas} replica(s) through Ray Serve on http://{host}:{port} (Ctrl+C stops)", err=True)
         import time
 
         while True:
             time.sleep(3600)
-    app = create_app(list(models), api_auth=api_auth, listen=listen, cors_origins=origins, max_queue=max_queue)
+    app = create_app(
+        list(models), api_auth=api_auth, listen=listen, cors_origins=origins, max_queue=max_queue, workers=workers
+    )
     click.echo(f"serving {', '.join(app.state.server.folders)} on http://{host}:{port} (Ctrl+C stops)", err=True)
     uvicorn.run(app, host=host, port=port, log_level="warning")
 

@@ -450,3 +450,40 @@ def test_model_switching_among_the_configured_folders(tmp_path):
     body["override_settings"] = {"sd_model_checkpoint": titles[0]}  # one request on the other model
     info = json.loads(client.post("/sdapi/v1/txt2img", json={**body, "width": 64, "height": 64}).json()["info"])
     assert info["sd_model_name"] == "shapes"
+
+
+def test_two_workers_run_two_generations_at_once(pipe):
+    import uvicorn
+
+    from edgediff.runtime.serve import create_app
+
+    app = create_app([], workers=2)
+    port = _free_port()
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    while not srv.started:
+        time.sleep(0.05)
+    try:
+        worker = app.state.server.worker
+        out: dict = {}
+
+        def job(seed):
+            out[seed] = webuiapi.WebUIApi(host="127.0.0.1", port=port).txt2img(
+                prompt=PROMPT, seed=seed, steps=60, width=128, height=128, sampler_name="Euler")  # fmt: skip
+
+        jobs = [threading.Thread(target=job, args=(s,)) for s in (51, 52)]
+        for t in jobs:
+            t.start()
+        both = False
+        while any(t.is_alive() for t in jobs):
+            both |= len(worker.running) == 2
+            time.sleep(0.01)
+        assert both, "the two jobs never ran at the same time"
+        for seed, r in out.items():  # and each is still exactly its own image
+            want = pipe(PROMPT, num_inference_steps=60, width=128, height=128, guidance_scale=7.0,
+                        scheduler="euler", seed=seed).images[0]  # fmt: skip
+            assert _same(r.image, want)
+    finally:
+        srv.should_exit = True
+        thread.join(10)

@@ -58,7 +58,8 @@ class Server:
     """The model folders a server was started with (by A1111 title), their pipelines (loaded on first use, once),
     the one selected, and the worker that runs the jobs."""
 
-    def __init__(self, models: Sequence[str | Path | None], limits: Limits, max_queue: int, engine_options: dict):
+    def __init__(self, models: Sequence[str | Path | None], limits: Limits, max_queue: int, engine_options: dict,
+                 workers: int = 1):  # fmt: skip
         self.limits = limits
         self.folders: dict[str, Path] = {}
         self.pipelines: dict[str, Pipeline] = {}
@@ -69,7 +70,7 @@ class Server:
             title = a1111.model_title(pipe)
             self.folders[title], self.pipelines[title] = pipe.folder.path, pipe
         self.current = next(iter(self.folders))
-        self.worker = Worker(max_queue)
+        self.worker = Worker(max_queue, workers)
 
     def pipeline(self, title: str | None = None) -> Pipeline:
         return self.pipelines[self.title_for(title) if title else self.current]
@@ -89,11 +90,12 @@ class Server:
 
 
 def create_app(models: Sequence[str | Path | None] = (), api_auth: str | None = None, limits: Limits | None = None,
-               listen: bool = False, cors_origins: Sequence[str] = (), max_queue: int = 8,
+               listen: bool = False, cors_origins: Sequence[str] = (), max_queue: int = 8, workers: int = 1,
                **engine_options) -> FastAPI:  # fmt: skip
-    """The FastAPI application serving ``models`` (model folders; none: the embedded model)."""
+    """The FastAPI application serving ``models`` (model folders; none: the embedded model); ``workers``
+    generations at a time (default one)."""
     limits = limits or Limits()
-    server = Server(list(models), limits, max_queue, engine_options)
+    server = Server(list(models), limits, max_queue, engine_options, workers)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):

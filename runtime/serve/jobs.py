@@ -43,14 +43,22 @@ class JobState:
 
 
 class Worker:
-    """A FIFO of jobs run one after another on one thread."""
+    """A FIFO of jobs run by ``threads`` threads (default one: one generation at a time; a Pipeline serves
+    concurrent calls, so more threads run that many generations at once, sharing the CPU or GPU)."""
 
-    def __init__(self, max_queue: int = 8):
+    def __init__(self, max_queue: int = 8, threads: int = 1):
         self._jobs: queue.Queue = queue.Queue(maxsize=max_queue)
-        self.current: JobState | None = None
-        self.last: JobState | None = None  # the job that ran last (what a test or a log looks at)
-        self._thread = threading.Thread(target=self._run, name="edgediff-worker", daemon=True)
-        self._thread.start()
+        self.running: list[JobState] = []  # in the order they started
+        self.last: JobState | None = None  # the job that ended last (what a test or a log looks at)
+        self._lock = threading.Lock()
+        for k in range(max(1, threads)):
+            threading.Thread(target=self._run, name=f"edgediff-worker-{k}", daemon=True).start()
+
+    @property
+    def current(self) -> JobState | None:
+        """The job that started first among those running: what A1111's global progress and interrupt mean."""
+        with self._lock:
+            return self.running[0] if self.running else None
 
     def submit(self, fn: Callable[[JobState], Any], job: str) -> tuple[JobState, concurrent.futures.Future]:
         state, future = JobState(job=job), concurrent.futures.Future[Any]()
@@ -69,10 +77,13 @@ class Worker:
             fn, state, future = self._jobs.get()
             if not future.set_running_or_notify_cancel():  # the client went away before it started
                 continue
-            self.current = state
+            with self._lock:
+                self.running.append(state)
             try:
                 future.set_result(fn(state))
             except BaseException as e:  # handed to the request that submitted it; the worker goes on
                 future.set_exception(e)
             finally:
-                self.current, self.last = None, state
+                with self._lock:
+                    self.running.remove(state)
+                    self.last = state
