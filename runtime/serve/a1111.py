@@ -198,7 +198,7 @@ def _image_fields(body: dict, call: dict, echo: dict, limits: Limits) -> None:
 def run(pipe: Pipeline, p: Plan, state: JobState) -> dict:
     """The job: ``n_iter`` calls of ``batch_size`` images, image i drawn from seed + i; an interrupt or skip keeps
     what the current call had made (its clean estimate, decoded), as A1111 returns it with 200."""
-    state.job_count = p.n_iter
+    state.job_count, state.pipeline = p.n_iter, pipe
     images, records = [], []
     for it in range(p.n_iter):
         if state.interrupted.is_set():

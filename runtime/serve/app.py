@@ -188,7 +188,7 @@ def create_app(models: Sequence[str | Path | None] = (), api_auth: str | None = 
         elapsed = max(0.0, time.time() - state.started)
         image = None
         if not skip_current_image and state.denoised is not None:
-            image = await run_in_threadpool(_preview_png, server.pipeline(), state.denoised)
+            image = await run_in_threadpool(_preview_png, state.pipeline or server.pipeline(), state.denoised)
         return {
             "progress": fraction, "eta_relative": elapsed / fraction - elapsed,
             "state": {"skipped": state.skipped.is_set(), "interrupted": state.interrupted.is_set(),
@@ -206,7 +206,7 @@ def create_app(models: Sequence[str | Path | None] = (), api_auth: str | None = 
                "job_no": state.job_no, "job_count": state.job_count, "sampling_step": state.sampling_step,
                "sampling_steps": state.sampling_steps}  # fmt: skip
         if not skip_current_image and state.denoised is not None:
-            out["current_image"] = _preview_png(server.pipeline(), state.denoised)
+            out["current_image"] = _preview_png(state.pipeline or server.pipeline(), state.denoised)
         return out
 
     @app.get("/edgediff/v1/progress/stream")

@@ -35,6 +35,7 @@ class JobState:
     skipped: threading.Event = field(default_factory=threading.Event)
     denoised: Callable[[], Any] | None = None
     steps_done: list[int] = field(default_factory=list)  # the UNet calls each finished batch ran
+    pipeline: Any = None  # the Pipeline the job runs on (its previews decode with that model's VAE)
 
     def fraction(self) -> float:
         """A1111's progress: 0.01 + job_no / job_count + (1 / job_count) x step / steps, at most 1."""
