@@ -161,7 +161,7 @@ def create_app(models: Sequence[str | Path | None] = (), api_auth: str | None = 
     async def health():
         """For load balancers and Ray: the process that answered, its models, and its queue."""
         return {"ok": True, "pid": os.getpid(), "models": list(server.folders), "queued": server.worker.queued(),
-                "busy": server.worker.current is not None}  # fmt: skip
+                "busy": server.worker.current is not None, "jobs_finished": server.worker.finished}  # fmt: skip
 
     @app.get("/", response_class=HTMLResponse)
     async def page():

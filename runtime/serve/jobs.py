@@ -51,6 +51,7 @@ class Worker:
         self._jobs: queue.Queue = queue.Queue(maxsize=max_queue)
         self.running: list[JobState] = []  # in the order they started
         self.last: JobState | None = None  # the job that ended last (what a test or a log looks at)
+        self.finished = 0  # jobs ended (done, failed or interrupted)
         self._lock = threading.Lock()
         for k in range(max(1, threads)):
             threading.Thread(target=self._run, name=f"edgediff-worker-{k}", daemon=True).start()
@@ -88,3 +89,4 @@ class Worker:
                 with self._lock:
                     self.running.remove(state)
                     self.last = state
+                    self.finished += 1
