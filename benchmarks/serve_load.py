@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
 import sys
 import threading
 import time
@@ -27,25 +26,18 @@ PROMPTS = ["a red circle on a blue background", "a small green triangle at the t
            "an orange diamond on the left on a black background", "a large purple star in the centre"]  # fmt: skip
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run(clients: int, requests: int, size: int, steps: int, model: str | None) -> dict:
-    import uvicorn
-    import webuiapi
-
     from edgediff.runtime.serve import create_app
+    from edgediff.runtime.serve.app import serve_in_thread
 
     app = create_app([model] if model else [], max_queue=max(8, clients))
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.05)
+    with serve_in_thread(app) as port:
+        return _load(port, clients, requests, size, steps, model)
+
+
+def _load(port: int, clients: int, requests: int, size: int, steps: int, model: str | None) -> dict:
+    import webuiapi
+
     latencies: list[float] = []
     failures: list[str] = []
     lock = threading.Lock()
@@ -74,8 +66,6 @@ def run(clients: int, requests: int, size: int, steps: int, model: str | None) -
     for t in threads:
         t.join()
     wall = time.perf_counter() - t0
-    server.should_exit = True
-    thread.join(10)
     lat = np.array(latencies) if latencies else np.array([np.nan])
     return {
         "clients": clients, "requests_per_client": requests, "size": size, "steps": steps,

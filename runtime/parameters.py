@@ -322,7 +322,7 @@ def format_parameters(p: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-_PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')  # A1111's infotext_utils
+INFOTEXT_PAIR = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')  # A1111's infotext_utils
 _OPTION_KEY = re.compile(r"\s*([A-Za-z_]\w*)=")
 
 
@@ -341,7 +341,7 @@ def parse_parameters_text(text: str, where: str = "the parameters text") -> dict
     """A1111's infotext -> a record (the keys edgediff writes; A1111's own sampler and schedule names map to
     edgediff's where one exists). Parsed as A1111 parses it: lines stripped, the last line of 3+ pairs."""
     *lines, last = text.strip().split("\n")
-    if len(_PARAM.findall(last)) < 3:
+    if len(INFOTEXT_PAIR.findall(last)) < 3:
         lines.append(last)
         last = ""
     prompt: list[str] = []
@@ -353,7 +353,7 @@ def parse_parameters_text(text: str, where: str = "the parameters text") -> dict
             in_negative, line = True, line[len("Negative prompt:") :].strip()
         (negative if in_negative else prompt).append(line)
     fields = {}
-    for key, value in _PARAM.findall(last):
+    for key, value in INFOTEXT_PAIR.findall(last):
         if len(value) > 1 and value[0] == value[-1] == '"':
             try:
                 value = json.loads(value)

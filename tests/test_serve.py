@@ -8,7 +8,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import socket
 import threading
 import time
 
@@ -24,30 +23,14 @@ from parity import mask_for, picture
 PROMPT = "a red circle on a blue background"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server():
-    import uvicorn
-
     from edgediff.runtime.serve import create_app
+    from edgediff.runtime.serve.app import serve_in_thread
 
     app = create_app([])
-    port = _free_port()
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not srv.started and time.time() < deadline:
-        time.sleep(0.05)
-    assert srv.started, "the server did not start"
-    yield port, app
-    srv.should_exit = True
-    thread.join(10)
+    with serve_in_thread(app) as port:
+        yield port, app
 
 
 @pytest.fixture(scope="module")
@@ -453,18 +436,11 @@ def test_model_switching_among_the_configured_folders(tmp_path):
 
 
 def test_two_workers_run_two_generations_at_once(pipe):
-    import uvicorn
-
     from edgediff.runtime.serve import create_app
+    from edgediff.runtime.serve.app import serve_in_thread
 
     app = create_app([], workers=2)
-    port = _free_port()
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    while not srv.started:
-        time.sleep(0.05)
-    try:
+    with serve_in_thread(app) as port:
         worker = app.state.server.worker
         out: dict = {}
 
@@ -484,6 +460,3 @@ def test_two_workers_run_two_generations_at_once(pipe):
             want = pipe(PROMPT, num_inference_steps=60, width=128, height=128, guidance_scale=7.0,
                         scheduler="euler", seed=seed).images[0]  # fmt: skip
             assert _same(r.image, want)
-    finally:
-        srv.should_exit = True
-        thread.join(10)

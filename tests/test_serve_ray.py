@@ -4,7 +4,6 @@ both replicas answer."""
 
 from __future__ import annotations
 
-import socket
 import threading
 
 import numpy as np
@@ -16,21 +15,16 @@ from edgediff.runtime import Pipeline
 PROMPT = "a red circle on a blue background"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def ray_server():
     import ray
     from ray import serve
 
+    from edgediff.runtime.serve.app import free_port
     from edgediff.runtime.serve.ray_app import deploy
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
-    port = _free_port()
+    port = free_port()
     try:
         deploy([], replicas=2, host="127.0.0.1", port=port)
         yield port

@@ -19,8 +19,8 @@ import io
 import json
 import logging
 import os
-import re
 import secrets
+import socket
 import threading
 import time
 from collections.abc import Sequence
@@ -338,6 +338,34 @@ class _Guard:
         return None
 
 
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on ``host`` now (the OS picks it)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def serve_in_thread(app: FastAPI, host: str = "127.0.0.1", port: int | None = None):
+    """Run ``app`` on uvicorn in a background thread (tests, the load benchmark); yields the port, stops on exit."""
+    import uvicorn
+
+    port = port or free_port(host)
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="error"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not server.started:
+        if not thread.is_alive() or time.time() > deadline:
+            raise RuntimeError(f"the server did not start on {host}:{port}")
+        time.sleep(0.05)
+    try:
+        yield port
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
 def _parse_auth(api_auth: str | None) -> list[tuple[str, str]]:
     if not api_auth:
         return []
@@ -378,9 +406,6 @@ def _preview_png(pipe: Pipeline, denoised) -> str:
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-_PAIR = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
-
-
 def _parse_infotext(text: str) -> dict[str, str]:
     """A1111's ``parse_generation_parameters`` as far as clients read it: Prompt, Negative prompt, each
     ``Key: value`` as a string, Size split into Size-1 and Size-2."""
@@ -396,7 +421,7 @@ def _parse_infotext(text: str) -> dict[str, str]:
         else:
             prompt.append(line)
     out["Prompt"], out["Negative prompt"] = "\n".join(prompt), "\n".join(negative)
-    for key, value in _PAIR.findall(last):
+    for key, value in parameters.INFOTEXT_PAIR.findall(last):
         value = value.strip()
         if value.startswith('"') and value.endswith('"'):
             value = value[1:-1]
