@@ -97,7 +97,7 @@ def run_bench(
         if isinstance(v, bool) or not isinstance(v, int) or v < lo:
             raise InvalidArgumentError(f"{name} must be an integer >= {lo}, got {v!r}")
     options = dict(engine_options or {})
-    if threads is not None and engine == "onnxruntime":
+    if threads is not None and engine in ("onnxruntime", "openvino"):
         options["threads"] = threads
     machine = machine_info()
     t0 = time.perf_counter()

@@ -126,6 +126,47 @@ def _memory_limit(ctx, param, value: str):
     return int(gib * 2**30)
 
 
+ENGINE_NAMES = ("onnxruntime", "openvino", "tensorrt")
+
+
+def _engine_options_of(engine: str, providers, device, precision, int8: bool) -> dict:
+    """The engine keyword options for the CLI's --provider / --device / --precision / --int8, refusing the ones
+    that belong to another engine (by name, with the engine they belong to)."""
+    if engine not in ENGINE_NAMES:
+        raise InvalidArgumentError(f"--engine must be one of {', '.join(ENGINE_NAMES)}, got {engine!r}")
+    options: dict = {}
+    if engine == "openvino":
+        if providers:
+            raise InvalidArgumentError("--provider is an ONNX Runtime option; with --engine openvino choose --device "
+                                       "(CPU, GPU, NPU)")  # fmt: skip
+        options["device"] = device or "CPU"
+        options["precision"] = precision or "f32"
+    else:
+        for flag, value in (("--device", device), ("--precision", precision)):
+            if value is not None and not (flag == "--precision" and value == "f32" and engine == "onnxruntime"):
+                hint = (
+                    "ONNX Runtime runs f32; --int8 for its int8 UNet"
+                    if flag == "--precision"
+                    else "ONNX Runtime: --provider"
+                )
+                raise InvalidArgumentError(f"{flag} is an OpenVINO option: add --engine openvino ({hint})")
+    if int8:
+        if engine == "tensorrt":
+            raise InvalidArgumentError("--int8 runs on the CPU engines (onnxruntime, openvino), not tensorrt")
+        options["cpu_variant"] = "int8"
+    return options
+
+
+def _engine_flags(f):
+    """--engine, --device and --precision (generate and bench)."""
+    f = click.option("--precision", default=None, type=click.Choice(["f32", "bf16", "f16"]),
+                     help="OpenVINO's inference precision (default f32, image-equal to diffusers; bf16 is faster on "
+                     "CPUs with AVX512_BF16/AMX and changes the image: README).")(f)  # fmt: skip
+    f = click.option("--device", default=None, help="OpenVINO device: CPU (default), GPU, NPU.")(f)
+    return click.option("--engine", default=None, type=click.Choice(ENGINE_NAMES),
+                        help="Default: onnxruntime (or, with --from-png, the recorded one).")(f)  # fmt: skip
+
+
 # generate and bench take the same --memory-limit
 _MEMORY_LIMIT_OPTION = click.option(
     "--memory-limit",
@@ -267,12 +308,14 @@ _CALL_OPTIONS = {
 @click.option(
     "--int8", is_flag=True, help="Use the int8 UNet of `edgediff optimize --int8` (faster on CPUs; changes the image)."
 )
+@_engine_flags
 @_MEMORY_LIMIT_OPTION
 @click.pass_context
 def generate(ctx, prompt, model, output, negative_prompt, prompt_2, negative_prompt_2, steps, guidance,
              guidance_rescale, width, height, seed, scheduler,
              scheduler_option, eta, timesteps, sigmas, from_png, params_file, init_image, strength, mask,
-             keep_unmasked, tiny_vae, providers, low_memory, int8, memory_limit):  # fmt: skip
+             keep_unmasked, tiny_vae, providers, low_memory, int8, engine, device, precision,
+             memory_limit):  # fmt: skip
     """Generate an image from PROMPT and write it as a PNG with its parameters.
 
     With --image IN.png it starts from that picture (image-to-image), and with --mask MASK.png too it repaints where
@@ -318,6 +361,10 @@ def generate(ctx, prompt, model, output, negative_prompt, prompt_2, negative_pro
         recorded = record.get("engine_options") or {}
         # "optimized": the option's name in records written before it became cpu_variant
         int8 = int8 or recorded.get("cpu_variant", recorded.get("optimized")) == "int8"
+        if engine is None and record.get("engine") in ENGINE_NAMES:  # same engine, same pixels
+            engine = record["engine"]
+            device = device or recorded.get("device")
+            precision = precision or recorded.get("precision")
     if tiny_vae:
         call["decoder"] = "tiny"
     if init_image is not None:
@@ -332,9 +379,10 @@ def generate(ctx, prompt, model, output, negative_prompt, prompt_2, negative_pro
         spec = dict(spec) if isinstance(spec, dict) else parameters.name_spec(spec) if spec else {}
         call["scheduler"] = {**spec, **options}
 
-    engine_options = {"cpu_variant": "int8"} if int8 else {}
-    with Pipeline.load(model, providers=list(providers) or None, low_memory=low_memory, memory_limit=memory_limit,
-                       **engine_options) as pipe:  # fmt: skip
+    engine = engine or "onnxruntime"
+    engine_options = _engine_options_of(engine, providers, device, precision, int8)
+    with Pipeline.load(model, engine=engine, providers=list(providers) or None, low_memory=low_memory,
+                       memory_limit=memory_limit, **engine_options) as pipe:  # fmt: skip
         if options:
             class_name = call["scheduler"].get("_class_name") or pipe.folder.scheduler_config.get("_class_name")
             known = schedulers.SCHEDULERS[class_name].defaults if class_name in schedulers.SCHEDULERS else {}
@@ -379,11 +427,13 @@ def _check_recorded_model(record, source, pipe, model_given: bool) -> None:
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("--verify/--no-verify", default=True, help="Recompute file hashes and load every component.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def info(model: Path, verify: bool, as_json: bool) -> None:
+@_engine_flags
+def info(model: Path, verify: bool, as_json: bool, engine: str | None, device, precision) -> None:
     """Show what the model folder MODEL holds and whether it can generate.
 
     Opening validates every config file; --verify (default) also re-hashes every file, loads the
-    tokenizer and the model's scheduler, and loads every component in ONNX Runtime."""
+    tokenizer and the model's scheduler, and loads every component in the engine (default ONNX Runtime;
+    --engine openvino [--device GPU] checks that OpenVINO can read and compile each one)."""
     from .engine import create_engine, engine_class
     from .model_folder import ModelFolder
     from .tokenizer import ClipTokenizer
@@ -397,14 +447,18 @@ def info(model: Path, verify: bool, as_json: bool) -> None:
             schedulers.resolve(None, mf.scheduler_config).schedule(20)
         except EdgediffError as e:
             problems.append(str(e))
+        engine = engine or "onnxruntime"
         try:
-            engine_class("onnxruntime")  # once: a missing library is one problem, not one per component
+            engine_class(engine)  # once: a missing library is one problem, not one per component
+            options = _engine_options_of(engine, (), device, precision, False)
+            if engine == "openvino":
+                options["shapes"] = "dynamic"  # compiled once per component, for any shape
         except EdgediffError as e:
             problems.append(str(e))
         else:
             for name in mf.components:
                 try:
-                    eng = create_engine("onnxruntime", mf.component_path(name), component=name)
+                    eng = create_engine(engine, mf.component_path(name), component=name, **options)
                     loaded[name] = {
                         "inputs": {k: [v.dtype.name, list(v.shape)] for k, v in eng.inputs.items()},
                         "outputs": {k: [v.dtype.name, list(v.shape)] for k, v in eng.outputs.items()},
@@ -435,6 +489,7 @@ def info(model: Path, verify: bool, as_json: bool) -> None:
         "problems": problems,
     }
     if verify:
+        report["engine"] = engine
         report["io"] = loaded
     if as_json:
         click.echo(json.dumps(report, indent=2))
@@ -494,7 +549,7 @@ def optimize(model, components, no_fuse, force, int8):
 )
 @click.option("--guidance", default=7.5, show_default=True, type=float)
 @click.option("--scheduler", default=None, help="Default: the model's own.")
-@click.option("--engine", default="onnxruntime", show_default=True, help="onnxruntime or tensorrt.")
+@_engine_flags
 @click.option("--provider", "providers", multiple=True, help="ONNX Runtime execution provider (repeatable).")
 @click.option("--threads", default=None, type=int, help="Intra-op threads. Default: one per core.")
 @click.option("--warmup", default=1, show_default=True, type=int, help="Untimed runs after the cold first run.")
@@ -509,12 +564,13 @@ def optimize(model, components, no_fuse, force, int8):
     "loaded where one exists, is saved at level all).",
 )
 @click.option("--no-prepack", is_flag=True, help="ONNX Runtime: no pre-packed weight copies (less memory, slower).")
-@click.option("--int8", is_flag=True, help="ONNX Runtime: the int8 UNet of `edgediff optimize --int8`.")
+@click.option("--int8", is_flag=True, help="The int8 UNet of `edgediff optimize --int8` (ONNX Runtime, OpenVINO).")
 @_MEMORY_LIMIT_OPTION
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON instead of a table.")
 @click.option("-o", "--output", default=None, type=click.Path(path_type=Path), help="Also write the JSON report here.")
-def bench(model, prompt, steps, width, height, batch, guidance, scheduler, engine, providers, threads, warmup, runs,
-          low_memory, optimization, no_prepack, int8, memory_limit, as_json, output):  # fmt: skip
+def bench(model, prompt, steps, width, height, batch, guidance, scheduler, engine, device, precision, providers,
+          threads, warmup, runs, low_memory, optimization, no_prepack, int8, memory_limit, as_json,
+          output):  # fmt: skip
     """Measure load, cold start and per-stage latency of MODEL (default: the embedded model)."""
     from tqdm import tqdm
 
@@ -524,11 +580,10 @@ def bench(model, prompt, steps, width, height, batch, guidance, scheduler, engin
     if output is not None:
         output = check_output_path(output)  # before the benchmark runs
 
-    options = {}
+    engine = engine or "onnxruntime"
+    options = _engine_options_of(engine, providers, device, precision, int8)
     if engine == "onnxruntime":
-        options = {"optimization": optimization, "prepack": not no_prepack}
-        if int8:
-            options["cpu_variant"] = "int8"
+        options.update(optimization=optimization, prepack=not no_prepack)
     bar = tqdm(desc="bench", unit="run", disable=not sys.stderr.isatty(), leave=False)
 
     def progress(i, n):

@@ -75,6 +75,7 @@ def check_feed(component: str, specs: Mapping[str, TensorSpec], feeds: Mapping[s
 ENGINES = {
     "onnxruntime": ("edgediff.engines.onnxruntime", "OrtEngine"),
     "tensorrt": ("edgediff.engines.tensorrt", "TrtEngine"),
+    "openvino": ("edgediff.engines.openvino", "OvEngine"),
 }
 
 

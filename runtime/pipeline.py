@@ -51,6 +51,9 @@ except metadata.PackageNotFoundError:  # running from a source tree
 
 # callback(step_index, timestep, latents) -> False to cancel; it may also take ``preview`` / ``denoised`` keywords
 Callback = Callable[..., Any]
+# The engine options an image's record keeps: the ones that change its pixels (the model file, the device, the
+# arithmetic), so --from-png regenerates it on the same engine
+RECORDED_OPTIONS = ("cpu_variant", "providers", "device", "precision")
 
 
 EMBEDDED_MODEL = Path(__file__).resolve().parent / "models" / "shapes"
@@ -126,7 +129,9 @@ class Pipeline:
         ``folder=None`` loads the embedded model that ships inside the package (a tiny model of
         the shapes world, see ``edgediff.runtime.shapes``): it needs no download.
 
-        ``engine``: ``"onnxruntime"`` (default). ``providers``: ONNX Runtime execution providers
+        ``engine``: ``"onnxruntime"`` (default), ``"openvino"`` (``device``, ``precision``: see
+        ``edgediff.engines.openvino``) or ``"tensorrt"`` (plans from ``edgediff build``).
+        ``providers``: ONNX Runtime execution providers
         in priority order, e.g. ``["CUDAExecutionProvider", "CPUExecutionProvider"]`` (default CPU).
         ``low_memory``: keep no engine loaded between calls; each call loads the text encoder,
         the UNet and the VAE decoder one at a time and releases each before the next, so peak
@@ -135,7 +140,8 @@ class Pipeline:
         (``edgediff.runtime.resources``) and refuses with ``ResourceError`` what does not fit:
         ``"auto"`` (default) compares with the memory available at that moment, a number of bytes
         with that number, ``None`` turns the check off.
-        Other keyword arguments go to the engine (ONNX Runtime: ``threads``, ``optimization``, …).
+        Other keyword arguments go to the engine (ONNX Runtime: ``threads``, ``optimization``, …; OpenVINO:
+        ``device``, ``precision``, ``threads``, ``shapes``, ``cache``).
         """
         if not (
             memory_limit in ("auto", None)
@@ -150,13 +156,14 @@ class Pipeline:
         options = dict(engine_options)
         if providers is not None:
             options["providers"] = providers
+        # the options that decide the pixels are recorded even when left to the engine's defaults
+        options = {**getattr(engine_class(engine), "RECORDED_DEFAULTS", {}), **options}
         pipe = cls(mf, {}, tokenizer, engine)
         pipe._engine_options = options
         pipe.low_memory = bool(low_memory)
         pipe.memory_limit = memory_limit
         pipe.load_times = {}
-        if low_memory:
-            engine_class(engine)  # a missing engine library fails here, not in the middle of a call
+        if low_memory:  # (engine_class above: a missing engine library fails here, not in the middle of a call)
             return pipe
         try:
             for name in mf.required_components:
@@ -459,7 +466,7 @@ class Pipeline:
             "model": self.folder.path.name,
             "model_hash": parameters.model_hash(self.folder),
             "engine": self.engine_name,
-            "engine_options": {k: v for k, v in self._engine_options.items() if k in ("cpu_variant", "providers")},
+            "engine_options": {k: v for k, v in self._engine_options.items() if k in RECORDED_OPTIONS},
             "edgediff_version": __version__,
         }
         if guidance_rescale:

@@ -1,0 +1,372 @@
+"""OpenVINO engine: the model folder's ONNX, compiled by OpenVINO for a device; numpy in and numpy out.
+
+    eng = OvEngine("MODEL/unet/model.onnx", component="unet")                    # CPU, f32
+    eng = OvEngine("MODEL/unet/model.onnx", component="unet", precision="bf16")  # opt-in: changes the image
+    pipe = Pipeline.load(MODEL, engine="openvino", device="GPU", precision="f16")
+
+It reads the exported ONNX file itself (OpenVINO's ONNX frontend), so there is no second export
+format to keep in sync; only derived files (the compiled-model cache, the int8 variant) are kept
+beside it, each with a key that must match.
+
+Options (keyword arguments; also reachable from ``Pipeline.load(engine="openvino", ...)``):
+
+- ``device``: an OpenVINO device name, ``CPU`` (default), ``GPU`` / ``GPU.1`` (Intel integrated or
+  discrete graphics), ``NPU`` (Intel laptop NPUs), ``AUTO``. A name this machine's OpenVINO does not
+  have is refused with the list of the ones it has. Only ``CPU`` is tested here.
+- ``precision``: the inference precision, set explicitly on every compile (OpenVINO's own default on
+  CPUs with AVX512_BF16 or AMX is bf16, which changes the image; edgediff never lets that happen
+  unasked). ``f32`` (default; image-equal to diffusers within the usual tolerance), ``bf16``
+  (opt-in; needs a CPU with AVX512_BF16 or AMX: elsewhere OpenVINO would emulate it slowly, so it
+  is refused), ``f16`` (GPU and NPU devices, and CPUs that list FP16).
+- ``threads``: inference threads (``INFERENCE_NUM_THREADS``; default OpenVINO's: one per core).
+- ``shapes``: ``static`` (default) compiles the model for the shapes of the request (and again when
+  they change: a new size or batch); ``dynamic`` compiles once for any shape. Static shapes let the
+  CPU plugin pick its kernels and memory plan for the exact sizes: ``benchmarks/results`` has the
+  measurement this default follows.
+- ``cache``: keep OpenVINO's compiled models on disk (``True``, default) so the next process loads
+  a compiled blob instead of converting and compiling again. The cache lives in
+  ``MODEL/openvino-cache/<component>/`` (or, where the model folder is not writable, under the
+  user's cache directory), with ``key.json``: the model file's identity (size, mtime), the
+  OpenVINO version, the device, the precision, the CPU. A cache whose key does not match is
+  emptied and rebuilt, never used. ``cache=False`` compiles every time.
+- ``cpu_variant``: ``auto`` / ``off`` (the exported graph; accepted so a call written for ONNX
+  Runtime keeps working) or ``int8``: the UNet that ``edgediff optimize --int8 static`` quantised
+  with NNCF for OpenVINO (``MODEL/openvino-int8/unet/``); an error names the command when it is
+  missing or stale.
+
+``providers`` (an ONNX Runtime option) is refused with the OpenVINO equivalent (``device``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import threading
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+
+from edgediff.runtime.engine import check_feed
+from edgediff.runtime.errors import (
+    EngineRunError,
+    EngineUnavailableError,
+    InvalidArgumentError,
+    ModelFolderError,
+    ResourceError,
+)
+from edgediff.runtime.specs import TensorSpec
+
+try:
+    import openvino as ov
+except ImportError as e:
+    raise EngineUnavailableError(
+        "OpenVINO is not installed: pip install 'edgediff[openvino]' (engine='openvino', --engine openvino)"
+    ) from e
+
+logger = logging.getLogger(__name__)
+
+PRECISIONS = ("f32", "bf16", "f16")
+SHAPES = ("static", "dynamic")
+CACHE_DIR = "openvino-cache"
+INT8_DIR = "openvino-int8"
+KEY_FILE = "key.json"
+# The capability each precision needs in OPTIMIZATION_CAPABILITIES (f32 needs none)
+_CAPABILITY = {"bf16": "BF16", "f16": "FP16"}
+_CORE: ov.Core | None = None
+_CORE_LOCK = threading.Lock()
+
+
+def core() -> ov.Core:
+    """One OpenVINO Core per process (it holds the loaded device plugins)."""
+    global _CORE
+    with _CORE_LOCK:
+        if _CORE is None:
+            _CORE = ov.Core()
+        return _CORE
+
+
+def check_device(device: str) -> None:
+    """Refuse a device name this machine's OpenVINO does not have, naming the ones it has."""
+    if not isinstance(device, str) or not device:
+        raise InvalidArgumentError(f"device must be an OpenVINO device name such as 'CPU', got {device!r}")
+    available = core().available_devices  # e.g. ['CPU', 'GPU.0', 'GPU.1', 'NPU']
+    base = device.split(":")[0]  # AUTO:GPU,CPU / HETERO:GPU,CPU take a list after the colon
+    if base in ("AUTO", "HETERO", "MULTI"):
+        wanted = [d for d in device.partition(":")[2].split(",") if d]
+    else:
+        wanted = [device]
+    names = set(available) | {d.split(".")[0] for d in available}  # "GPU" names the first GPU.N
+    missing = [d for d in wanted if d not in names]
+    if missing:
+        raise EngineUnavailableError(
+            f"OpenVINO has no device {', '.join(map(repr, missing))} on this machine; it has "
+            f"{', '.join(available) or 'none'} (GPU needs Intel graphics and its driver, NPU an Intel NPU and "
+            "its driver)"
+        )
+
+
+def check_precision(device: str, precision: str) -> None:
+    """Refuse a precision the device cannot run natively (OpenVINO would emulate bf16 slowly, or ignore it)."""
+    if precision not in PRECISIONS:
+        raise InvalidArgumentError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    need = _CAPABILITY.get(precision)
+    if need is None or device.split(":")[0] in ("AUTO", "HETERO", "MULTI"):
+        return
+    capabilities = core().get_property(device, "OPTIMIZATION_CAPABILITIES")
+    native = need in capabilities
+    if native and device.startswith("CPU") and precision == "bf16":
+        native = _cpu_has_bf16()
+    if not native:
+        what = "AVX512_BF16 or AMX" if precision == "bf16" else "FP16 arithmetic"
+        raise InvalidArgumentError(
+            f"precision {precision!r}: the {device} device here has no {what} (it lists "
+            f"{', '.join(capabilities)}); OpenVINO would emulate it, slower than f32. Use precision='f32' "
+            "(--precision f32), or int8 for speed"
+        )
+
+
+def _cpu_has_bf16() -> bool:
+    from edgediff.runtime.measure import machine_info
+
+    flags = set(machine_info()["flags"])
+    return bool(flags & {"avx512_bf16", "amx_bf16"}) or not flags  # no /proc/cpuinfo: trust OpenVINO
+
+
+def _port_name(port) -> str:
+    """The ONNX graph's name of a model input or output. A port can carry several tensor names (the ONNX
+    frontend keeps internal ones such as "/text_model/Gather_5_output_0" beside the graph output's, and
+    compiling merges more): prefer a name that is not an internal "/node/..." path."""
+    names = sorted(port.get_names(), key=lambda n: (n.startswith("/"), n))
+    return names[0] if names else port.get_any_name()
+
+
+def _spec(port) -> TensorSpec:
+    name = _port_name(port)
+    try:
+        dtype = np.dtype(port.get_element_type().to_dtype())
+    except Exception as e:  # an element type numpy has no dtype for
+        raise EngineUnavailableError(f"tensor {name!r} has unsupported type {port.get_element_type()}") from e
+    shape = tuple(d.get_length() if d.is_static else "?" for d in port.get_partial_shape())
+    return TensorSpec(name, dtype, shape)
+
+
+def _source_identity(path: Path) -> dict:
+    files = [path] + sorted(p for p in path.parent.iterdir() if p != path and p.name.startswith(path.name))
+    bin_file = path.with_suffix(".bin")  # an IR's weights
+    if path.suffix == ".xml" and bin_file.exists():
+        files.append(bin_file)
+    return {p.name: {"size": p.stat().st_size, "mtime_ns": p.stat().st_mtime_ns} for p in files if p.is_file()}
+
+
+def cache_key(path: Path, device: str, precision: str) -> dict:
+    from edgediff.runtime.measure import machine_info
+
+    m = machine_info()
+    return {"source": _source_identity(path), "openvino": ov.get_version(), "device": device,
+            "precision": precision, "cpu": m["cpu"], "flags": m["flags"]}  # fmt: skip
+
+
+def cache_folder(path: Path, component: str) -> Path:
+    """``MODEL/openvino-cache/<component>`` when the model folder is writable, else a folder under the user's
+    cache directory named after the model file's absolute path."""
+    model_dir = path.parent.parent
+    if os.access(model_dir, os.W_OK):
+        return model_dir / CACHE_DIR / component
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "edgediff" / "openvino"
+    return base / hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:16] / component
+
+
+def _prepare_cache(folder: Path, key: dict) -> Path | None:
+    """The cache folder, emptied first when its key does not match; None when it cannot be written."""
+    key_path = folder / KEY_FILE
+    try:
+        recorded = json.loads(key_path.read_text()) if key_path.is_file() else None
+    except (OSError, ValueError):
+        recorded = None
+    try:
+        if recorded != key:
+            if recorded is not None:
+                stale = sorted(k for k in key if recorded.get(k) != key[k])
+                logger.info("%s: compiled-model cache made for another %s; rebuilding it", folder, ", ".join(stale))
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir(parents=True, exist_ok=True)
+            tmp = key_path.with_name(f".{KEY_FILE}.{os.getpid()}")
+            tmp.write_text(json.dumps(key, indent=1) + "\n")
+            os.replace(tmp, key_path)
+        return folder
+    except OSError as e:
+        logger.warning("%s: cannot write the OpenVINO cache (%s); compiling without it", folder, e)
+        return None
+
+
+def int8_variant(path: Path, component: str) -> Path | None:
+    """The NNCF int8 IR ``edgediff optimize --int8 static`` made from ``path``, None if missing or stale."""
+    folder = path.parent.parent / INT8_DIR / component
+    key_path = folder / KEY_FILE
+    if not key_path.is_file():
+        return None
+    try:
+        recorded = json.loads(key_path.read_text())
+    except (OSError, ValueError):
+        return None
+    current = {"source": _source_identity(path), "openvino": ov.get_version().split("-")[0]}
+    stale = [k for k in current if recorded.get(k) != current[k]]
+    if stale:
+        logger.warning("%s: ignoring the int8 variant in %s (made for another %s); run `edgediff optimize "
+                       "--int8 static` again", component, folder, ", ".join(stale))  # fmt: skip
+        return None
+    return folder / "model.xml"
+
+
+_ALLOCATION_FAILURES = ("bad_alloc", "out of memory", "cannot allocate", "failed to allocate")
+
+
+def _first_line(e: BaseException, limit: int = 300) -> str:
+    """OpenVINO's message without its "Exception from src/...cpp:N:" location lines."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip() and not ln.strip().startswith("Exception from ")]
+    line = lines[0] if lines else type(e).__name__
+    return line if len(line) <= limit else line[:limit] + "..."
+
+
+class OvEngine:
+    # what an image's record keeps when the caller left them to the defaults (same record, same pixels)
+    RECORDED_DEFAULTS = {"device": "CPU", "precision": "f32"}
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        component: str = "model",
+        device: str = "CPU",
+        precision: str = "f32",
+        threads: int | None = None,
+        shapes: str = "static",
+        cache: bool = True,
+        cpu_variant: str = "auto",
+        providers=None,
+    ):
+        self.component = component
+        path = Path(path)
+        if providers is not None:
+            raise InvalidArgumentError(
+                f"providers={list(providers)!r} is an ONNX Runtime option; OpenVINO picks a device instead: "
+                "device='CPU' | 'GPU' | 'NPU' (CLI: --device)"
+            )
+        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+            raise InvalidArgumentError(f"threads must be a positive integer, got {threads!r}")
+        if shapes not in SHAPES:
+            raise InvalidArgumentError(f"shapes must be 'static' or 'dynamic', got {shapes!r}")
+        if cpu_variant not in ("auto", "off", "int8"):
+            raise InvalidArgumentError(f"cpu_variant must be 'auto', 'off' or 'int8', got {cpu_variant!r}")
+        check_device(device)
+        check_precision(device, precision)
+        self.device, self.precision, self.shapes = device, precision, shapes
+        if cpu_variant == "int8" and component in INT8_COMPONENTS:
+            variant = int8_variant(path, component)
+            if variant is None:
+                raise ModelFolderError(
+                    f"no int8 variant of {path} for this OpenVINO version: run `edgediff optimize "
+                    f"{path.parent.parent} --int8 static` first, or leave int8 off"
+                )
+            path = variant
+        self.model_file = path
+        self.config: dict[str, object] = {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY"}
+        if device.startswith("CPU"):
+            self.config["NUM_STREAMS"] = 1
+        if threads:
+            self.config["INFERENCE_NUM_THREADS"] = threads
+        self.cache_dir = None
+        if cache:
+            self.cache_dir = _prepare_cache(cache_folder(path, component), cache_key(path, device, precision))
+            if self.cache_dir is not None:
+                self.config["CACHE_DIR"] = str(self.cache_dir)
+        self._model = self._read(path)
+        self.inputs = {s.name: s for s in map(_spec, self._model.inputs)}
+        self.outputs = {s.name: s for s in map(_spec, self._model.outputs)}
+        self._output_names = list(self.outputs)  # by index: the compiled model's ports carry merged names
+        self._lock = threading.Lock()
+        self._closed = False
+        self._compiled: tuple[tuple, ov.CompiledModel, ov.InferRequest] | None = None
+        if shapes == "dynamic":
+            self._compiled = ((), *self._compile(self._model))
+            self._model = None  # the compiled model holds what it needs; drop the converted copy
+
+    def _read(self, path: Path) -> ov.Model:
+        try:
+            return core().read_model(str(path))
+        except Exception as e:
+            reason = f"{type(e).__name__}: {_first_line(e)}"
+            if any(m in str(e).lower() for m in _ALLOCATION_FAILURES):
+                raise ResourceError(f"{self.component}: not enough memory to load {path} ({reason})") from e
+            raise ModelFolderError(
+                f"{self.component}: OpenVINO cannot read {path} ({reason}); the file is damaged or incomplete: "
+                "re-export the model"
+            ) from e
+
+    def _compile(self, model: ov.Model) -> tuple[ov.CompiledModel, ov.InferRequest]:
+        try:
+            compiled = core().compile_model(model, self.device, self.config)
+        except Exception as e:
+            reason = f"{type(e).__name__}: {_first_line(e)}"
+            if any(m in str(e).lower() for m in _ALLOCATION_FAILURES):
+                raise ResourceError(f"{self.component}: not enough memory to compile {self.model_file} for "
+                                    f"{self.device} ({reason})") from e  # fmt: skip
+            raise EngineRunError(f"{self.component}: OpenVINO cannot compile {self.model_file} for {self.device} "
+                                 f"({reason})") from e  # fmt: skip
+        return compiled, compiled.create_infer_request()
+
+    def _request(self, checked: Mapping[str, np.ndarray]) -> ov.InferRequest:
+        """The infer request for these shapes: static shapes recompile when the shapes change."""
+        signature = tuple((k, v.shape) for k, v in checked.items()) if self.shapes == "static" else ()
+        if self._compiled is not None and self._compiled[0] == signature:
+            return self._compiled[2]
+        self._compiled = None  # release the old compiled model before compiling the next
+        model = self._model if self._model is not None else self._read(self.model_file)
+        self._model = None
+        try:
+            model.reshape({k: ov.PartialShape(list(v.shape)) for k, v in checked.items()})
+        except Exception as e:
+            raise EngineRunError(f"{self.component}: OpenVINO cannot reshape the model to "
+                                 f"{dict(signature)} ({_first_line(e)})") from e  # fmt: skip
+        compiled, request = self._compile(model)
+        del model
+        self._compiled = (signature, compiled, request)
+        return request
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        checked = check_feed(self.component, self.inputs, feeds)
+        with self._lock:
+            if self._closed:
+                raise EngineRunError(f"{self.component}: the engine is closed")
+            try:
+                request = self._request(checked)
+                result = request.infer(dict(checked), share_inputs=True, share_outputs=False)
+            except (EngineRunError, ResourceError):
+                raise
+            except Exception as e:
+                shapes = ", ".join(f"{k} {list(np.shape(v))}" for k, v in checked.items())
+                if any(m in str(e).lower() for m in _ALLOCATION_FAILURES):
+                    raise ResourceError(f"{self.component} ran out of memory on inputs {shapes} ({_first_line(e)}); "
+                                        "reduce the width/height or the number of images") from e  # fmt: skip
+                raise EngineRunError(
+                    f"{self.component} failed in OpenVINO on inputs {shapes}: {_first_line(e)}"
+                ) from e
+            return {name: np.asarray(result[i]) for i, name in enumerate(self._output_names)}
+
+    def close(self) -> None:
+        with self._lock:
+            self._compiled = None
+            self._model = None
+            self._closed = True
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+INT8_COMPONENTS = ("unet",)
