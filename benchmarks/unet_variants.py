@@ -1,7 +1,12 @@
-"""What each ONNX Runtime CPU setting does to one UNet call: time, load, memory, and output.
+"""What each CPU engine setting (ONNX Runtime, OpenVINO) does to one UNet call: time, load, memory, and output.
 
     python benchmarks/unet_variants.py                  # SD 1.5 architecture, 512 and 256 px
     python benchmarks/unet_variants.py --sizes 256 --calls 2
+    python benchmarks/unet_variants.py --only OpenVINO fused  # the configurations whose label has a word
+
+OpenVINO's static-shape configurations compile on the first call (for that call's shapes), so their
+cold call includes the compile. "cache on, cold" empties the model folder's compiled-model cache
+first and writes it; "cache on, warm" loads from it (off by default on the CPU: these rows are why).
 
 Each configuration runs in its own fresh process (so load time and peak memory are its own) on
 the same random inputs (batch 2, as with guidance); the first call is the cold one and is
@@ -26,7 +31,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 
-CONFIGS = {  # label -> OrtEngine options (threads added from --threads)
+CONFIGS = {  # label -> engine options (threads added from --threads; "engine" picks the engine, default ORT)
     "exported graph, ORT level all (ORT's default)": {"cpu_variant": "off"},
     "exported graph, ORT level basic": {"cpu_variant": "off", "optimization": "basic"},
     "edgediff optimize: fused, flash attention, saved (default)": {},
@@ -34,19 +39,29 @@ CONFIGS = {  # label -> OrtEngine options (threads added from --threads)
     "  + memory arena off": {"mem_arena": False},
     "  + I/O binding": {"io_binding": True},
     "edgediff optimize --int8 (opt-in)": {"cpu_variant": "int8"},
+    "OpenVINO f32, static shapes (default)": {"engine": "openvino"},
+    "OpenVINO f32, static shapes, cache on, cold": {"engine": "openvino", "cache": True, "_clear_cache": True},
+    "OpenVINO f32, static shapes, cache on, warm": {"engine": "openvino", "cache": True},
+    "OpenVINO f32, dynamic shapes": {"engine": "openvino", "shapes": "dynamic"},
+    "OpenVINO bf16, static shapes (opt-in)": {"engine": "openvino", "precision": "bf16"},
 }
 
 
 def _worker(args) -> dict:
+    import shutil
+
     import numpy as np
 
-    from edgediff.engines.onnxruntime import OrtEngine
+    from edgediff.runtime.engine import create_engine
     from edgediff.runtime.measure import peak_rss_bytes
     from edgediff.runtime.model_folder import ModelFolder
 
     options = json.loads(args.options)
+    kind = options.pop("engine", "onnxruntime")
+    if options.pop("_clear_cache", False):
+        shutil.rmtree(Path(args.unet).parent.parent / "openvino-cache" / "unet", ignore_errors=True)
     t0 = time.perf_counter()
-    engine = OrtEngine(args.unet, "unet", threads=args.threads, **options)
+    engine = create_engine(kind, args.unet, "unet", threads=args.threads, **options)
     load = time.perf_counter() - t0
     rss_load = peak_rss_bytes()
     folder = ModelFolder.open(Path(args.unet).parent.parent)
@@ -74,13 +89,15 @@ def _worker(args) -> dict:
     }
 
 
-def run(unet: Path, size: int, calls: int, threads: int) -> list[dict]:
+def run(unet: Path, size: int, calls: int, threads: int, only: list[str] | None = None) -> list[dict]:
     import numpy as np
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         reference = None
         for label, options in CONFIGS.items():
+            if only and not any(w.lower() in label.lower() for w in only) and reference is not None:
+                continue  # (the first configuration always runs: it is the reference)
             out = Path(tmp) / f"{len(rows)}.npy"
             cmd = [
                 sys.executable,
@@ -118,7 +135,7 @@ def run(unet: Path, size: int, calls: int, threads: int) -> list[dict]:
 def write_markdown(path: Path, report: dict) -> None:
     m, s = report["machine"], report["settings"]
     lines = [
-        f"# One UNet call per ONNX Runtime CPU setting: {s['arch']} architecture (random weights), batch 2",
+        f"# One UNet call per CPU engine setting: {s['arch']} architecture (random weights), batch 2",
         "",
         f"Machine: {m['cpu']}, {m['usable_cpus']} CPUs ({', '.join(m['flags'])}); threads {s['threads']}. "
         "Libraries: " + ", ".join(f"{k} {v}" for k, v in m["libraries"].items()),
@@ -149,6 +166,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--sizes", type=int, nargs="+", default=[512, 256])
     p.add_argument("--calls", type=int, default=3)
     p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    p.add_argument(
+        "--only",
+        nargs="+",
+        default=None,
+        help="only the configurations whose label contains one of these (and the first, the reference)",
+    )
+    p.add_argument("--label", default="", help="suffix of the results files")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--unet", help=argparse.SUPPRESS)
     p.add_argument("--size", type=int, help=argparse.SUPPRESS)
@@ -166,7 +190,7 @@ def main(argv: list[str] | None = None) -> None:
 
     folder = args.model or ensure(args.arch, DEFAULT_ROOT)[1]
     results = [row for size in args.sizes for row in run(Path(folder) / "unet" / "model.onnx", size, args.calls,
-                                                          args.threads)]  # fmt: skip
+                                                          args.threads, args.only)]  # fmt: skip
     report = {
         "machine": machine_info(),
         "settings": {
@@ -177,7 +201,7 @@ def main(argv: list[str] | None = None) -> None:
         },
         "results": results,
     }
-    stem = RESULTS / f"unet_variants_{args.arch if not args.model else Path(args.model).name}"
+    stem = RESULTS / f"unet_variants_{args.arch if not args.model else Path(args.model).name}{args.label}"
     RESULTS.mkdir(exist_ok=True)
     stem.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
     write_markdown(stem.with_suffix(".md"), report)

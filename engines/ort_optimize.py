@@ -13,12 +13,21 @@ key (source file identity, ONNX Runtime version, CPU model and SIMD flags) must 
 engine to use them (``OrtEngine(optimized="auto")``, the default). The contrib ops would stop
 TensorRT's parser, so ``unet/model.onnx`` itself is left as exported.
 
-``--int8`` (opt-in, UNet by default) adds ONNX Runtime's dynamic int8 quantisation of the
-MatMuls with constant weights (the transformer blocks' linear layers; per-tensor int8 weights,
-activations quantised per call) after the fusions, written to ``MODEL/ort-cpu-int8/``; the
-engine uses it only when asked (``optimized="int8"``, ``--int8``). Convolutions stay fp32: ONNX
-Runtime's ConvInteger runs at half the speed of its fp32 convolution on this class of CPU. The
-int8 variant changes the image; DECISIONS.md and the benchmark results report by how much.
+``--int8`` (opt-in, UNet by default) writes an int8 variant after the fusions to
+``MODEL/ort-cpu-int8/``; the engine uses it only when asked (``cpu_variant="int8"``, ``--int8``).
+Two kinds, the last one made is the one used (its key records which):
+
+- ``dynamic`` (``--int8`` / ``--int8 dynamic``): ONNX Runtime's dynamic quantisation of the
+  MatMuls with constant weights (the transformer blocks' linear layers; per-tensor int8 weights,
+  activations quantised per call). Convolutions stay fp32 (dynamic ConvInteger runs at half the
+  speed of the fp32 convolution). Needs no data.
+- ``static`` (``--int8 static``): calibrated post-training quantisation in QDQ form of the
+  convolutions and the constant-weight MatMuls (per-channel int8 weights, uint8 activations whose
+  scales come from ``calibration``: the UNet inputs of real fp32 runs, ``runtime/calibrate.py``);
+  ONNX Runtime fuses the QDQ pairs into its int8 kernels (QLinearConv, MatMulIntegerToFloat) when
+  it saves the variant. The fused attention stays fp32.
+
+Both change the image; the benchmark results report by how much.
 
 Needs ``onnx`` (the ``dev``/``export`` extras) and onnxruntime's bundled ``transformers`` tools,
 which need ``sympy``: the ``optimize`` extra. Imported only by the ``optimize`` command.
@@ -158,6 +167,14 @@ def find_variant(source: Path, component: str, precision: str = "fp32") -> Path 
     return folder / "model.onnx"
 
 
+def _recorded(source: Path, component: str, precision: str) -> dict:
+    """The key file of the component's variant as written (empty when unreadable)."""
+    try:
+        return json.loads((source.parent.parent / VARIANT_DIRS[precision] / component / KEY_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
 def _fuse(source: Path, component: str, work: Path) -> tuple[Path, dict]:
     from onnxruntime.transformers.fusion_options import FusionOptions
     from onnxruntime.transformers.optimizer import optimize_model
@@ -196,6 +213,47 @@ def _quantize_int8(model_in: Path, work: Path) -> Path:
     return out
 
 
+def _has_vnni() -> bool:
+    flags = set(_cpu_identity()["flags"])
+    return bool(flags & {"avx512_vnni", "avx_vnni", "amx_int8"})
+
+
+def _quantize_static(model_in: Path, work: Path, samples: list[dict]) -> Path:
+    """ONNX Runtime's static QDQ quantisation of Conv and constant-weight MatMul, calibrated on ``samples``."""
+    from onnx import TensorProto
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self._samples = iter(samples)
+
+        def get_next(self):
+            return next(self._samples, None)
+
+    out = work / "int8.onnx"
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        quantize_static(model_in, out, Reader(), quant_format=QuantFormat.QDQ, op_types_to_quantize=["Conv", "MatMul"],
+                        per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        # without VNNI, u8 x s8 products saturate in AVX2's 16-bit adds: 7-bit weights avoid it
+                        reduce_range=not _has_vnni(), calibrate_method=CalibrationMethod.MinMax,
+                        use_external_data_format=True,
+                        # (the MinMax calibrator keeps only each tensor's min and max per sample: small; its
+                        # CalibMaxIntermediateOutputs option drops the data in ONNX Runtime 1.32, so it is not used)
+                        extra_options={"MatMulConstBOnly": True, "DefaultTensorType": TensorProto.FLOAT})  # fmt: skip
+    finally:
+        root.setLevel(level)
+    return out
+
+
 def _save_optimized(model_in: Path, out: Path) -> None:
     """ONNX Runtime's offline optimisation: a session at level ``all`` writes what it would run."""
     so = ort.SessionOptions()
@@ -207,12 +265,15 @@ def _save_optimized(model_in: Path, out: Path) -> None:
     ort.InferenceSession(str(model_in), sess_options=so, providers=["CPUExecutionProvider"])
 
 
-def _check_same_outputs(source: Path, variant: Path, component: str, shapes: dict) -> float:
-    """Run both on the same random inputs; return the max |difference| / (1 + max|original|)."""
+def _check_same_outputs(source: Path, variant: Path, component: str, shapes: dict, feeds: dict | None = None) -> float:
+    """Run both on the same inputs (``feeds``, else random ones); return the max |difference| / (1 + max|original|)."""
     ref = ort.InferenceSession(str(source), providers=["CPUExecutionProvider"])
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     new = ort.InferenceSession(str(variant), sess_options=so, providers=["CPUExecutionProvider"])
+    if feeds is not None:
+        a, b = ref.run(None, feeds)[0], new.run(None, feeds)[0]
+        return float(np.abs(a.astype(np.float64) - b).max() / (1 + np.abs(a).max()))
     rng = np.random.default_rng(0)
     feeds = {}
     for arg in ref.get_inputs():
@@ -233,9 +294,17 @@ def _probe_shapes(folder, component: str) -> dict:
 
 
 def optimize_folder(model: str | os.PathLike, components=None, fuse: bool = True, force: bool = False,
-                    int8: bool = False, tolerance: float | None = None) -> dict:  # fmt: skip
-    """Make the CPU variants (``int8``: the int8 ones); returns {component: report}. Written
-    atomically per component."""
+                    int8: bool | str = False, tolerance: float | None = None,
+                    calibration: list[dict] | None = None, calibration_info: dict | None = None) -> dict:  # fmt: skip
+    """Make the CPU variants (``int8``: the int8 ones, ``True`` or ``"dynamic"``, or ``"static"`` with
+    ``calibration``, the UNet input samples); returns {component: report}. Written atomically per component."""
+    mode = {True: "dynamic", "dynamic": "dynamic", "static": "static", False: None}.get(int8, "?")
+    if mode == "?":
+        raise OptimizeError(f"int8 must be 'dynamic' or 'static', got {int8!r}")
+    if mode == "static" and not calibration:
+        raise OptimizeError("static int8 needs calibration samples (runtime/calibrate.py: edgediff optimize "
+                            "--int8 static collects them)")  # fmt: skip
+    int8 = mode is not None
     from edgediff.runtime.model_folder import ModelFolder
 
     folder = ModelFolder.open(model)
@@ -253,7 +322,11 @@ def optimize_folder(model: str | os.PathLike, components=None, fuse: bool = True
     reports = {}
     for component in components:
         source = folder.component_path(component)
-        if not force and find_variant(source, component, precision) is not None:
+        if (
+            not force
+            and find_variant(source, component, precision) is not None
+            and (not int8 or _recorded(source, component, precision).get("int8_mode", "dynamic") == mode)
+        ):
             reports[component] = {"skipped": "up to date"}
             continue
         final = folder.path / VARIANT_DIRS[precision] / component
@@ -271,12 +344,17 @@ def optimize_folder(model: str | os.PathLike, components=None, fuse: bool = True
                     logger.warning("%s: transformer fusions failed (%s: %s); saving without them",
                                    component, type(e).__name__, e)  # fmt: skip
                     model_in = source
-            if int8:
+            if mode == "dynamic":
                 model_in = _quantize_int8(model_in, work)
+            elif mode == "static":
+                model_in = _quantize_static(model_in, work, calibration or [])
             stage = work / "stage"
             stage.mkdir()
             _save_optimized(model_in, stage / "model.onnx")
-            error = _check_same_outputs(source, stage / "model.onnx", component, _probe_shapes(folder, component))
+            # static int8 is checked on a real input (mid-schedule): its scales hold for those, not for noise
+            probe = calibration[len(calibration) // 2] if mode == "static" and calibration else None
+            error = _check_same_outputs(source, stage / "model.onnx", component, _probe_shapes(folder, component),
+                                        probe)  # fmt: skip
             if not error <= tolerance:
                 raise OptimizeError(
                     f"{component}: the {precision} optimised graph differs from the original by "
@@ -284,6 +362,10 @@ def optimize_folder(model: str | os.PathLike, components=None, fuse: bool = True
                 )
             key = variant_key(source, bool(fused_stats), precision)
             report = {**key, "fusions": fused_stats, "max_relative_difference": error, "seconds": time.time() - t0}
+            if int8:
+                report["int8_mode"] = mode
+                if mode == "static":
+                    report["calibration"] = {"samples": len(calibration or []), **(calibration_info or {})}
             (stage / KEY_FILE).write_text(json.dumps(report, indent=1) + "\n")
             replace_dir(stage, final)
             reports[component] = report

@@ -515,23 +515,87 @@ def info(model: Path, verify: bool, as_json: bool, engine: str | None, device, p
 @click.option("--force", is_flag=True, help="Redo variants that are up to date.")
 @click.option(
     "--int8",
-    is_flag=True,
-    help="Make the opt-in int8 variant instead (dynamic int8 MatMuls; default component: unet).",
+    "int8",
+    is_flag=False,
+    flag_value="dynamic",
+    default=None,
+    type=click.Choice(["dynamic", "static"]),
+    help="Make the opt-in int8 UNet instead: dynamic (--int8 alone: int8 MatMuls, no data) or static (calibrated "
+    "int8 convolutions and MatMuls; faster, runs the fp32 model on --calibration-prompts first).",
 )
-def optimize(model, components, no_fuse, force, int8):
-    """Make ONNX Runtime CPU variants of MODEL's components (fused attention, saved optimised graph)."""
+@click.option(
+    "--engine",
+    "engines",
+    multiple=True,
+    type=click.Choice(["onnxruntime", "openvino"]),
+    help="With --int8 static: the engine(s) to quantise for (repeatable; default: onnxruntime, and openvino "
+    "where it is installed). ONNX Runtime: QDQ int8; OpenVINO: NNCF int8.",
+)
+@click.option(
+    "--calibration-prompts",
+    default=None,
+    type=click.Path(path_type=Path),
+    help="With --int8 static: a text file, one prompt per line (default: 8 varied built-in prompts).",
+)
+@click.option("--calibration-steps", default=10, show_default=True, type=int, help="Steps per calibration image.")
+@click.option(
+    "--calibration-size", default=None, type=int, help="Calibration image size in px. Default: the model's native."
+)
+def optimize(model, components, no_fuse, force, int8, engines, calibration_prompts, calibration_steps,
+             calibration_size):  # fmt: skip
+    """Make CPU variants of MODEL's components: ONNX Runtime's (fused attention, saved optimised graph) or, with
+    --int8, the opt-in int8 UNet (static: for ONNX Runtime and OpenVINO, calibrated on real fp32 runs)."""
+    from . import calibrate
+
+    if int8 != "static":
+        for flag, given in (("--engine", engines), ("--calibration-prompts", calibration_prompts)):
+            if given:
+                raise InvalidArgumentError(f"{flag} belongs to --int8 static")
+    prompts = calibrate.read_prompts(calibration_prompts) if calibration_prompts else list(calibrate.DEFAULT_PROMPTS)
     try:
         from edgediff.engines.ort_optimize import optimize_folder
     except ImportError as e:
         raise click.ClickException(f"optimize needs onnx and sympy ({e}): pip install 'edgediff[optimize]'") from None
-    reports = optimize_folder(model, components or None, fuse=not no_fuse, force=force, int8=int8)
+    if int8 != "static":
+        _echo_reports(optimize_folder(model, components or None, fuse=not no_fuse, force=force, int8=int8 or False))
+        return
+    if not engines:
+        import importlib.util
+
+        engines = ("onnxruntime",) + (("openvino",) if importlib.util.find_spec("openvino") else ())
+    if "openvino" in engines:
+        from .engine import engine_class
+
+        engine_class("openvino")  # a missing library is named before the calibration runs
+    from .pipeline import Pipeline
+
+    info = {"prompts": len(prompts), "steps": calibration_steps, "size": calibration_size, "source": "fp32 pipeline"}
+    click.echo(f"calibrating: {len(prompts)} images x {calibration_steps} steps of the fp32 pipeline ...", err=True)
+    with Pipeline.load(model, memory_limit=None) as pipe:
+        samples = calibrate.collect(pipe, prompts, steps=calibration_steps, size=calibration_size)
+        folder = pipe.folder
+    if "onnxruntime" in engines:
+        reports = optimize_folder(model, components or None, fuse=not no_fuse, force=force, int8="static",
+                                  calibration=samples, calibration_info=info)  # fmt: skip
+        _echo_reports(reports, "onnxruntime ")
+    if "openvino" in engines:
+        from edgediff.engines.ov_quantize import quantize_unet
+
+        r = quantize_unet(folder, samples, info, force=force)
+        click.echo(f"openvino unet: {r['skipped']}" if "skipped" in r else
+                   f"openvino unet: NNCF int8; max relative difference {r['max_relative_difference']:.1e}; "
+                   f"{r['seconds']:.0f} s")  # fmt: skip
+
+
+def _echo_reports(reports: dict, prefix: str = "") -> None:
     for name, r in reports.items():
         if "skipped" in r:
-            click.echo(f"{name}: {r['skipped']}")
+            click.echo(f"{prefix}{name}: {r['skipped']}")
         else:
             fusions = ", ".join(f"{k} {v}" for k, v in r["fusions"].items()) or "none"
-            click.echo(f"{name}: fusions {fusions}; max relative difference {r['max_relative_difference']:.1e}; "
-                       f"{r['seconds']:.0f} s")  # fmt: skip
+            kind = f"int8 {r['int8_mode']}; " if r.get("int8_mode") else ""
+            click.echo(f"{prefix}{name}: {kind}fusions {fusions}; max relative difference "
+                       f"{r['max_relative_difference']:.1e}; {r['seconds']:.0f} s")  # fmt: skip
 
 
 @main.command()

@@ -206,7 +206,7 @@ def test_int8_without_the_variant_names_the_command(micro):
 def test_cache_is_keyed_and_rebuilt_when_stale(micro):
     path = micro / "vae_decoder" / "model.onnx"
     feeds = {"latent_sample": np.zeros((1, 4, 8, 8), np.float32)}
-    eng = ove.OvEngine(path, component="vae_decoder")
+    eng = ove.OvEngine(path, component="vae_decoder", cache=True)
     first = eng.run(feeds)["sample"]
     eng.close()
     folder = micro / ove.CACHE_DIR / "vae_decoder"
@@ -218,7 +218,7 @@ def test_cache_is_keyed_and_rebuilt_when_stale(micro):
     marker.write_text("x")
     st = path.stat()
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # the model file changed: the key no longer matches
-    eng = ove.OvEngine(path, component="vae_decoder")
+    eng = ove.OvEngine(path, component="vae_decoder", cache=True)
     again = eng.run(feeds)["sample"]
     eng.close()
     assert not marker.exists(), "a stale cache was used instead of rebuilt"
@@ -235,8 +235,11 @@ def test_read_only_folder_caches_elsewhere(micro, tmp_path, monkeypatch):
 
 
 def test_cache_off_writes_nothing(micro):
-    eng = ove.OvEngine(micro / "unet" / "model.onnx", component="unet", cache=False)
-    eng.close()
+    for cache in (False, None):  # None: the default, off on the CPU
+        eng = ove.OvEngine(micro / "unet" / "model.onnx", component="unet", cache=cache)
+        eng.run({"sample": np.zeros((2, 4, 8, 8), np.float32), "timestep": np.float32(1),
+                 "encoder_hidden_states": np.zeros((2, 77, 16), np.float32)})  # fmt: skip
+        eng.close()
     assert not (micro / ove.CACHE_DIR).exists()
 
 
