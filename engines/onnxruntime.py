@@ -295,3 +295,35 @@ class OrtEngine:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def gemm_gflops(precision: str = "int8", threads: int | None = None, n: int = 2048, repeats: int = 5) -> float | None:
+    """Achieved GOP/s of ONNX Runtime's CPU int8 matrix product (MatMulInteger, uint8 x int8, the kernel its
+    int8 UNets run): the ceiling ``edgediff bench`` sets an int8 UNet against. None without ``onnx`` (the
+    optimize extra) to build the graph; fp32 is measured with numpy's SGEMM instead."""
+    import time
+
+    try:
+        from onnx import TensorProto, helper, numpy_helper
+    except ImportError:
+        return None
+    if precision != "int8":
+        return None
+    rng = np.random.default_rng(0)
+    weight = numpy_helper.from_array(rng.integers(-127, 128, size=(n, n), dtype=np.int8), "b")
+    graph = helper.make_graph(
+        [helper.make_node("MatMulInteger", ["a", "b"], ["y"])], "gemm",
+        [helper.make_tensor_value_info("a", TensorProto.UINT8, [n, n])],
+        [helper.make_tensor_value_info("y", TensorProto.INT32, [n, n])], [weight],
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    session = ort.InferenceSession(model.SerializeToString(), sess_options=make_session_options(threads),
+                                   providers=["CPUExecutionProvider"])  # fmt: skip
+    x = rng.integers(0, 256, size=(n, n), dtype=np.uint8)
+    session.run(None, {"a": x})
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        session.run(None, {"a": x})
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best / 1e9

@@ -48,6 +48,7 @@ import logging
 import os
 import shutil
 import threading
+import time
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -375,3 +376,36 @@ class OvEngine:
 
 
 INT8_COMPONENTS = ("unet",)
+
+
+def gemm_gflops(precision: str = "f32", threads: int | None = None, n: int = 2048, repeats: int = 5) -> float:
+    """Achieved GFLOP/s of OpenVINO's CPU matrix product at ``precision`` (``f32``, ``bf16``, or ``int8``:
+    FakeQuantize on both operands, which OpenVINO runs as an int8 GEMM): the ceiling ``edgediff bench``
+    sets a UNet's rate against when it ran at that precision. Best of ``repeats`` n x n products."""
+    from openvino import opset13 as ops
+
+    rng = np.random.default_rng(0)
+    a = ops.parameter([n, n], np.float32, name="a")
+    b = ops.constant(rng.standard_normal((n, n)).astype(np.float32))
+    if precision == "int8":
+
+        def fake_quantize(x, lo: float, hi: float, levels: int):
+            lo_c, hi_c = ops.constant(np.float32(lo)), ops.constant(np.float32(hi))
+            return ops.fake_quantize(x, lo_c, hi_c, lo_c, hi_c, levels)
+
+        y = ops.matmul(fake_quantize(a, 0.0, 4.0, 256), fake_quantize(b, -4.0, 4.0, 255), False, False)
+    else:
+        y = ops.matmul(a, b, False, False)
+    config: dict[str, object] = {"INFERENCE_PRECISION_HINT": "f32" if precision == "int8" else precision,
+                                 "NUM_STREAMS": 1, "PERFORMANCE_HINT": "LATENCY"}  # fmt: skip
+    if threads:
+        config["INFERENCE_NUM_THREADS"] = threads
+    request = core().compile_model(ov.Model([y], [a]), "CPU", config).create_infer_request()
+    x = np.abs(rng.standard_normal((n, n))).astype(np.float32)
+    request.infer({"a": x})
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        request.infer({"a": x})
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best / 1e9

@@ -188,7 +188,34 @@ def run_bench(
         if not device:
             report["sgemm_gflops"] = sgemm_gflops()
             report["unet_fraction_of_sgemm"] = report["unet_gflops_per_s"] / report["sgemm_gflops"]
+            report.update(_precision_ceiling(engine, options, threads, report["sgemm_gflops"]))
+            if report.get("ceiling_gflops"):
+                report["unet_fraction_of_ceiling"] = report["unet_gflops_per_s"] / report["ceiling_gflops"]
     return report
+
+
+def unet_precision(engine: str, options: dict[str, Any]) -> str:
+    """The arithmetic the UNet ran in: ``int8`` (an int8 variant), else the engine's precision (f32 by default)."""
+    if options.get("cpu_variant") == "int8":
+        return "int8"
+    return str(options.get("precision", "f32")) if engine == "openvino" else "f32"
+
+
+def _precision_ceiling(engine: str, options: dict[str, Any], threads: int | None, sgemm: float) -> dict[str, Any]:
+    """The ceiling of the precision the UNet ran in: numpy's SGEMM for f32, the engine's own dense GEMM for
+    bf16 / f16 / int8 (2048 x 2048, best of 5), None where the engine cannot measure it."""
+    precision = unet_precision(engine, options)
+    if precision == "f32":
+        return {"unet_precision": precision, "ceiling_gflops": sgemm, "ceiling_of": "numpy SGEMM (fp32)"}
+    import importlib
+
+    try:
+        module = importlib.import_module(f"edgediff.engines.{engine}")
+        value = module.gemm_gflops(precision, threads)
+    except Exception:  # a ceiling that cannot be measured must not fail the benchmark
+        value = None
+    what = {"openvino": "OpenVINO", "onnxruntime": "ONNX Runtime MatMulInteger"}.get(engine, engine)
+    return {"unet_precision": precision, "ceiling_gflops": value, "ceiling_of": f"{what} {precision} GEMM"}
 
 
 def _unet_shapes(pipe, params: dict, batch: int, guidance: float) -> dict[str, list[int]] | None:
@@ -263,6 +290,10 @@ def format_table(report: dict[str, Any]) -> str:
             share = report["unet_fraction_of_sgemm"] * 100
             line += f", {share:.0f} % of numpy's SGEMM ({report['sgemm_gflops']:.0f} GFLOP/s)"
         lines.append(line)
+        if report.get("ceiling_gflops") and report.get("unet_precision") != "f32":
+            share = report["unet_fraction_of_ceiling"] * 100
+            lines.append(f"ceiling      {report['unet_precision']}: {share:.0f} % of {report['ceiling_of']} "
+                         f"({report['ceiling_gflops']:.0f} GFLOP/s)")  # fmt: skip
     for name, stats in (report.get("device") or {}).items():  # per-call lists (every call since load): medians
         parts = [f"{k} median {np.median(v):.2f}" if isinstance(v, list) else f"{k} {v}"
                  for k, v in stats.items() if v != []]  # fmt: skip

@@ -285,6 +285,21 @@ def test_info_and_bench_know_openvino(micro):
     report = json.loads(text[text.index("{") :])
     assert report["settings"]["engine"] == "openvino"
     assert report["settings"]["engine_options"]["precision"] == "f32"
+    if report.get("unet_flops"):  # (the lean install counts FLOPs where onnx is present)
+        assert report["unet_precision"] == "f32" and report["ceiling_of"] == "numpy SGEMM (fp32)"
+
+
+def test_bench_sets_each_precision_against_its_own_ceiling():
+    from edgediff.runtime import bench
+
+    assert bench.unet_precision("onnxruntime", {}) == "f32"
+    assert bench.unet_precision("onnxruntime", {"cpu_variant": "int8"}) == "int8"
+    assert bench.unet_precision("openvino", {"precision": "bf16"}) == "bf16"
+    assert bench.unet_precision("openvino", {"precision": "bf16", "cpu_variant": "int8"}) == "int8"
+    ceiling = bench._precision_ceiling("openvino", {"cpu_variant": "int8"}, 1, 100.0)
+    assert ceiling["unet_precision"] == "int8" and ceiling["ceiling_of"] == "OpenVINO int8 GEMM"
+    assert ceiling["ceiling_gflops"] > 0
+    assert ove.gemm_gflops("f32", 1, n=256, repeats=1) > 0
 
 
 # ---- every family, against ONNX Runtime on the torch side's tiny exports --------------------------------------
