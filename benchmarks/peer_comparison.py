@@ -628,7 +628,10 @@ def _run_contender(name, size, options: dict, args, source, folder, tmp, decoder
     cmd += ["--no-prepack"] if args.no_prepack else []
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), **OFFLINE)
     cmd += ["--spawn-time", repr(time.time())]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False, timeout=args.timeout)
+    except subprocess.TimeoutExpired:
+        return {"contender": name, "size": size, "error": [f"timed out: no image within --timeout {args.timeout:g} s"]}
     if proc.returncode != 0:
         return {"contender": name, "size": size, "error": proc.stderr.strip().splitlines()[-1:]}
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -946,6 +949,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--edgediff-options", default="{}", help=argparse.SUPPRESS)  # worker-only
     p.add_argument("--label", default="", help="suffix of the results files")
     p.add_argument("--fresh", action="store_true", help="start over instead of resuming the last unfinished run")
+    p.add_argument("--timeout", type=float, default=None, help="seconds one contender may take (default: no limit)")
     p.add_argument(
         "--report",
         type=Path,
