@@ -747,7 +747,10 @@ def build(model, components, batch, width, height, guidance, dynamic, min_size, 
     "--ray", "use_ray", is_flag=True, help="Run as a Ray Serve deployment (the ray extra; RAY_ADDRESS: a cluster)."
 )
 @click.option("--replicas", default=1, show_default=True, type=int, help="With --ray: replicas, one pipeline each.")
-def serve(models, host, port, listen, api_auth, cors_allow_origins, max_queue, workers, use_ray, replicas) -> None:
+@_engine_flags
+@click.option("--int8", is_flag=True, help="The int8 UNet of `edgediff optimize --int8` (changes the images).")
+def serve(models, host, port, listen, api_auth, cors_allow_origins, max_queue, workers, use_ray, replicas, engine,
+          device, precision, int8) -> None:  # fmt: skip
     """Serve AUTOMATIC1111's HTTP API (/sdapi/v1/txt2img, img2img, progress, interrupt, ...) on this machine, for
     the desktop plugins and client libraries that speak it. Needs the serve extra (pip install 'edgediff[serve]')."""
     try:
@@ -763,6 +766,8 @@ def serve(models, host, port, listen, api_auth, cors_allow_origins, max_queue, w
             click.echo("warning: --listen without --api-auth: anyone who can reach this machine can use the server",
                        err=True)  # fmt: skip
     origins = [o.strip() for o in cors_allow_origins.split(",") if o.strip()]
+    engine = engine or "onnxruntime"
+    engine_options = {"engine": engine, **_engine_options_of(engine, (), device, precision, int8)}
     if use_ray:
         try:
             from .serve.ray_app import deploy
@@ -770,15 +775,14 @@ def serve(models, host, port, listen, api_auth, cors_allow_origins, max_queue, w
             raise click.ClickException(f"--ray needs the ray extra ({e.name or e} is missing): pip install "
                                        "'edgediff[ray]'") from None  # fmt: skip
         deploy(list(models), replicas, host=host, port=port, api_auth=api_auth, cors_origins=origins,
-               max_queue=max_queue, workers=workers)  # fmt: skip
+               max_queue=max_queue, workers=workers, **engine_options)  # fmt: skip
         click.echo(f"serving {replicas} replica(s) through Ray Serve on http://{host}:{port} (Ctrl+C stops)", err=True)
         import time
 
         while True:
             time.sleep(3600)
-    app = create_app(
-        list(models), api_auth=api_auth, listen=listen, cors_origins=origins, max_queue=max_queue, workers=workers
-    )
+    app = create_app(list(models), api_auth=api_auth, listen=listen, cors_origins=origins, max_queue=max_queue,
+                     workers=workers, **engine_options)  # fmt: skip
     click.echo(f"serving {', '.join(app.state.server.folders)} on http://{host}:{port} (Ctrl+C stops)", err=True)
     uvicorn.run(app, host=host, port=port, log_level="warning")
 

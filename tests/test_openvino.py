@@ -289,6 +289,25 @@ def test_info_and_bench_know_openvino(micro):
         assert report["unet_precision"] == "f32" and report["ceiling_of"] == "numpy SGEMM (fp32)"
 
 
+def test_serve_runs_on_openvino(micro, tmp_path):
+    pytest.importorskip("fastapi", reason="needs the serve extra")
+    from fastapi.testclient import TestClient
+
+    from edgediff.runtime.serve import create_app
+
+    with TestClient(create_app([micro], engine="openvino", precision="f32"), base_url="http://127.0.0.1") as client:
+        r = client.post("/sdapi/v1/txt2img", json={"prompt": "a red circle", "steps": 2, "width": 32, "height": 32})
+        assert r.status_code == 200, r.text
+        import base64
+
+        from edgediff.runtime import parameters
+
+        (tmp_path / "s.png").write_bytes(base64.b64decode(r.json()["images"][0]))
+        assert parameters.read_png_parameters(tmp_path / "s.png")["engine"] == "openvino"  # the PNG's own record
+    code, text = run_cli("serve", "--model", micro, "--precision", "bf16")
+    assert_one_line_error(code, text, "--precision is an OpenVINO option")
+
+
 def test_bench_sets_each_precision_against_its_own_ceiling():
     from edgediff.runtime import bench
 
