@@ -64,6 +64,8 @@ from edgediff.runtime.errors import (
 )
 from edgediff.runtime.specs import TensorSpec
 
+from .variants import matching, read_key, source_identity, stale_entries
+
 try:
     import openvino as ov
 except ImportError as e:
@@ -158,19 +160,11 @@ def _spec(port) -> TensorSpec:
     return TensorSpec(name, dtype, shape)
 
 
-def _source_identity(path: Path) -> dict:
-    files = [path] + sorted(p for p in path.parent.iterdir() if p != path and p.name.startswith(path.name))
-    bin_file = path.with_suffix(".bin")  # an IR's weights
-    if path.suffix == ".xml" and bin_file.exists():
-        files.append(bin_file)
-    return {p.name: {"size": p.stat().st_size, "mtime_ns": p.stat().st_mtime_ns} for p in files if p.is_file()}
-
-
 def cache_key(path: Path, device: str, precision: str) -> dict:
     from edgediff.runtime.measure import machine_info
 
     m = machine_info()
-    return {"source": _source_identity(path), "openvino": ov.get_version(), "device": device,
+    return {"source": source_identity(path), "openvino": ov.get_version(), "device": device,
             "precision": precision, "cpu": m["cpu"], "flags": m["flags"]}  # fmt: skip
 
 
@@ -187,14 +181,11 @@ def cache_folder(path: Path, component: str) -> Path:
 def _prepare_cache(folder: Path, key: dict) -> Path | None:
     """The cache folder, emptied first when its key does not match; None when it cannot be written."""
     key_path = folder / KEY_FILE
-    try:
-        recorded = json.loads(key_path.read_text()) if key_path.is_file() else None
-    except (OSError, ValueError):
-        recorded = None
+    recorded = read_key(key_path)
     try:
         if recorded != key:
             if recorded is not None:
-                stale = sorted(k for k in key if recorded.get(k) != key[k])
+                stale = stale_entries(recorded, key)
                 logger.info("%s: compiled-model cache made for another %s; rebuilding it", folder, ", ".join(stale))
             shutil.rmtree(folder, ignore_errors=True)
             folder.mkdir(parents=True, exist_ok=True)
@@ -207,21 +198,16 @@ def _prepare_cache(folder: Path, key: dict) -> Path | None:
         return None
 
 
+def int8_key(source: Path) -> dict:
+    """What an NNCF int8 variant of ``source`` must have been made from to be used."""
+    return {"source": source_identity(source), "openvino": ov.get_version().split("-")[0]}
+
+
 def int8_variant(path: Path, component: str) -> Path | None:
     """The NNCF int8 IR ``edgediff optimize --int8 static`` made from ``path``, None if missing or stale."""
     folder = path.parent.parent / INT8_DIR / component
-    key_path = folder / KEY_FILE
-    if not key_path.is_file():
-        return None
-    try:
-        recorded = json.loads(key_path.read_text())
-    except (OSError, ValueError):
-        return None
-    current = {"source": _source_identity(path), "openvino": ov.get_version().split("-")[0]}
-    stale = [k for k in current if recorded.get(k) != current[k]]
-    if stale:
-        logger.warning("%s: ignoring the int8 variant in %s (made for another %s); run `edgediff optimize "
-                       "--int8 static` again", component, folder, ", ".join(stale))  # fmt: skip
+    current = int8_key(path)
+    if not matching(folder / KEY_FILE, current, component, "int8 variant", "edgediff optimize --int8 static"):
         return None
     return folder / "model.xml"
 

@@ -48,6 +48,8 @@ import onnxruntime as ort
 from edgediff.runtime.errors import EdgediffError, ModelFolderError
 from edgediff.runtime.files import replace_dir
 
+from .variants import matching, read_key, source_identity
+
 logger = logging.getLogger(__name__)
 
 VARIANT_DIR = "ort-cpu"
@@ -135,15 +137,8 @@ def _cpu_identity() -> dict:
     return {"cpu": m["cpu"], "flags": m["flags"], "onnxruntime": ort.__version__}
 
 
-def _source_identity(source: Path) -> dict:
-    files = [source] + (
-        [source.with_name(source.name + "_data")] if source.with_name(source.name + "_data").exists() else []
-    )
-    return {p.name: {"size": p.stat().st_size, "mtime_ns": p.stat().st_mtime_ns} for p in files}
-
-
 def variant_key(source: Path, fused: bool, precision: str = "fp32") -> dict:
-    return {"source": _source_identity(source), "fused": fused, "precision": precision, "recipe": RECIPE,
+    return {"source": source_identity(source), "fused": fused, "precision": precision, "recipe": RECIPE,
             **_cpu_identity()}  # fmt: skip
 
 
@@ -151,28 +146,18 @@ def find_variant(source: Path, component: str, precision: str = "fp32") -> Path 
     """The optimised file for the component at ``source`` if one exists and its key matches this
     machine, ONNX Runtime and source file; None otherwise (stale variants are logged, not used)."""
     folder = source.parent.parent / VARIANT_DIRS[precision] / component
-    key_path = folder / KEY_FILE
-    if not key_path.is_file():
-        return None
-    try:
-        recorded = json.loads(key_path.read_text())
-    except (OSError, json.JSONDecodeError):
+    recorded = read_key(folder / KEY_FILE)
+    if recorded is None:
         return None
     current = variant_key(source, recorded.get("fused", False), precision)
-    stale = [k for k in current if recorded.get(k) != current[k]]
-    if stale:
-        logger.warning("%s: ignoring the optimised variant in %s (made for another %s); run `edgediff optimize` "
-                       "again", component, folder, ", ".join(stale))  # fmt: skip
+    if not matching(folder / KEY_FILE, current, component, "optimised variant", "edgediff optimize"):
         return None
     return folder / "model.onnx"
 
 
 def _recorded(source: Path, component: str, precision: str) -> dict:
     """The key file of the component's variant as written (empty when unreadable)."""
-    try:
-        return json.loads((source.parent.parent / VARIANT_DIRS[precision] / component / KEY_FILE).read_text())
-    except (OSError, ValueError):
-        return {}
+    return read_key(source.parent.parent / VARIANT_DIRS[precision] / component / KEY_FILE) or {}
 
 
 def _fuse(source: Path, component: str, work: Path) -> tuple[Path, dict]:

@@ -99,7 +99,7 @@ def quantize_unet(folder, calibration: list[dict], calibration_info: dict | None
         stage.mkdir()
         for name in ("model.xml", "model.bin"):
             os.replace(work / name, stage / name)
-        key = {"source": ove._source_identity(source), "openvino": ove.ov.get_version().split("-")[0]}
+        key = ove.int8_key(source)
         report = {**key, "nncf": nncf.__version__, "int8_mode": "static", "max_relative_difference": error,
                   "calibration": {"samples": len(calibration), **(calibration_info or {})},
                   "seconds": time.time() - t0}  # fmt: skip
