@@ -254,7 +254,8 @@ def format_table(report: dict[str, Any]) -> str:
         f"machine    {m['cpu']} ({m['usable_cpus']} CPUs, {', '.join(m['flags']) or 'no SIMD flags read'})"
         + (f", GPU {m['gpu']}" if m.get("gpu") else ""),
         "libraries  " + ", ".join(f"{k} {v}" for k, v in m["libraries"].items()),
-        f"settings   {s['engine']}{' ' + ','.join(s['providers']) if s['providers'] else ''}, "
+        f"settings   {s['engine']}{' ' + ','.join(s['providers']) if s['providers'] else ''} "
+        f"{unet_precision(s['engine'], s.get('engine_options') or {})}, "
         f"{s['width']}x{s['height']}, batch {s['batch']} (UNet batch {s['unet_batch']}), {s['steps']} steps "
         f"{s['scheduler']}, guidance {s['guidance']}, threads {s['threads'] or 'default'}"
         f"{', low-memory' if s['low_memory'] else ''}; {s['warmup']} warm-up + {s['runs']} timed runs",
