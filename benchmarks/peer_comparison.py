@@ -99,6 +99,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -367,10 +368,33 @@ def _edgediff_worker(args, probe: _Probe):
         precision = manifest["components"]["unet"]["precision"]
     except (OSError, KeyError, ValueError):  # an optimum-written folder has no manifest
         precision = "fp32"
-    info = {"engine": f"edgediff (ONNX Runtime {ort.__version__})",
-            "precision": options.get("cpu_variant") or precision,
+    info = {"engine": edgediff_engine(options, ort.__version__, _openvino_version()),
+            "precision": edgediff_precision(options, precision),
             "unet_timing": "the pipeline's own per-call timings"}  # fmt: skip
     return load, generate, save_png, info
+
+
+def _openvino_version() -> str | None:
+    try:
+        import openvino
+
+        return openvino.get_version().split("-")[0]
+    except ImportError:
+        return None
+
+
+def edgediff_engine(options: dict, ort_version: str | None, ov_version: str | None) -> str:
+    """The engine an edgediff configuration ran on, from its Pipeline.load options."""
+    if options.get("engine") == "openvino":
+        return f"edgediff (OpenVINO {ov_version or '?'})"
+    return f"edgediff (ONNX Runtime {ort_version or '?'})"
+
+
+def edgediff_precision(options: dict, exported: str = "fp32") -> str:
+    """The UNet's arithmetic in an edgediff configuration: int8 (with the precision of the rest), else the engine
+    precision (OpenVINO) or the export's (ONNX Runtime)."""
+    rest = options.get("precision") or ("f32" if options.get("engine") == "openvino" else exported)
+    return f"int8 (static; rest {rest})" if options.get("cpu_variant") == "int8" else rest
 
 
 def _diffusers_scheduler(pipe, mode: str) -> None:
@@ -739,7 +763,15 @@ def judge_targets(report: dict) -> list[dict]:
 
 
 def engine_and_precision(r: dict) -> str:
-    """A result row's engine and precision as its worker recorded them; rows recorded before workers did, by name."""
+    """A result row's engine and precision as its worker recorded them; rows recorded before workers did, by name.
+    An edgediff row's are read from its options (rows recorded before the worker knew OpenVINO named ONNX Runtime
+    for every configuration)."""
+    if r.get("worker") == "edgediff" and r.get("engine"):
+        versions = dict(re.findall(r"(ONNX Runtime|OpenVINO) ([\w.]+)", r["engine"]))
+        libraries = r.get("libraries") or {}
+        options = r.get("options") or {}
+        engine = edgediff_engine(options, versions.get("ONNX Runtime"), libraries.get("openvino"))
+        return f"{engine}, {edgediff_precision(options, 'fp32')}"
     if r.get("engine"):
         return f"{r['engine']}, {r.get('precision', '?')}"
     worker = r.get("worker", r["contender"] if r["contender"] in PEERS else "edgediff")
@@ -787,7 +819,7 @@ def write_markdown(path: Path, report: dict) -> None:
             + ("-" if reference else f"{diff['mean_abs']:.2f} / {diff['max_abs']:.0f}")
             + " | "
             + ("-" if reference or diff.get("psnr_db") is None else f"{diff['psnr_db']:.1f}")
-            + f" | {engine_and_precision(r)} | {refs(r)} |"
+            + f" | {engine_and_precision({'libraries': m['libraries'], **r})} | {refs(r)} |"
         )
     if notes:
         lines += ["", "Notes (rows whose noise, scheduler, tokens or UNet timing differ from diffusers'):", ""]

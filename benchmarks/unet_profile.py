@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
+import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -59,6 +61,7 @@ def _worker(folder: Path, size: int, config: dict, threads: int) -> dict:
         path = saved_cpu_variant(unet, "unet", "int8" if config.get("cpu_variant") == "int8" else "fp32") or unet
         so = make_session_options(threads, "disable" if path != unet else "all")
         so.enable_profiling = True
+        so.profile_file_prefix = str(Path(tempfile.gettempdir()) / f"edgediff-unet-profile-{os.getpid()}")
         session = ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
         session.run(None, feeds)
         t0 = time.perf_counter()

@@ -18,7 +18,7 @@ import numpy as np
 _FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni", "amx_bf16", "amx_int8", "neon",
           "asimd", "asimddp", "bf16", "i8mm", "sve")  # fmt: skip
 _LIBRARIES = ("edgediff", "numpy", "onnxruntime", "onnxruntime-gpu", "tokenizers", "pillow", "onnx", "tensorrt",
-              "cuda-python", "torch", "diffusers", "optimum-onnx")  # fmt: skip
+              "cuda-python", "openvino", "nncf", "torch", "diffusers", "optimum-onnx")  # fmt: skip
 
 
 def psnr(a: np.ndarray, b: np.ndarray, peak: float) -> float:
