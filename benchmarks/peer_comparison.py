@@ -873,7 +873,7 @@ def draw_chart(path: Path, report: dict) -> None:
     sizes = sorted({r["size"] for r in ok}, reverse=True)
     metrics = (("unet_call_median_s", "UNet call (s)"), ("end_to_end_median_s", "end to end (s)"),
                ("cold_start_s", "cold start (s)"), ("peak_rss_bytes", "peak RSS (GiB)"))  # fmt: skip
-    fig, axes = plt.subplots(len(sizes), len(metrics), figsize=(4 * len(metrics), 3 * len(sizes)), squeeze=False)
+    fig, axes = plt.subplots(len(sizes), len(metrics), figsize=(5 * len(metrics), 3.6 * len(sizes)), squeeze=False)
     colours = {"diffusers": "#7f7f7f", "diffusers-bf16": "#b5b5b5", "optimum": "#1f77b4", "optimum-intel": "#2ca02c",
                "optimum-intel-bf16": "#98df8a", "ov-genai": "#9467bd", "ov-genai-bf16": "#c5b0d5",
                "sdcpp": "#ff7f0e"}  # fmt: skip
@@ -885,10 +885,11 @@ def draw_chart(path: Path, report: dict) -> None:
             ax.bar(
                 [r["contender"] for r in rows], values, color=[colours.get(r["contender"], "#d62728") for r in rows]
             )
-            ax.tick_params(axis="x", labelsize=7, rotation=20)
+            ax.tick_params(axis="x", labelsize=7)
+            plt.setp(ax.get_xticklabels(), rotation=55, ha="right", rotation_mode="anchor")
             ax.set_title(f"{size}x{size}: {label}", fontsize=10)
             for k, v in enumerate(values):
-                ax.text(k, v, f"{v:.2f}", ha="center", va="bottom", fontsize=8)
+                ax.text(k, v, f"{v:.1f}" if v >= 10 else f"{v:.2f}", ha="center", va="bottom", fontsize=6)
     m = report["machine"]
     fig.suptitle(f"{report['settings']['arch']} (random weights), {report['settings']['steps']} steps, "
                  f"{m['cpu']} x{report['settings']['threads']} threads", fontsize=11)  # fmt: skip
