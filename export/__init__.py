@@ -376,14 +376,20 @@ def _export(pipe, src: Path, dst: Path, out: Path, force: bool, fp16: bool, opse
         raise
 
 
+# the components a LoRA can change, and the export wrapper's attribute in front of their parameter names
+LORA_TARGETS = ("unet", "text_encoder", "text_encoder_2")
+WRAPPER_PREFIX = {"unet": "unet.", "text_encoder": "text_encoder.", "text_encoder_2": "text_encoder."}
+
+
 def _export_components(pipe, components, tmp: Path, fp16: bool, opset: int, progress: bool,
                        device: str) -> tuple[dict[str, str], dict[str, str]]:  # fmt: skip
     """Export and validate each component into ``tmp/<name>``; (precision, notes) per component. Every
     validation failure is collected and raised at the end as one ExportValidationError."""
     from tqdm import tqdm
 
+    from . import weights_map
     from .fp16 import convert_to_fp16
-    from .onnx_export import consolidate_onnx, export_component, pipe_spec
+    from .onnx_export import consolidate_onnx, export_component, pipe_spec, wrap
     from .validate import compare, reference_outputs
 
     precision: dict[str, str] = {}
@@ -406,9 +412,15 @@ def _export_components(pipe, components, tmp: Path, fp16: bool, opset: int, prog
             ) from e
         spec = pipe_spec(pipe, name)
         references = reference_outputs(pipe, name, device=device)
+        # the LoRA weights map (export/weights_map.py): the torch weights' digests, taken while they are loaded
+        params = (
+            weights_map.parameter_digests(wrap(pipe, name), WRAPPER_PREFIX[name]) if name in LORA_TARGETS else None
+        )
         if hasattr(pipe, "release"):  # the torch model's memory goes before ONNX Runtime's comes
             pipe.release()
         path = consolidate_onnx(raw, tmp / name)
+        if params is not None:
+            weights_map.write(tmp / name, weights_map.build(params, weights_map.initializer_digests(path)))
         checks = compare(name, spec, path, references, "fp32", device=device)
         bad = [c for c in checks if not c.passed]
         precision[name] = "fp32"
@@ -419,6 +431,8 @@ def _export_components(pipe, components, tmp: Path, fp16: bool, opset: int, prog
             checks16 = compare(name, spec, fp16_dir / ONNX_FILE, references, "fp16", device=device)
             bad16 = [c for c in checks16 if not c.passed]
             if not bad16:
+                if (tmp / name / weights_map.MAP_FILE).is_file():  # fp16 keeps the initializer names
+                    shutil.copy2(tmp / name / weights_map.MAP_FILE, fp16_dir / weights_map.MAP_FILE)
                 shutil.rmtree(tmp / name)
                 fp16_dir.rename(tmp / name)
                 precision[name], checks = "fp16", checks16
