@@ -935,11 +935,11 @@ def ensure_static_int8(folder: Path, variants: dict) -> None:
     if not wanted:
         return
     engines = []
-    from edgediff.engines.ort_optimize import _recorded, find_variant
+    from edgediff.engines.ort_optimize import find_variant, recorded_key
 
     unet = folder / "unet" / "model.onnx"
     if "onnxruntime" in wanted and not (find_variant(unet, "unet", "int8") and
-                                        _recorded(unet, "unet", "int8").get("int8_mode") == "static"):  # fmt: skip
+                                        recorded_key(unet, "unet", "int8").get("int8_mode") == "static"):  # fmt: skip
         engines.append("onnxruntime")
     if "openvino" in wanted:
         from edgediff.engines.openvino import int8_variant

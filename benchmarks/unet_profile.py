@@ -83,7 +83,7 @@ def _worker(folder: Path, size: int, config: dict, threads: int) -> dict:
                        cpu_variant=config.get("cpu_variant", "auto"))  # fmt: skip
         eng.config["PERF_COUNT"] = True
         eng.run(feeds)
-        request = eng._compiled[2]
+        request = eng.request
         t0 = time.perf_counter()
         eng.run(feeds)
         wall = time.perf_counter() - t0

@@ -290,6 +290,10 @@ class OrtEngine:
         self._bound = {}
         self.session = None
 
+    @staticmethod
+    def gemm_gflops(precision: str = "int8", threads: int | None = None) -> float | None:
+        return gemm_gflops(precision, threads)
+
     def __enter__(self):
         return self
 
@@ -301,7 +305,7 @@ def gemm_gflops(precision: str = "int8", threads: int | None = None, n: int = 20
     """Achieved GOP/s of ONNX Runtime's CPU int8 matrix product (MatMulInteger, uint8 x int8, the kernel its
     int8 UNets run): the ceiling ``edgediff bench`` sets an int8 UNet against. None without ``onnx`` (the
     optimize extra) to build the graph; fp32 is measured with numpy's SGEMM instead."""
-    import time
+    from edgediff.runtime.measure import best_seconds
 
     try:
         from onnx import TensorProto, helper, numpy_helper
@@ -321,9 +325,4 @@ def gemm_gflops(precision: str = "int8", threads: int | None = None, n: int = 20
                                    providers=["CPUExecutionProvider"])  # fmt: skip
     x = rng.integers(0, 256, size=(n, n), dtype=np.uint8)
     session.run(None, {"a": x})
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        session.run(None, {"a": x})
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best / 1e9
+    return 2 * n**3 / best_seconds(lambda: session.run(None, {"a": x}), repeats) / 1e9

@@ -42,13 +42,13 @@ Options (keyword arguments; also reachable from ``Pipeline.load(engine="openvino
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
 import os
 import shutil
 import threading
-import time
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -62,6 +62,7 @@ from edgediff.runtime.errors import (
     ModelFolderError,
     ResourceError,
 )
+from edgediff.runtime.measure import best_seconds
 from edgediff.runtime.specs import TensorSpec
 
 from .variants import matching, read_key, source_identity, stale_entries
@@ -135,6 +136,7 @@ def check_precision(device: str, precision: str) -> None:
         )
 
 
+@functools.cache
 def _cpu_has_bf16() -> bool:
     from edgediff.runtime.measure import machine_info
 
@@ -354,6 +356,20 @@ class OvEngine:
             self._model = None
             self._closed = True
 
+    @property
+    def compiled_model(self) -> ov.CompiledModel | None:
+        """The compiled model of the last call's shapes (at load for ``shapes="dynamic"``), None before."""
+        return self._compiled[1] if self._compiled is not None else None
+
+    @property
+    def request(self) -> ov.InferRequest | None:
+        """Its infer request (profiling info, with ``PERF_COUNT``), None before the first compile."""
+        return self._compiled[2] if self._compiled is not None else None
+
+    @staticmethod
+    def gemm_gflops(precision: str = "f32", threads: int | None = None) -> float:
+        return gemm_gflops(precision, threads)
+
     def __enter__(self):
         return self
 
@@ -389,9 +405,4 @@ def gemm_gflops(precision: str = "f32", threads: int | None = None, n: int = 204
     request = core().compile_model(ov.Model([y], [a]), "CPU", config).create_infer_request()
     x = np.abs(rng.standard_normal((n, n))).astype(np.float32)
     request.infer({"a": x})
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        request.infer({"a": x})
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best / 1e9
+    return 2 * n**3 / best_seconds(lambda: request.infer({"a": x}), repeats) / 1e9

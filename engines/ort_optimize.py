@@ -155,7 +155,7 @@ def find_variant(source: Path, component: str, precision: str = "fp32") -> Path 
     return folder / "model.onnx"
 
 
-def _recorded(source: Path, component: str, precision: str) -> dict:
+def recorded_key(source: Path, component: str, precision: str) -> dict:
     """The key file of the component's variant as written (empty when unreadable)."""
     return read_key(source.parent.parent / VARIANT_DIRS[precision] / component / KEY_FILE) or {}
 
@@ -310,7 +310,7 @@ def optimize_folder(model: str | os.PathLike, components=None, fuse: bool = True
         if (
             not force
             and find_variant(source, component, precision) is not None
-            and (not int8 or _recorded(source, component, precision).get("int8_mode", "dynamic") == mode)
+            and (not int8 or recorded_key(source, component, precision).get("int8_mode", "dynamic") == mode)
         ):
             reports[component] = {"skipped": "up to date"}
             continue

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from .measure import machine_info, peak_rss_bytes
+from .measure import best_seconds, machine_info, peak_rss_bytes
 
 SCHEMA_VERSION = 1
 STAGES = ("tokenize", "text_encoder", "unet", "host", "denoise", "vae_decoder", "postprocess", "image_encode", "total")
@@ -59,12 +59,7 @@ def sgemm_gflops(n: int = 2048, repeats: int = 5) -> float:
     machine may not report (a VM shows its base clock, the cores boost above it)."""
     rng = np.random.default_rng(0)
     a, b = rng.standard_normal((n, n), dtype=np.float32), rng.standard_normal((n, n), dtype=np.float32)
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best / 1e9
+    return 2 * n**3 / best_seconds(lambda: a @ b, repeats) / 1e9
 
 
 def run_bench(
@@ -207,11 +202,10 @@ def _precision_ceiling(engine: str, options: dict[str, Any], threads: int | None
     precision = unet_precision(engine, options)
     if precision == "f32":
         return {"unet_precision": precision, "ceiling_gflops": sgemm, "ceiling_of": "numpy SGEMM (fp32)"}
-    import importlib
+    from .engine import engine_class
 
-    try:
-        module = importlib.import_module(f"edgediff.engines.{engine}")
-        value = module.gemm_gflops(precision, threads)
+    try:  # the engine class's own dense GEMM (OrtEngine / OvEngine.gemm_gflops)
+        value = engine_class(engine).gemm_gflops(precision, threads)
     except Exception:  # a ceiling that cannot be measured must not fail the benchmark
         value = None
     what = {"openvino": "OpenVINO", "onnxruntime": "ONNX Runtime MatMulInteger"}.get(engine, engine)

@@ -9,6 +9,7 @@ import os
 import platform
 import re
 import sys
+import time
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,16 @@ def psnr(a: np.ndarray, b: np.ndarray, peak: float) -> float:
     signal's range: 255 for uint8 images, max|reference| for a network's outputs."""
     mse = float(np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2))
     return math.inf if mse == 0 else 10 * math.log10((peak or 1.0) ** 2 / mse)
+
+
+def best_seconds(fn, repeats: int) -> float:
+    """The fastest of ``repeats`` timed calls of ``fn`` (a GEMM ceiling's measurement)."""
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
 
 
 def peak_rss_bytes() -> int | None:

@@ -141,7 +141,7 @@ def pipe_unet_precision(folder, precision=None) -> object:
     path = (embedded_model_path() if folder is None else folder) / "unet" / "model.onnx"
     eng = ove.OvEngine(path, component="unet", shapes="dynamic", cache=False, **options)
     try:
-        return eng._compiled[1].get_property("INFERENCE_PRECISION_HINT").get_type_name()  # f32, bf16
+        return eng.compiled_model.get_property("INFERENCE_PRECISION_HINT").get_type_name()  # f32, bf16
     finally:
         eng.close()
 
