@@ -22,6 +22,13 @@ Session settings (keyword options, also reachable from ``Pipeline.load`` and ``e
   error names the command if it is missing) and the ``auto`` choice for the other components.
   (Formerly ``optimized``, a name too close to ``optimization``; the old name is refused with a
   message that gives the new one.)
+- ``weights``: ``{initializer name: array}`` that replace the graph's own (the LoRA-merged weights of
+  ``edgediff.runtime.lora_apply``), given to ONNX Runtime at session creation with
+  ``SessionOptions.add_external_initializers``, which checks each name and shape and, unlike
+  ``add_initializer``, also replaces convolution weights at level ``all``. They must be initializers stored in
+  the model's external-data file (as the weights map guarantees). The saved CPU variants hold re-laid-out
+  copies of the weights, so with ``weights`` the exported graph is loaded (and optimised at session creation)
+  instead; the int8 variants, whose weights are quantized, are refused.
 - ``io_binding``: bind inputs and outputs through an IOBinding (default: on for GPU providers,
   where it keeps inputs that are passed again unchanged on the device; off on the CPU, where
   ``run`` already writes into fresh numpy arrays without a copy).
@@ -75,6 +82,8 @@ if _both_builds_installed():
         "onnxruntime and onnxruntime-gpu are both installed; they share one module and the last one installed "
         "wins. Fix: pip uninstall -y onnxruntime onnxruntime-gpu && pip install 'edgediff[gpu]' (or '[cpu]')"
     )
+
+logger = logging.getLogger(__name__)
 
 _ORT_DTYPES = {
     "tensor(float)": np.float32,
@@ -183,6 +192,7 @@ class OrtEngine:
         mem_pattern: bool = True,
         io_binding: bool | None = None,
         cpu_variant: str = "auto",
+        weights: Mapping[str, np.ndarray] | None = None,
         optimized: str | None = None,  # the old name of cpu_variant, refused with the new one
     ):
         self.component = component
@@ -197,6 +207,16 @@ class OrtEngine:
             raise InvalidArgumentError(f"cpu_variant must be 'auto', 'off' or 'int8', got {cpu_variant!r}")
         cpu_only = providers == ["CPUExecutionProvider"] and session_options is None
         variant = None
+        if weights and cpu_variant == "int8":
+            raise InvalidArgumentError(
+                f"{component}: LoRAs cannot be applied to the int8 variant (its weights are quantized); leave int8 "
+                "off with LoRAs, or export a model with the LoRA merged and quantize that"
+            )
+        if weights and cpu_variant == "auto" and cpu_only and saved_cpu_variant(path, component) is not None:
+            logger.info("%s: LoRA weights: loading the exported graph, not the saved CPU variant (its weights are "
+                        "re-laid-out copies); ONNX Runtime optimises it at session creation", component)  # fmt: skip
+        if weights:
+            cpu_variant = "off"
         if cpu_variant == "int8":
             from .ort_optimize import INT8_COMPONENTS
 
@@ -221,6 +241,10 @@ class OrtEngine:
             )
         if session_options is None:
             session_options = make_session_options(threads, optimization, prepack, mem_arena, mem_pattern)
+        # the replaced weights must outlive the session: ONNX Runtime uses their memory, it does not copy them
+        self._weights = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a)) for a in (weights or {}).values()]
+        if weights:
+            session_options.add_external_initializers(list(weights), self._weights)
         try:
             self.session = ort.InferenceSession(str(path), sess_options=session_options, providers=providers)
         except Exception as e:  # onnxruntime raises its own Fail/InvalidProtobuf types
@@ -228,6 +252,12 @@ class OrtEngine:
             if _is_allocation_failure(e):
                 raise ResourceError(f"{component}: not enough memory to load {path} ({reason}); close other "
                                     "programs, or use low_memory=True (--low-memory)") from e  # fmt: skip
+            if weights and ("initializer" in str(e).lower() or "dimensions do not match" in str(e)):
+                raise ModelFolderError(
+                    f"{component}: ONNX Runtime refused the LoRA-merged weights for {path} ({reason}); its "
+                    f"weights map does not fit the graph: remake it with `edgediff weights-map "
+                    f"{path.parent.parent} SOURCE`"
+                ) from e
             if variant is not None:  # the derived file is damaged, not the export
                 raise ModelFolderError(
                     f"{component}: ONNX Runtime cannot load the CPU variant {path} ({reason}); remake it with "
@@ -289,6 +319,7 @@ class OrtEngine:
     def close(self) -> None:
         self._bound = {}
         self.session = None
+        self._weights = []
 
     @staticmethod
     def gemm_gflops(precision: str = "int8", threads: int | None = None) -> float | None:

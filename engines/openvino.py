@@ -37,6 +37,12 @@ Options (keyword arguments; also reachable from ``Pipeline.load(engine="openvino
   with NNCF for OpenVINO (``MODEL/openvino-int8/unet/``); an error names the command when it is
   missing or stale.
 
+- ``weights``: ``{initializer name: array}`` replacing the graph's own (the LoRA-merged weights of
+  ``edgediff.runtime.lora_apply``). OpenVINO's ONNX frontend names each weight's Constant after its
+  initializer, so each one is swapped in the read model before compiling; a name or shape the graph lacks is
+  refused. With ``weights`` the compiled-model cache is off (its key does not cover them) and the int8 variant,
+  whose weights are quantized, is refused.
+
 ``providers`` (an ONNX Runtime option) is refused with the OpenVINO equivalent (``device``).
 """
 
@@ -238,6 +244,7 @@ class OvEngine:
         shapes: str = "static",
         cache: bool | None = None,
         cpu_variant: str = "auto",
+        weights: Mapping[str, np.ndarray] | None = None,
         providers=None,
     ):
         self.component = component
@@ -256,6 +263,11 @@ class OvEngine:
         check_device(device)
         check_precision(device, precision)
         self.device, self.precision, self.shapes = device, precision, shapes
+        if weights and cpu_variant == "int8":
+            raise InvalidArgumentError(
+                f"{component}: LoRAs cannot be applied to the int8 variant (its weights are quantized); leave int8 "
+                "off with LoRAs, or export a model with the LoRA merged and quantize that"
+            )
         if cpu_variant == "int8" and component in INT8_COMPONENTS:
             variant = int8_variant(path, component)
             if variant is None:
@@ -273,11 +285,16 @@ class OvEngine:
         self.cache_dir = None
         if cache is None:
             cache = not device.startswith("CPU")
+        if weights:
+            cache = False  # the cache's key does not cover replaced weights
         if cache:
             self.cache_dir = _prepare_cache(cache_folder(path, component), cache_key(path, device, precision))
             if self.cache_dir is not None:
                 self.config["CACHE_DIR"] = str(self.cache_dir)
         self._model = self._read(path)
+        self._weights = dict(weights or {})  # kept: the replacing Constants share their memory
+        if self._weights:
+            self._replace_weights(self._model, self._weights)
         self.inputs = {s.name: s for s in map(_spec, self._model.inputs)}
         self.outputs = {s.name: s for s in map(_spec, self._model.outputs)}
         self._output_names = list(self.outputs)  # by index: the compiled model's ports carry merged names
@@ -300,6 +317,22 @@ class OvEngine:
                 "re-export the model"
             ) from e
 
+    def _replace_weights(self, model: ov.Model, weights: Mapping[str, np.ndarray]) -> None:
+        constants = {op.get_friendly_name(): op for op in model.get_ops() if op.get_type_name() == "Constant"}
+        for name, value in weights.items():
+            old = constants.get(name)
+            if old is None or tuple(old.get_output_shape(0)) != value.shape or (
+                    old.get_element_type().to_dtype() != value.dtype):  # fmt: skip
+                found = "absent" if old is None else f"{list(old.get_output_shape(0))} {old.get_element_type()}"
+                raise ModelFolderError(
+                    f"{self.component}: the LoRA-merged weight {name!r} ({list(value.shape)} {value.dtype}) does not "
+                    f"fit {self.model_file} (there: {found}); remake its weights map with `edgediff weights-map "
+                    f"{self.model_file.parent.parent} SOURCE`"
+                )
+            new = ov.op.Constant(np.ascontiguousarray(value), shared_memory=True)
+            new.set_friendly_name(name)
+            old.output(0).replace(new.output(0))
+
     def _compile(self, model: ov.Model) -> tuple[ov.CompiledModel, ov.InferRequest]:
         try:
             compiled = core().compile_model(model, self.device, self.config)
@@ -318,7 +351,11 @@ class OvEngine:
         if self._compiled is not None and self._compiled[0] == signature:
             return self._compiled[2]
         self._compiled = None  # release the old compiled model before compiling the next
-        model = self._model if self._model is not None else self._read(self.model_file)
+        model = self._model
+        if model is None:  # read again (the converted copy went with the last compile), the LoRA weights too
+            model = self._read(self.model_file)
+            if self._weights:
+                self._replace_weights(model, self._weights)
         self._model = None
         try:
             model.reshape({k: ov.PartialShape(list(v.shape)) for k, v in checked.items()})
@@ -354,6 +391,7 @@ class OvEngine:
         with self._lock:
             self._compiled = None
             self._model = None
+            self._weights = {}
             self._closed = True
 
     @property

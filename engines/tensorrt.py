@@ -19,6 +19,14 @@ Shapes and addresses are set on every call rather than cached: a few host calls 
 step of milliseconds, and no stale binding to get wrong. I/O buffers (device + pinned host) grow
 to the largest shape seen; outputs are returned as copies.
 
+LoRAs (``weights=``: the LoRA-merged initializers of ``edgediff.runtime.lora_apply``): the plan must have been
+built refittable (``edgediff build MODEL --refit``; a plan built without it is refused with that command). After
+deserialising, TensorRT's ``Refitter`` takes each merged weight under its ONNX initializer name (the names the
+ONNX parser gave the weights), cast to the dtype of the plan's prototype; the weights TensorRT combined with them
+and asks for (``get_missing_weights``) get their base values from ``model.onnx_data`` through the weights map.
+Every engine starts from a freshly deserialised plan, whose weights are the base ones, so a refit never stacks on
+an earlier LoRA.
+
 Left out until a GPU run shows they help: CUDA graphs, one scratch shared by several engines,
 and buffer sets cached per shape (docs/GPU.md).
 """
@@ -116,6 +124,7 @@ class TrtEngine:
         component: str = "model",
         device: int = 0,
         history: int = 1000,
+        weights: Mapping[str, np.ndarray] | None = None,
         providers=None,
     ):
         if providers:
@@ -151,12 +160,60 @@ class TrtEngine:
         self.outputs: dict[str, TensorSpec] = {t.name: t for t in self.record.outputs}
         self._compute_ms: deque[float] = deque(maxlen=history)
         self._copy_ms: deque[float] = deque(maxlen=history)
+        if weights and not self.record.build.get("refittable"):
+            raise PlanError(
+                f"{component}: the TensorRT plan {self.record.key} was built without --refit, so LoRAs cannot be "
+                f"applied to it; rebuild it refittable: {plans.rebuild_hint(self.model_dir)} --refit --force"
+            )
         try:
             self._load()
+            if weights:
+                self._refit(weights, path)
         except BaseException:
             self._release()
             raise
         self._closed = False
+
+    def _refit(self, weights: Mapping[str, np.ndarray], path: Path) -> None:
+        """Refit the freshly deserialised plan (base weights) with ``weights``, plus the base values of any weight
+        TensorRT combined with them."""
+        from edgediff.runtime.lora_apply import WeightsMap
+
+        trt = self._trt
+        refitter = trt.Refitter(self._engine, trt_logger(trt))
+        refittable = set(refitter.get_all_weights())
+        unknown = sorted(set(weights) - refittable)
+        rebuild = f"{plans.rebuild_hint(self.model_dir)} --refit --force"
+        if unknown:
+            raise PlanError(f"{self.component}: the plan {self.record.key} has no refittable weight named "
+                            f"{unknown[:3]} ({len(unknown)} of the LoRA's); rebuild it: {rebuild}")  # fmt: skip
+        held = []  # the host arrays must outlive refit_cuda_engine
+
+        def supply(name: str, value: np.ndarray) -> None:
+            prototype = refitter.get_weights_prototype(name)
+            array = np.ascontiguousarray(value, dtype=np.dtype(trt.nptype(prototype.dtype)))
+            if array.size != prototype.size:
+                raise PlanError(f"{self.component}: weight {name!r} has {array.size} values, the plan "
+                                f"{prototype.size}; rebuild it: {rebuild}")  # fmt: skip
+            held.append(array)
+            refitter.set_named_weights(name, trt.Weights(array))
+
+        for name, value in weights.items():
+            supply(name, value)
+        missing = [m for m in refitter.get_missing_weights() if m not in weights]
+        if missing:  # (the base values are views of model.onnx_data; they keep it mapped until the refit)
+            wmap = WeightsMap.load(self.component, path, self.model_dir)
+            for name in missing:
+                if name not in wmap.initializers:
+                    raise PlanError(f"{self.component}: TensorRT asks for weight {name!r} with the LoRA's, which "
+                                    f"is not in {path}'s weights map; rebuild the plan: {rebuild}")  # fmt: skip
+                supply(name, wmap.base(name))
+        if not refitter.refit_cuda_engine():
+            raise PlanError(f"{self.component}: TensorRT could not refit the plan {self.record.key} (see its log); "
+                            f"rebuild it: {rebuild}")  # fmt: skip
+        held.clear()
+        logger.info("%s: refitted %d LoRA-merged weights (%d more TensorRT asked for)", self.component,
+                    len(weights), len(missing))  # fmt: skip
 
     def _manifest_files(self) -> dict:
         try:

@@ -160,6 +160,7 @@ def build_component(
     progress: bool = False,
     verbose: bool = False,
     announce: Callable[[str], None] | None = None,
+    refit: bool = False,
 ) -> BuildResult:
     onnx = mf.component_path(component)
     if not onnx.is_file():
@@ -191,7 +192,7 @@ def build_component(
         t = network.get_input(i)
         net_inputs.append(TensorSpec(t.name, np.dtype(trt.nptype(t.dtype)), tuple(t.shape)))
     profiles = plans.build_profiles(component, net_inputs, model_facts(mf), options)
-    key = plans.plan_key(model_sha, component, mode.precision, env, profiles)
+    key = plans.plan_key(model_sha, component, mode.precision, env, profiles, refittable=refit)
     shown = " + ".join(plans.describe_profile(p) for p in profiles)
     engines_dir = mf.path / plans.ENGINES_DIR
     final = engines_dir / key
@@ -210,6 +211,8 @@ def build_component(
     config.builder_optimization_level = int(opt_level)
     if mode.fp16_flag:
         config.set_flag(trt.BuilderFlag.FP16)
+    if refit:  # every weight refittable (LoRAs at load time); REFIT_IDENTICAL would promise the build's weights
+        config.set_flag(trt.BuilderFlag.REFIT)
     # profiles only constrain dynamic inputs; a network without any gets TensorRT's implicit one
     dynamic_inputs = [t for t in net_inputs if any(map(plans.is_dynamic, t.shape))]
     for profile in profiles if dynamic_inputs else ():
@@ -259,7 +262,8 @@ def build_component(
         profiles=profiles, inputs=inputs, outputs=outputs, plan_file=f"{component}.plan", plan_bytes=len(data),
         model_files=files, device_memory_bytes=scratch,
         build={"strongly_typed": mode.strongly_typed, "fp16_flag": mode.fp16_flag, "opt_level": int(opt_level),
-               "workspace_mib": workspace_mib, "dynamic": options.dynamic, "seconds": round(seconds, 1),
+               "workspace_mib": workspace_mib, "dynamic": options.dynamic, "refittable": bool(refit),
+               "seconds": round(seconds, 1),
                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
     )  # fmt: skip
     _install(engines_dir, key, component, data, record)
@@ -295,13 +299,16 @@ def build_model(
     progress: bool = False,
     verbose: bool = False,
     announce: Callable[[str], None] | None = None,
+    refit: bool = False,
 ) -> list[BuildResult]:
     """Build a plan per component (default: those the pipeline runs) for this GPU and TensorRT. It
     replaces the component's previous plan for this setup; ``prune`` also deletes those of other
     setups (TensorRT versions, GPUs).
 
     ``progress``: tqdm bars per TensorRT build phase. ``announce``: called with one line as each
-    component starts building (the CLI prints it)."""
+    component starts building (the CLI prints it). ``refit``: build refittable plans (TensorRT's REFIT flag), the
+    kind LoRAs are applied to at load time (``TrtEngine(weights=...)``); a refittable plan can run slower, so it is
+    built only on request."""
     mf = ModelFolder.open(model)
     components = list(components or mf.required_components)
     unknown = [c for c in components if c not in mf.manifest["components"]]
@@ -319,7 +326,19 @@ def build_model(
     results = []
     for name in components:
         result = build_component(
-            trt, mf, name, env, options, opt_level, workspace_mib, timing_cache, force, progress, verbose, announce
+            trt,
+            mf,
+            name,
+            env,
+            options,
+            opt_level,
+            workspace_mib,
+            timing_cache,
+            force,
+            progress,
+            verbose,
+            announce,
+            refit=refit,
         )
         results.append(result)
         records, _ = plans.discover_plans(mf.path, name)

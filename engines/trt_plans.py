@@ -306,9 +306,10 @@ def pick_profile(record: BuildRecord, shapes: Mapping[str, Shape], model_dir: Pa
 # ------------------------------------------------------------------------------ keys and build.json
 
 
-def plan_key(model_sha256: str, component: str, precision: str, env: Environment, profiles: Sequence[Profile]) -> str:
+def plan_key(model_sha256: str, component: str, precision: str, env: Environment, profiles: Sequence[Profile],
+             refittable: bool = False) -> str:  # fmt: skip
     """``<component>-<16 hex>``: a sha256 over every fact a plan depends on."""
-    facts = {
+    facts: dict[str, object] = {
         "model_sha256": model_sha256,
         "component": component,
         "precision": precision,
@@ -317,6 +318,8 @@ def plan_key(model_sha256: str, component: str, precision: str, env: Environment
         "compute_capability": env.compute_capability,
         "profiles": [profile_to_json(p) for p in profiles],
     }
+    if refittable:  # (absent otherwise, so the keys of plans built before refitting existed stay the same)
+        facts["refittable"] = True
     digest = hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()
     return f"{component}-{digest[:16]}"
 

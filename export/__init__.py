@@ -381,6 +381,43 @@ LORA_TARGETS = ("unet", "text_encoder", "text_encoder_2")
 WRAPPER_PREFIX = {"unet": "unet.", "text_encoder": "text_encoder.", "text_encoder_2": "text_encoder."}
 
 
+def write_weights_maps(model: str | os.PathLike, source: str | os.PathLike, device: str = "cpu") -> dict[str, int]:
+    """Make the LoRA weights maps (``weights_map.py``) of a model folder exported without them, by an older
+    edgediff or by optimum, from the diffusers folder ``source`` it was exported from: ``{component: weights
+    mapped}``. Each LoRA target's inline weights move to ``model.onnx_data`` first (the runtime reads and replaces
+    them there); the values do not change. ``edgediff optimize``'s saved variants of a changed graph become stale
+    and are remade by running it again."""
+    from . import weights_map
+    from .onnx_export import wrap
+
+    model, source = Path(model), Path(source)
+    _check_source(source)
+    present = [name for name in LORA_TARGETS if (model / name / ONNX_FILE).is_file()]
+    if not present:
+        raise ExportError(f"MODEL {model} has no {' / '.join(f'{n}/{ONNX_FILE}' for n in LORA_TARGETS)}: it is "
+                          "not an ONNX model folder")  # fmt: skip
+    pipe = _load(source, device)
+    done = {}
+    for name in present:
+        path = model / name / ONNX_FILE
+        _hold(pipe, specs.SUBMODELS[name].source, source)
+        if getattr(pipe, specs.SUBMODELS[name].source, None) is None:
+            raise ExportError(f"SOURCE {source} has no {specs.SUBMODELS[name].source}, which MODEL's {name} "
+                              "comes from: give the diffusers folder MODEL was exported from")  # fmt: skip
+        params = weights_map.parameter_digests(wrap(pipe, name), WRAPPER_PREFIX[name], weights_map.graph_dtype(path))
+        if hasattr(pipe, "release"):
+            pipe.release()
+        made = weights_map.make(path, params)
+        if not made["weights"]:
+            raise ExportError(f"{name}: none of the {len(params)} weights of SOURCE {source} is in {path}: MODEL "
+                              "was exported from another model (or re-quantized); give its own source")  # fmt: skip
+        weights_map.write(path.parent, made)
+        done[name] = len(made["weights"])
+    if (model / MANIFEST).is_file():
+        _record_components(model, present, None, {})
+    return done
+
+
 def _export_components(pipe, components, tmp: Path, fp16: bool, opset: int, progress: bool,
                        device: str) -> tuple[dict[str, str], dict[str, str]]:  # fmt: skip
     """Export and validate each component into ``tmp/<name>``; (precision, notes) per component. Every
@@ -420,7 +457,7 @@ def _export_components(pipe, components, tmp: Path, fp16: bool, opset: int, prog
             pipe.release()
         path = consolidate_onnx(raw, tmp / name)
         if params is not None:
-            weights_map.write(tmp / name, weights_map.build(params, weights_map.initializer_digests(path)))
+            weights_map.write(tmp / name, weights_map.make(path, params))
         checks = compare(name, spec, path, references, "fp32", device=device)
         bad = [c for c in checks if not c.passed]
         precision[name] = "fp32"
@@ -432,7 +469,8 @@ def _export_components(pipe, components, tmp: Path, fp16: bool, opset: int, prog
             bad16 = [c for c in checks16 if not c.passed]
             if not bad16:
                 if (tmp / name / weights_map.MAP_FILE).is_file():  # fp16 keeps the initializer names
-                    shutil.copy2(tmp / name / weights_map.MAP_FILE, fp16_dir / weights_map.MAP_FILE)
+                    fp32_map = json.loads((tmp / name / weights_map.MAP_FILE).read_text(encoding="utf-8"))
+                    weights_map.write(fp16_dir, weights_map.remake(fp16_dir / ONNX_FILE, fp32_map))
                 shutil.rmtree(tmp / name)
                 fp16_dir.rename(tmp / name)
                 precision[name], checks = "fp16", checks16
@@ -544,11 +582,12 @@ def _file_records(folder: Path, under: str = "") -> dict:
             for p in sorted(root.rglob("*")) if p.is_file()}  # fmt: skip
 
 
-def _record_components(folder: Path, components, precision: dict, notes: dict) -> None:
-    """Add (or replace) ``components`` in the folder's manifest: their I/O, precision and files; the manifest is
-    written beside itself and renamed over the old one."""
+def _record_components(folder: Path, components, precision: dict | None, notes: dict) -> None:
+    """Add (or replace) ``components`` in the folder's manifest: their I/O, precision and files (``precision=None``:
+    their files only); the manifest is written beside itself and renamed over the old one."""
     manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
-    manifest["components"].update(_component_records(folder, components, precision, notes))
+    if precision is not None:
+        manifest["components"].update(_component_records(folder, components, precision, notes))
     files = {k: v for k, v in manifest["files"].items() if not k.startswith(tuple(f"{c}/" for c in components))}
     for name in components:
         files |= _file_records(folder, name)

@@ -96,6 +96,26 @@ def add_tiny_vae(model: Path, tiny_vae: Path, fp16: bool, force: bool, device: s
     click.echo(f"added {tiny_vae} to {model} (vae_decoder_tiny, vae_encoder_tiny)")
 
 
+@main.command("weights-map")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.argument("source", type=click.Path(path_type=Path))
+@click.option(
+    "--device", default="cpu", show_default=True, help="Load the source's weights on this torch device (cpu, cuda)."
+)
+def weights_map(model: Path, source: Path, device: str) -> None:
+    """Make the LoRA weights maps of MODEL, an ONNX folder exported without them (by an older edgediff or by
+    optimum), from SOURCE, the diffusers folder it was exported from. Needed once, before --lora; new exports
+    have them."""
+    try:
+        from edgediff.export import write_weights_maps
+    except ImportError as e:
+        raise click.ClickException(
+            f"weights-map needs the PyTorch side ({e.name or e} is missing): pip install 'edgediff[export]'"
+        ) from None
+    for name, count in write_weights_maps(model, source, device=device).items():
+        click.echo(f"{name}: {count} weights mapped ({model / name / 'weights_map.json'})")
+
+
 _HINT_MIN_BYTES = 200 * 2**20  # UNet files above this size (every real SD model) get the hint
 
 
@@ -155,6 +175,27 @@ def _engine_options_of(engine: str, providers, device, precision, int8: bool) ->
             raise InvalidArgumentError("--int8 runs on the CPU engines (onnxruntime, openvino), not tensorrt")
         options["cpu_variant"] = "int8"
     return options
+
+
+def _lora_flags(f):
+    """--lora FILE[:SCALE] (repeatable) and --lora-strict, for the commands that load a pipeline."""
+    f = click.option(
+        "--lora-strict", is_flag=True, help="Refuse a LoRA some of whose layers match nothing (default: a warning)."
+    )(f)
+    return click.option(
+        "--lora",
+        "loras",
+        multiple=True,
+        metavar="FILE[:SCALE]",
+        help="Apply this LoRA (.safetensors: kohya/A1111, diffusers/PEFT, LoCon) at strength SCALE (default 1); "
+        "repeatable, the LoRAs add up.",
+    )(f)
+
+
+def _lora_list(loras) -> list[tuple[str, float]] | None:
+    from .lora_apply import parse_lora_argument
+
+    return [parse_lora_argument(text) for text in loras] or None
 
 
 def _engine_flags(f):
@@ -309,12 +350,13 @@ _CALL_OPTIONS = {
     "--int8", is_flag=True, help="Use the int8 UNet of `edgediff optimize --int8` (faster on CPUs; changes the image)."
 )
 @_engine_flags
+@_lora_flags
 @_MEMORY_LIMIT_OPTION
 @click.pass_context
 def generate(ctx, prompt, model, output, negative_prompt, prompt_2, negative_prompt_2, steps, guidance,
              guidance_rescale, width, height, seed, scheduler,
              scheduler_option, eta, timesteps, sigmas, from_png, params_file, init_image, strength, mask,
-             keep_unmasked, tiny_vae, providers, low_memory, int8, engine, device, precision,
+             keep_unmasked, tiny_vae, providers, low_memory, int8, engine, device, precision, loras, lora_strict,
              memory_limit):  # fmt: skip
     """Generate an image from PROMPT and write it as a PNG with its parameters.
 
@@ -322,8 +364,9 @@ def generate(ctx, prompt, model, output, negative_prompt, prompt_2, negative_pro
     the mask is white (inpainting).
 
     With --from-png IMAGE (or --params FILE) it regenerates the image recorded there (same pixels with the
-    same model, engine and provider); PROMPT and the options given override the recorded values. An image made
-    from a picture needs that picture again: give --image (and --mask)."""
+    same model, engine and provider, and the LoRAs it records when their files are still where they were);
+    PROMPT and the options given override the recorded values. An image made from a picture needs that picture
+    again: give --image (and --mask)."""
     from tqdm import tqdm
 
     from . import parameters
@@ -379,10 +422,14 @@ def generate(ctx, prompt, model, output, negative_prompt, prompt_2, negative_pro
         spec = dict(spec) if isinstance(spec, dict) else parameters.name_spec(spec) if spec else {}
         call["scheduler"] = {**spec, **options}
 
+    lora_list = _lora_list(loras)
+    if record is not None and lora_list is None and record.get("loras"):
+        lora_list = parameters.recorded_loras(record, source)
     engine = engine or "onnxruntime"
     engine_options = _engine_options_of(engine, providers, device, precision, int8)
     with Pipeline.load(model, engine=engine, providers=list(providers) or None, low_memory=low_memory,
-                       memory_limit=memory_limit, **engine_options) as pipe:  # fmt: skip
+                       memory_limit=memory_limit, loras=lora_list, lora_strict=lora_strict,
+                       **engine_options) as pipe:  # fmt: skip
         if options:
             class_name = call["scheduler"].get("_class_name") or pipe.folder.scheduler_config.get("_class_name")
             known = schedulers.SCHEDULERS[class_name].defaults if class_name in schedulers.SCHEDULERS else {}
@@ -629,12 +676,13 @@ def _echo_reports(reports: dict, prefix: str = "") -> None:
 )
 @click.option("--no-prepack", is_flag=True, help="ONNX Runtime: no pre-packed weight copies (less memory, slower).")
 @click.option("--int8", is_flag=True, help="The int8 UNet of `edgediff optimize --int8` (ONNX Runtime, OpenVINO).")
+@_lora_flags
 @_MEMORY_LIMIT_OPTION
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON instead of a table.")
 @click.option("-o", "--output", default=None, type=click.Path(path_type=Path), help="Also write the JSON report here.")
 def bench(model, prompt, steps, width, height, batch, guidance, scheduler, engine, device, precision, providers,
-          threads, warmup, runs, low_memory, optimization, no_prepack, int8, memory_limit, as_json,
-          output):  # fmt: skip
+          threads, warmup, runs, low_memory, optimization, no_prepack, int8, loras, lora_strict, memory_limit,
+          as_json, output):  # fmt: skip
     """Measure load, cold start and per-stage latency of MODEL (default: the embedded model)."""
     from tqdm import tqdm
 
@@ -648,6 +696,8 @@ def bench(model, prompt, steps, width, height, batch, guidance, scheduler, engin
     options = _engine_options_of(engine, providers, device, precision, int8)
     if engine == "onnxruntime":
         options.update(optimization=optimization, prepack=not no_prepack)
+    if loras:
+        options.update(loras=_lora_list(loras), lora_strict=lora_strict)
     bar = tqdm(desc="bench", unit="run", disable=not sys.stderr.isatty(), leave=False)
 
     def progress(i, n):
@@ -714,8 +764,13 @@ def bench(model, prompt, steps, width, height, batch, guidance, scheduler, engin
 @click.option("--force", is_flag=True, help="Rebuild plans that are already up to date.")
 @click.option("--prune", is_flag=True, help="Also delete plans built for another TensorRT version or GPU.")
 @click.option("--device", default=0, show_default=True, type=int, help="CUDA device index.")
+@click.option(
+    "--refit",
+    is_flag=True,
+    help="Build refittable plans, so --lora applies LoRAs at load time without a rebuild (can run slower).",
+)
 def build(model, components, batch, width, height, guidance, dynamic, min_size, max_size, max_batch, opt_level,
-          workspace, timing_cache, force, prune, device):  # fmt: skip
+          workspace, timing_cache, force, prune, device, refit):  # fmt: skip
     """Build fp16 TensorRT plans for the model folder MODEL on this GPU (engine="tensorrt" runs them)."""
     from edgediff.engines.tensorrt_build import build_model
     from edgediff.engines.trt_plans import ProfileOptions
@@ -725,7 +780,7 @@ def build(model, components, batch, width, height, guidance, dynamic, min_size, 
     results = build_model(
         model, components=list(components) or None, options=options, opt_level=opt_level, workspace_mib=workspace,
         timing_cache=timing_cache, force=force, prune=prune, device=device, progress=sys.stderr.isatty(),
-        verbose=logger.isEnabledFor(logging.DEBUG), announce=lambda line: click.echo(line, err=True),
+        verbose=logger.isEnabledFor(logging.DEBUG), announce=lambda line: click.echo(line, err=True), refit=refit,
     )  # fmt: skip
     for r in results:
         took = f" in {r.seconds:.0f} s" if r.status == "built" else ""
@@ -749,8 +804,9 @@ def build(model, components, batch, width, height, guidance, dynamic, min_size, 
 @click.option("--replicas", default=1, show_default=True, type=int, help="With --ray: replicas, one pipeline each.")
 @_engine_flags
 @click.option("--int8", is_flag=True, help="The int8 UNet of `edgediff optimize --int8` (changes the images).")
+@_lora_flags
 def serve(models, host, port, listen, api_auth, cors_allow_origins, max_queue, workers, use_ray, replicas, engine,
-          device, precision, int8) -> None:  # fmt: skip
+          device, precision, int8, loras, lora_strict) -> None:  # fmt: skip
     """Serve AUTOMATIC1111's HTTP API (/sdapi/v1/txt2img, img2img, progress, interrupt, ...) on this machine, for
     the desktop plugins and client libraries that speak it. Needs the serve extra (pip install 'edgediff[serve]')."""
     try:
@@ -768,6 +824,8 @@ def serve(models, host, port, listen, api_auth, cors_allow_origins, max_queue, w
     origins = [o.strip() for o in cors_allow_origins.split(",") if o.strip()]
     engine = engine or "onnxruntime"
     engine_options = {"engine": engine, **_engine_options_of(engine, (), device, precision, int8)}
+    if loras:  # every served model gets them (a LoRA that does not fit one of them is refused at start)
+        engine_options.update(loras=_lora_list(loras), lora_strict=lora_strict)
     if use_ray:
         try:
             from .serve.ray_app import deploy

@@ -242,6 +242,25 @@ def call_arguments(record: dict[str, Any], with_image: bool = False) -> dict[str
             "num_images_per_prompt": record.get("num_images_per_prompt") or 1}  # fmt: skip
 
 
+def recorded_loras(record: dict[str, Any], source) -> list[tuple[str, float]]:
+    """The LoRAs a record was made with, as ``loras=`` takes them: each recorded file, which must still be there
+    with the same contents (its hash); a record without the files (an A1111 text) names what to pass."""
+    from .lora_apply import short_hash
+
+    out = []
+    for lora in record.get("loras") or []:
+        name, scale, path = lora.get("name"), lora.get("scale", 1.0), lora.get("file")
+        give = f"give it with --lora FILE:{_scale_text(scale)}"
+        if not path or not Path(path).is_file():
+            where = f" (recorded at {path}, which is gone)" if path else ""
+            raise ParametersError(f"{source} was made with the LoRA {name!r} at {_scale_text(scale)}{where}; {give}")
+        if lora.get("hash") and short_hash(path) != lora["hash"]:
+            raise ParametersError(f"{source} was made with the LoRA {name!r} of hash {lora['hash']}; {path} now "
+                                  f"holds another file (hash {short_hash(path)}); {give}")  # fmt: skip
+        out.append((path, float(scale)))
+    return out
+
+
 def single_image_call(record: dict[str, Any], source, overrides: dict[str, Any], new_schedule: dict | None = None,
                       with_image: bool = False):  # fmt: skip
     """The call that regenerates the one image ``record`` describes, with ``overrides`` (call
@@ -284,10 +303,17 @@ def _first(value):
     return value[0] if isinstance(value, (list, tuple)) and value else value
 
 
+def _scale_text(scale: float) -> str:
+    return f"{scale:g}"
+
+
 def format_parameters(p: dict[str, Any]) -> str:
     """The ``parameters`` text chunk other Stable Diffusion tools read (A1111's infotext): prompt line,
-    optional ``Negative prompt:`` line, then ``Key: value`` pairs. For a batch, the first prompt."""
-    lines = [_first(p.get("prompt")) or ""]
+    optional ``Negative prompt:`` line, then ``Key: value`` pairs. For a batch, the first prompt. LoRAs are written
+    as A1111 writes them: a ``<lora:name:scale>`` tag per LoRA after the prompt, and ``Lora hashes``."""
+    loras = p.get("loras") or []
+    tags = " ".join(f"<lora:{lora['name']}:{_scale_text(lora['scale'])}>" for lora in loras)
+    lines = [" ".join(x for x in (_first(p.get("prompt")) or "", tags) if x)]
     if _first(p.get("negative_prompt")):
         lines.append(f"Negative prompt: {_first(p['negative_prompt'])}")
     class_name, config = p.get("scheduler_class"), p.get("scheduler_config")
@@ -316,12 +342,14 @@ def format_parameters(p: dict[str, Any]) -> str:
         ("Scheduler options", " ".join(f"{k}={_compact(v)}" for k, v in options.items()) or None),
         ("Timesteps", _compact(p["timesteps"]) if p.get("timesteps") is not None else None),
         ("Sigmas", _compact(p["sigmas"]) if p.get("sigmas") is not None else None),
+        ("Lora hashes", ", ".join(f"{lora['name']}: {lora['hash']}" for lora in loras) or None),
         ("Version", f"edgediff {p.get('edgediff_version', '')}".strip()),
     ]
     lines.append(", ".join(f"{k}: {_quote(v)}" for k, v in pairs if v is not None))
     return "\n".join(lines)
 
 
+LORA_TAG = re.compile(r"\s*<lora:([^:>]+)(?::([^:>]*))?(?::[^>]*)?>")  # A1111's <lora:name:te_scale[:unet_scale]>
 INFOTEXT_PAIR = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')  # A1111's infotext_utils
 _OPTION_KEY = re.compile(r"\s*([A-Za-z_]\w*)=")
 
@@ -363,7 +391,16 @@ def parse_parameters_text(text: str, where: str = "the parameters text") -> dict
     if not fields:
         raise ParametersError(f"{where} holds no generation parameters (no line of 'Key: value' pairs such as "
                               "'Steps: 20, Seed: 1, Size: 512x512')")  # fmt: skip
-    record: dict[str, Any] = {"prompt": "\n".join(prompt)}
+    prompt_text = "\n".join(prompt)
+    tags = LORA_TAG.findall(prompt_text)
+    record: dict[str, Any] = {"prompt": LORA_TAG.sub("", prompt_text).strip() if tags else prompt_text}
+    if tags:  # A1111's prompt tags; the hashes, when written, by name
+        hashes = dict(h.split(": ", 1) for h in fields.get("Lora hashes", "").split(", ") if ": " in h)
+        try:
+            record["loras"] = [{"name": name, "scale": float(scale) if scale else 1.0, "hash": hashes.get(name)}
+                               for name, scale in tags]  # fmt: skip
+        except ValueError:
+            raise ParametersError(f"{where}: a LoRA tag's strength is not a number ({tags})") from None
     if in_negative:
         record["negative_prompt"] = "\n".join(negative)
     convert: dict[str, tuple[str, Callable[[str], Any]]] = {

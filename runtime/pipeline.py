@@ -34,7 +34,7 @@ from typing import Any, cast
 import numpy as np
 from PIL import Image
 
-from . import parameters, resources, schedulers
+from . import lora_apply, parameters, resources, schedulers
 from .engine import Engine, create_engine, engine_class
 from .errors import EdgediffError, InvalidArgumentError, ModelFolderError, NonFiniteError, ResourceError
 from .image import load_image, load_mask, paste_unmasked, preprocess, preprocess_mask, to_pil, to_uint8
@@ -112,6 +112,8 @@ class Pipeline:
         self.engine_name = engine_name
         self.default_scheduler = schedulers.resolve(None, folder.scheduler_config)
         self._load_lock = threading.Lock()
+        self._loras: list[lora_apply.Lora] = []
+        self._weights: dict[str, dict[str, np.ndarray]] = {}  # component -> LoRA-merged initializers
 
     @classmethod
     def load(
@@ -121,6 +123,8 @@ class Pipeline:
         providers: Sequence[str] | None = None,
         low_memory: bool = False,
         memory_limit: int | str | None = "auto",
+        loras=None,
+        lora_strict: bool = False,
         **engine_options,
     ) -> Pipeline:
         """Open a model folder and create one engine per component (text encoder, UNet, VAE decoder; the VAE
@@ -140,6 +144,11 @@ class Pipeline:
         (``edgediff.runtime.resources``) and refuses with ``ResourceError`` what does not fit:
         ``"auto"`` (default) compares with the memory available at that moment, a number of bytes
         with that number, ``None`` turns the check off.
+        ``loras``: LoRA files applied to the UNet and text encoders, ``[("style.safetensors", 0.8), ...]`` (a
+        bare file means strength 1): kohya / A1111, diffusers / PEFT and LoCon ``.safetensors`` files, merged
+        into the weights as the engines are created (``edgediff.runtime.lora_apply``; nothing is written).
+        ``set_loras`` changes them later. Modules of a LoRA that match no layer are counted in a warning;
+        ``lora_strict=True`` refuses such a file instead.
         Other keyword arguments go to the engine (ONNX Runtime: ``threads``, ``optimization``, …; OpenVINO:
         ``device``, ``precision``, ``threads``, ``shapes``, ``cache``).
         """
@@ -163,6 +172,8 @@ class Pipeline:
         pipe.low_memory = bool(low_memory)
         pipe.memory_limit = memory_limit
         pipe.load_times = {}
+        pipe._loras = lora_apply.as_loras(loras)
+        pipe._weights = lora_apply.merged_weights(mf, pipe._loras, strict=lora_strict)
         if low_memory:  # (engine_class above: a missing engine library fails here, not in the middle of a call)
             return pipe
         try:
@@ -176,9 +187,40 @@ class Pipeline:
         return pipe
 
     def _create(self, component: str) -> Engine:
-        return create_engine(
-            self.engine_name, self.folder.component_path(component), component=component, **self._engine_options
-        )
+        options = self._engine_options
+        if self._weights.get(component):
+            options = {**options, "weights": self._weights[component]}
+        return create_engine(self.engine_name, self.folder.component_path(component), component=component, **options)
+
+    @property
+    def loras(self) -> list[tuple[str, float]]:
+        """The LoRAs applied now: ``[(file, scale), ...]``."""
+        return [(str(lora.file.path), lora.scale) for lora in self._loras]
+
+    def set_loras(self, loras=None, strict: bool = False) -> list[str]:
+        """Apply ``loras`` (as ``load`` takes them; ``[]`` or None: none) in place of the current ones; return the
+        components whose engines were re-created. Only the engines whose weights change are re-created, each from
+        the base weights plus the new LoRAs (never onto weights merged before), so removing every LoRA gives the
+        base model's engines back. Every file is read and matched before anything changes: a bad one leaves the
+        pipeline as it was."""
+        new = lora_apply.as_loras(loras)
+        before, after = lora_apply.touched(self._loras), lora_apply.touched(new)
+        changed = sorted(c for c in set(before) | set(after) if before.get(c) != after.get(c))
+        lora_apply.check(self.folder, new, strict=strict)  # refuses bad input before any engine goes
+        with self._load_lock:
+            loaded = [c for c in changed if c in self.engines]
+            for component in changed:  # the old merged weights go before the new ones are made
+                if component in self.engines:
+                    self.engines.pop(component).close()
+                self._weights.pop(component, None)
+            gc.collect()
+            self._loras = new
+            self._weights.update(lora_apply.merged_weights(self.folder, new, strict=strict, components=changed))
+            for component in loaded:
+                t0 = time.perf_counter()
+                self.engines[component] = self._create(component)
+                self.load_times[component] = time.perf_counter() - t0
+        return changed
 
     @contextmanager
     def _component(self, name: str, timings: dict[str, float]):
@@ -261,6 +303,7 @@ class Pipeline:
         for e in self.engines.values():
             e.close()
         self.engines = {}
+        self._weights = {}
 
     def __enter__(self):
         return self
@@ -485,6 +528,9 @@ class Pipeline:
         if mask is not None:
             params["mask"] = True  # nor is the mask
             params["keep_unmasked"] = bool(keep_unmasked)
+        if self._loras:
+            params["loras"] = [{"name": lora.name, "file": str(lora.file.path), "scale": lora.scale,
+                                "hash": lora.hash} for lora in self._loras]  # fmt: skip
         return GenerationResult(images, params, timings, unet_calls)
 
     def planned_calls(self, num_inference_steps: int | None = None, scheduler=None, eta: float = 0.0, timesteps=None,

@@ -109,3 +109,12 @@ SDXL_CASES = {
                                                      "height": 32}),
 }  # fmt: skip
 SDXL_SEED = 21
+
+# The committed tiny LoRA (tests/fixtures/lora/, made on micro-sd1's seeded source by record_goldens.py --lora):
+# its file, strength, and the call whose final latents and image diffusers recorded with it fused
+LORA_FILE = "lora/micro-sd1-locon.safetensors"
+LORA_SCALE = 0.8
+LORA_SEED = 7
+LORA_KW = dict(num_inference_steps=4, guidance_scale=5.0, negative_prompt="blurry")
+LORA_PROMPT = "a red circle on a blue background"
+LORA_SCHEDULER = "euler"

@@ -10,6 +10,7 @@ import io
 import json
 import random
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from PIL import Image, ImageFilter, ImageOps, UnidentifiedImageError
@@ -123,6 +124,27 @@ def decode_image(value, name: str, limits: Limits) -> Image.Image:
     return image
 
 
+def _lora_tags(prompt: str, pipe: Pipeline) -> str:
+    """A1111 clients ask for LoRAs with ``<lora:name:weight>`` in the prompt. The server applies the LoRAs it was
+    started with (``serve --lora``); a tag naming one of them at its strength is taken off the prompt (it is
+    applied), any other is a 422 that says which LoRAs the server has."""
+    tags = parameters.LORA_TAG.findall(prompt)
+    if not tags:
+        return prompt
+    loaded = {Path(file).stem: scale for file, scale in pipe.loras}
+    for name, weight in tags:
+        try:
+            scale = float(weight) if weight else 1.0
+        except ValueError:
+            raise ApiError(422, f"prompt: <lora:{name}:{weight}>: the strength is not a number") from None
+        if name not in loaded or abs(loaded[name] - scale) > 1e-6:
+            have = ", ".join(f"{n} at {s:g}" for n, s in loaded.items()) or "none"
+            raise ApiError(422, f"prompt: <lora:{name}:{weight or 1}>: this server applies only the LoRAs it was "
+                                f"started with ({have}); start it with --lora FILE:{scale:g} for this "
+                                "one")  # fmt: skip
+    return parameters.LORA_TAG.sub("", prompt).strip()
+
+
 def plan(body: Any, pipe: Pipeline, limits: Limits, mode: str = "txt2img") -> Plan:
     """Check a txt2img or img2img body and turn it into a Plan; unknown keys are ignored, as A1111 does."""
     if not isinstance(body, dict):
@@ -130,6 +152,7 @@ def plan(body: Any, pipe: Pipeline, limits: Limits, mode: str = "txt2img") -> Pl
     _refuse_unsupported(body)
     prompt = _field(body, "prompt", str, "", what="a string")
     negative = _field(body, "negative_prompt", str, "", what="a string")
+    typed_prompt, prompt = prompt, _lora_tags(prompt, pipe)
     steps = _field(body, "steps", int, 50, lambda v: 1 <= v <= limits.max_steps, f"an integer 1..{limits.max_steps}")
     cfg = _field(body, "cfg_scale", float, 7.0, lambda v: 0 <= v <= 100, "a number 0..100")
     width = _field(body, "width", int, 512, lambda v: 1 <= v <= limits.max_side, f"an integer 1..{limits.max_side}")
@@ -153,7 +176,7 @@ def plan(body: Any, pipe: Pipeline, limits: Limits, mode: str = "txt2img") -> Pl
                                 guidance_scale=cfg, width=width, height=height, scheduler=scheduler)  # fmt: skip
     if name == "ddim" and body.get("eta") is not None:
         call["eta"] = _field(body, "eta", float, 0.0, lambda v: 0 <= v <= 1, "a number 0..1")
-    echo = {"prompt": prompt, "negative_prompt": negative, "steps": steps, "cfg_scale": cfg, "width": width,
+    echo = {"prompt": typed_prompt, "negative_prompt": negative, "steps": steps, "cfg_scale": cfg, "width": width,
             "height": height, "batch_size": batch, "n_iter": n_iter, "sampler_name": sampler,
             "scheduler": schedule or "Automatic"}  # fmt: skip
     if mode == "img2img":

@@ -289,9 +289,14 @@ def create_app(models: Sequence[str | Path | None] = (), api_auth: str | None = 
     async def refresh_checkpoints():
         return None
 
+    @app.get("/sdapi/v1/loras")
+    async def loras():  # A1111's list (the Lora extension's): the LoRAs the selected model was started with
+        return [{"name": Path(file).stem, "alias": Path(file).stem, "path": file, "metadata": {}, "scale": scale}
+                for file, scale in server.pipeline().loras]  # fmt: skip
+
     # stubs the clients call when they connect (desktop_api.md §1.1)
     stubs: dict[str, Any] = {
-        "scripts": {"txt2img": [], "img2img": []}, "loras": [], "sd-vae": [], "hypernetworks": [],
+        "scripts": {"txt2img": [], "img2img": []}, "sd-vae": [], "hypernetworks": [],
         "latent-upscale-modes": [], "prompt-styles": [], "face-restorers": [], "realesrgan-models": [],
         "embeddings": {"loaded": {}, "skipped": {}}, "cmd-flags": {},
         "upscalers": [{"name": "None", "model_name": None, "model_path": None, "model_url": None, "scale": 1}],

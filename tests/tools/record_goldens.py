@@ -3,6 +3,7 @@
     python tests/tools/record_goldens.py            # writes tests/fixtures/goldens.npz, goldens.json
     python tests/tools/record_goldens.py --models   # also re-exports tests/fixtures/micro-sd1, -sd2, -sd1-inpaint
     python tests/tools/record_goldens.py --sdxl     # only the SDXL goldens (and micro-sdxl when missing)
+    python tests/tools/record_goldens.py --lora     # only the LoRA goldens (needs peft)
 
 Writes:
 - tests/fixtures/micro-sd1/, micro-sd2/, micro-sd1-inpaint/: micro random-weight models (SD1 epsilon, SD2
@@ -21,6 +22,10 @@ Writes:
   tok/<variant>                 CLIPTokenizer ids of TOKENIZER_PROMPTS
 - tests/fixtures/micro-sdxl/ and goldens_sdxl.npz: a micro SDXL model and, for golden_cases.SDXL_CASES, the
   SDXL pipelines' images (uint8) and final latents (kept apart, so recording them leaves goldens.npz as it is);
+- tests/fixtures/lora/micro-sd1-locon.safetensors and goldens_lora.npz: a tiny kohya LoCon (UNet linear and conv
+  layers, text encoder) made with peft on micro-sd1's seeded source, and the final latents and image of the
+  pipeline with it fused by diffusers (golden_cases.LORA_*), plus the same call without it; micro-sd1's LoRA
+  weights maps are made first when it lacks them (`edgediff weights-map`);
 - tests/fixtures/goldens.json: versions used.
 Re-run it when a case is added; the committed files are what the tests read.
 """
@@ -157,12 +162,47 @@ def record_sdxl(models: bool) -> None:
     print(f"wrote {len(goldens)} SDXL arrays to {FIXTURES}")
 
 
+def record_lora() -> None:
+    import torch
+
+    import lora_maker as lm
+    from edgediff.export import write_weights_maps
+    from edgediff.export.random_model import build_tiny_pipeline
+    from golden_cases import LORA_FILE, LORA_KW, LORA_PROMPT, LORA_SCALE, LORA_SCHEDULER, LORA_SEED
+
+    goldens: dict[str, np.ndarray] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        src = build_tiny_pipeline(Path(tmp) / "src-sd1", "sd1", seed=0, size="micro")
+        if not (FIXTURES / "micro-sd1" / "unet" / "weights_map.json").is_file():
+            write_weights_maps(FIXTURES / "micro-sd1", src)
+        path = FIXTURES / LORA_FILE
+        path.parent.mkdir(exist_ok=True)
+        lm.save_kohya(lm.make_lora(src, components=("unet", "text_encoder"), seed=0, sigma=0.2), path)
+        for label, loras in (("with", [(path, LORA_SCALE)]), ("without", [])):
+            ref = lm.fused_pipeline(src, loras)
+            cls_name, overrides = SCHEDULER_NAMES[LORA_SCHEDULER]
+            ref.scheduler = getattr(__import__("diffusers"), cls_name).from_config(ref.scheduler.config, **overrides)
+            for output in ("latent", "np"):
+                out = ref(LORA_PROMPT, generator=torch.Generator("cpu").manual_seed(LORA_SEED), output_type=output,
+                          **LORA_KW).images  # fmt: skip
+                if output == "latent":
+                    goldens[f"lora/{label}/latents"] = out.numpy().astype(np.float32)
+                else:
+                    goldens[f"lora/{label}/image"] = (out * 255).round().astype(np.uint8)
+    np.savez_compressed(FIXTURES / "goldens_lora.npz", **goldens)
+    print(f"wrote {len(goldens)} LoRA arrays and {LORA_FILE} to {FIXTURES}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", action="store_true", help="re-export the committed micro model folders too")
     parser.add_argument("--sdxl", action="store_true", help="record only the SDXL goldens")
+    parser.add_argument("--lora", action="store_true", help="record only the LoRA goldens")
     args = parser.parse_args()
     FIXTURES.mkdir(exist_ok=True)
+    if args.lora:
+        record_lora()
+        return
     record_sdxl(args.models)
     if args.sdxl:
         return
@@ -216,6 +256,7 @@ def main() -> None:
     meta = {"torch": torch.__version__, "diffusers": diffusers.__version__, "transformers": transformers.__version__}
     (FIXTURES / "goldens.json").write_text(json.dumps(meta, indent=2) + "\n")
     print(f"wrote {len(goldens)} arrays to {FIXTURES}")
+    record_lora()
 
 
 if __name__ == "__main__":
