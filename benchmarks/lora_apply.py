@@ -10,7 +10,9 @@ graph (``cpu_variant="off"``: what a pipeline with LoRAs loads, so the base row 
 - ``base``: the model without LoRAs;
 - ``lora``: loaded with LoRA A: the time to merge (read, ΔW, add) and the load around it;
 - ``switch``: loaded with A, then ``set_loras([B])``: the time of the switch, and the peak over both;
-- ``remove``: loaded with A, then ``set_loras([])``: back to the base image, bit for bit (checked).
+- ``remove``: loaded with A, then ``set_loras([])``: back to the base image, bit for bit (checked);
+- ``ov_base``, ``ov_lora``: the same on OpenVINO f32, which fuses the exported graph itself (so it is the fast
+  image-equal engine with LoRAs: ONNX Runtime's fused CPU variant cannot take them).
 
 Each makes one 512x512 image with 3 steps (guidance 7.5), so the peak includes a UNet call. The LoRAs are random
 (fp16 factors, kohya format, alpha = rank), made from the model's own weights map so every attention linear and
@@ -68,14 +70,20 @@ def worker(model: Path, scenario: str, lora_a: Path, lora_b: Path, threads: int 
     from edgediff.runtime.model_folder import ModelFolder
 
     out: dict = {"scenario": scenario}
-    options = {"cpu_variant": "off", **({"threads": threads} if threads else {})}
+    engine = "openvino" if scenario.startswith("ov_") else "onnxruntime"
+    options: dict = {"engine": engine, **({"threads": threads} if threads else {})}
+    options.update({"precision": "f32"} if engine == "openvino" else {"cpu_variant": "off"})
+    scenario = scenario.removeprefix("ov_")
     t0 = time.perf_counter()
     if scenario != "base":  # the merge alone, timed apart (Pipeline.load repeats it: the load time includes it)
         mf = ModelFolder.open(model)
         t = time.perf_counter()
-        merged = lora_apply.merged_weights(mf, lora_apply.as_loras([(lora_a, 1.0)]))
+        merged = lora_apply.merged_weights(mf, lora_apply.as_loras([(lora_a, 1.0)]), lazy=True)
+        for weights in merged.values():  # each merged and dropped: the merge's time, not its memory
+            for name in weights:
+                weights[name]
         out["merge_s"] = time.perf_counter() - t
-        out["changed_bytes"] = sum(a.nbytes for w in merged.values() for a in w.values())
+        out["changed_bytes"] = sum(w.nbytes for w in merged.values())  # type: ignore[attr-defined]
         out["changed_initializers"] = sum(len(w) for w in merged.values())
         del merged
         t0 = time.perf_counter()
@@ -97,7 +105,7 @@ def worker(model: Path, scenario: str, lora_a: Path, lora_b: Path, threads: int 
     out["unet_call_s"] = float(np.median(result.unet_calls))
     out["peak"] = peak_rss_bytes()
     image = np.asarray(result.images[0])
-    np.save(RESULTS / f".lora_{scenario}.npy", image)
+    np.save(RESULTS / f".lora_{out['scenario']}.npy", image)
     pipe.close()
     return out
 
@@ -122,6 +130,8 @@ def main() -> None:
     for seed, path in ((1, a), (2, b)):
         if not path.is_file():
             files[path.name] = make_lora(args.model, path, args.rank, seed)
+    previous = RESULTS / "lora_sd15.json"
+    kept = json.loads(previous.read_text())["rows"] if previous.is_file() else []  # rows of earlier runs stay
     rows = []
     for scenario in args.scenarios.split(","):
         cmd = [sys.executable, __file__, "--model", str(args.model), "--rank", str(args.rank), "--work",
@@ -134,10 +144,15 @@ def main() -> None:
         print(rows[-1], flush=True)
     images = {r["scenario"]: np.load(RESULTS / f".lora_{r['scenario']}.npy") for r in rows}
     for r in rows:
-        if r["scenario"] in images and "base" in images:
-            r["max_diff_vs_base"] = int(np.abs(images[r["scenario"]].astype(int) - images["base"]).max())
+        base = "ov_base" if r["scenario"].startswith("ov_") else "base"
+        if base in images:
+            r["max_diff_vs_base"] = int(np.abs(images[r["scenario"]].astype(int) - images[base]).max())
+        if r["scenario"] == "ov_lora" and "lora" in images:
+            r["max_diff_vs_onnxruntime"] = int(np.abs(images["ov_lora"].astype(int) - images["lora"]).max())
     for p in RESULTS.glob(".lora_*.npy"):
         p.unlink()
+    done = {r["scenario"] for r in rows}
+    rows = [r for r in kept if r["scenario"] not in done] + rows
     report = {"machine": machine_info(), "model": str(args.model), "rank": args.rank, "call": CALL, "rows": rows,
               "lora_files": {p.name: p.stat().st_size for p in (a, b)}}  # fmt: skip
     (RESULTS / "lora_sd15.json").write_text(json.dumps(report, indent=1) + "\n")

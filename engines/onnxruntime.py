@@ -23,12 +23,14 @@ Session settings (keyword options, also reachable from ``Pipeline.load`` and ``e
   (Formerly ``optimized``, a name too close to ``optimization``; the old name is refused with a
   message that gives the new one.)
 - ``weights``: ``{initializer name: array}`` that replace the graph's own (the LoRA-merged weights of
-  ``edgediff.runtime.lora_apply``), given to ONNX Runtime at session creation with
-  ``SessionOptions.add_external_initializers``, which checks each name and shape and, unlike
-  ``add_initializer``, also replaces convolution weights at level ``all``. They must be initializers stored in
-  the model's external-data file (as the weights map guarantees). The saved CPU variants hold re-laid-out
-  copies of the weights, so with ``weights`` the exported graph is loaded (and optimised at session creation)
-  instead; the int8 variants, whose weights are quantized, are refused.
+  ``edgediff.runtime.lora_apply``), given to ONNX Runtime at session creation. The pipeline's
+  ``MergedWeights`` are written into a copy-on-write map of ``model.onnx_data`` that ONNX Runtime reads in
+  place of the file (``add_external_initializers_from_files_in_memory``) and that goes once the session exists;
+  plain arrays go through ``add_external_initializers``, which checks each name and shape and keeps them for the
+  session's life. Both, unlike ``add_initializer``, also replace convolution weights at level ``all``. They must
+  be initializers stored in the model's external-data file (as the weights map guarantees). The saved CPU
+  variants hold re-laid-out copies of the weights, so with ``weights`` the exported graph is loaded (and optimised
+  at session creation) instead; the int8 variants, whose weights are quantized, are refused.
 - ``io_binding``: bind inputs and outputs through an IOBinding (default: on for GPU providers,
   where it keeps inputs that are passed again unchanged on the device; off on the CPU, where
   ``run`` already writes into fresh numpy arrays without a copy).
@@ -153,6 +155,25 @@ def saved_cpu_variant(path: Path, component: str, precision: str = "fp32") -> Pa
 _ALLOCATION_FAILURES = ("bad_alloc", "failed to allocate", "out of memory", "bfcarena", "cannot allocate")
 
 
+def _merged_weights_file(weights) -> np.ndarray:
+    """The component's ``model.onnx_data`` as ONNX Runtime will read it, with the LoRA-merged initializers
+    (``lora_apply.MergedWeights``) written over the base ones: a copy-on-write map of the file, so only the pages of
+    the changed weights take memory, each merged initializer is made and written one at a time, and the whole goes
+    when the session exists (``add_external_initializers_from_files_in_memory`` copies during creation). Like
+    ``add_external_initializers``, it replaces convolution weights at every optimisation level."""
+    data = np.memmap(weights.data_file, dtype=np.uint8, mode="c")
+    for name in weights:
+        offset, length = weights.location(name)
+        value = np.ascontiguousarray(weights[name])
+        if value.nbytes != length:
+            raise ModelFolderError(f"{name}: the merged weight has {value.nbytes} bytes, its place in "
+                                   f"{weights.data_file} {length}; remake the weights map (edgediff "
+                                   "weights-map)")  # fmt: skip
+        data[offset : offset + length] = value.reshape(-1).view(np.uint8)
+        del value
+    return data
+
+
 def _is_allocation_failure(e: BaseException) -> bool:
     return isinstance(e, MemoryError) or any(m in str(e).lower() for m in _ALLOCATION_FAILURES)
 
@@ -241,9 +262,14 @@ class OrtEngine:
             )
         if session_options is None:
             session_options = make_session_options(threads, optimization, prepack, mem_arena, mem_pattern)
-        # the replaced weights must outlive the session: ONNX Runtime uses their memory, it does not copy them
-        self._weights = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a)) for a in (weights or {}).values()]
-        if weights:
+        self._weights: list = []
+        weights_file = None
+        if weights and getattr(weights, "data_file", None) is not None:
+            weights_file = _merged_weights_file(weights)
+            name = Path(weights.data_file).name  # type: ignore[attr-defined]
+            session_options.add_external_initializers_from_files_in_memory([name], [weights_file], [weights_file.size])
+        elif weights:  # plain arrays: they must outlive the session (ONNX Runtime may use their memory)
+            self._weights = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a)) for a in weights.values()]
             session_options.add_external_initializers(list(weights), self._weights)
         try:
             self.session = ort.InferenceSession(str(path), sess_options=session_options, providers=providers)
@@ -267,6 +293,7 @@ class OrtEngine:
                 f"{component}: ONNX Runtime cannot load {path} ({reason}); "
                 "the file is damaged or incomplete: re-export the model"
             ) from e
+        del weights_file  # ONNX Runtime copied what it needs while creating the session
         self.providers = self.session.get_providers()
         self.inputs = {a.name: _spec(a) for a in self.session.get_inputs()}
         self.outputs = {a.name: _spec(a) for a in self.session.get_outputs()}

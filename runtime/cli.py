@@ -514,6 +514,9 @@ def info(model: Path, verify: bool, as_json: bool, engine: str | None, device, p
                 except EdgediffError as e:
                     problems.append(str(e))
     m = mf.manifest
+    # LoRAs need each target's weights map (new exports have them; older folders: `edgediff weights-map`)
+    targets = [c for c in ("unet", "text_encoder", "text_encoder_2") if c in mf.components]
+    lora_ready = all((mf.component_path(c).parent / "weights_map.json").is_file() for c in targets)
     report = {
         "folder": str(mf.path),
         "manifest": "inferred (optimum/diffusers folder)" if mf.inferred else "edgediff.json",
@@ -528,6 +531,7 @@ def info(model: Path, verify: bool, as_json: bool, engine: str | None, device, p
         "few_step": mf.few_step.get("kind") or "none",  # turbo, lcm, lcm_lora: what the call defaults follow
         "defaults": mf.call_defaults("txt2img"),
         "tiny_vae": mf.has_tiny_vae,
+        "lora_ready": lora_ready,
         "components": {k: v.get("precision") for k, v in m["components"].items()},
         "schedulers_available": schedulers.known_names(),
         "size_multiple": mf.size_multiple,
@@ -549,6 +553,9 @@ def info(model: Path, verify: bool, as_json: bool, engine: str | None, device, p
                 click.echo(f"{k}: {', '.join(v) if k == 'schedulers_available' else v}")
         for rel in mf.edited:
             click.echo(f"note: {rel} was edited since export (accepted: the folder validates)")
+        if not report["lora_ready"]:
+            click.echo(f"note: no LoRA weights maps; make them once with `edgediff weights-map {mf.path} SOURCE` "
+                       "(the diffusers folder it was exported from) before --lora")  # fmt: skip
         for p in problems:
             click.echo(f"problem: {p}")
     if problems:

@@ -14,8 +14,10 @@ nothing is written to disk.
 - **Bad input is refused by name**: a LoRA for another architecture (no module matches, or a module's shape
   differs: counts and examples), one for a text encoder the model lacks, a scale that is not finite. Modules
   that match nothing while others match are counted in a warning, an error with ``strict=True``.
-- **Memory**: one merged copy of the weights a LoRA changes, built one initializer at a time; the base values
-  are read from ``model.onnx_data`` through a memory map.
+- **Memory**: the merge is lazy (``MergedWeights``): each initializer is merged when the engine reads it, from
+  the base values read through a memory map of ``model.onnx_data``, so an engine holds at most one merged copy of
+  the weights a LoRA changes, and ONNX Runtime none once its session exists
+  (``benchmarks/results/lora_sd15.md`` measures it on the full-size UNet).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import json
 import logging
 import math
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -292,16 +294,25 @@ def match(loras: Iterable[Lora], maps: dict[str, WeightsMap], present: Iterable[
     return found
 
 
-def merge(wmap: WeightsMap, pairs: Sequence[tuple[Lora, LoraModule, dict]]) -> dict[str, np.ndarray]:
-    """``{initializer: merged value}`` for one component: base + Σ s·(α/r)·ΔW in fp32, one initializer at a time,
-    cast to the graph's dtype. LoRAs at strength 0 change nothing and are left out."""
-    by_initializer: dict[str, list[tuple[float, LoraModule, dict]]] = {}
-    for lora, module, entry in pairs:
-        if lora.scale != 0.0:
-            by_initializer.setdefault(entry["initializer"], []).append((lora.scale * module.scale, module, entry))
-    merged = {}
-    for initializer, parts in by_initializer.items():
-        base = wmap.base(initializer)
+class MergedWeights(Mapping):
+    """One component's LoRA-merged initializers, computed when read: ``weights[name]`` is base + Σ s·(α/r)·ΔW for
+    that initializer alone, in fp32, cast to the graph's dtype. An engine that reads them one at a time (ONNX
+    Runtime writes each into its copy of the weights file, TensorRT's refitter takes each) never holds more than
+    one merged initializer beyond what it keeps; ``dict(weights)`` materialises them all. LoRAs at strength 0
+    change nothing and are left out. ``data_file`` and ``location(name)`` say where each one lies in the
+    component's ``model.onnx_data``."""
+
+    def __init__(self, wmap: WeightsMap, pairs: Sequence[tuple[Lora, LoraModule, dict]]):
+        self.wmap = wmap
+        self.data_file = wmap.data_file
+        self._parts: dict[str, list[tuple[float, LoraModule, dict]]] = {}
+        for lora, module, entry in pairs:
+            if lora.scale != 0.0:
+                self._parts.setdefault(entry["initializer"], []).append((lora.scale * module.scale, module, entry))
+
+    def __getitem__(self, initializer: str) -> np.ndarray:
+        parts = self._parts[initializer]
+        base = self.wmap.base(initializer)
         value = base.astype(np.float32)  # a copy: the one extra copy of a changed weight
         for factor, module, entry in parts:
             delta = module.delta().reshape(entry["shape"])  # torch's layout (a 1x1 conv and a matrix alike)
@@ -309,8 +320,27 @@ def merge(wmap: WeightsMap, pairs: Sequence[tuple[Lora, LoraModule, dict]]) -> d
                 delta = delta.T
             value += np.float32(factor) * delta.reshape(value.shape)
             del delta
-        merged[initializer] = value if base.dtype == np.float32 else value.astype(base.dtype)
-    return merged
+        return value if base.dtype == np.float32 else value.astype(base.dtype)
+
+    def __iter__(self):
+        return iter(self._parts)
+
+    def __len__(self) -> int:
+        return len(self._parts)
+
+    def location(self, initializer: str) -> tuple[int, int]:
+        """``(offset, length)`` of the initializer's bytes in ``data_file``."""
+        info = self.wmap.initializers[initializer]
+        return int(info["offset"]), int(info["length"])
+
+    @property
+    def nbytes(self) -> int:
+        return sum(self.location(name)[1] for name in self)
+
+
+def merge(wmap: WeightsMap, pairs: Sequence[tuple[Lora, LoraModule, dict]]) -> dict[str, np.ndarray]:
+    """``{initializer: merged value}`` for one component, all at once (``MergedWeights`` computes them on read)."""
+    return dict(MergedWeights(wmap, pairs))
 
 
 def _maps_and_matches(folder, loras: Sequence[Lora], strict: bool) -> tuple[dict[str, WeightsMap], dict]:
@@ -328,19 +358,23 @@ def check(folder, loras: Sequence[Lora], strict: bool = False) -> None:
             wmap.close()
 
 
-def merged_weights(folder, loras: Sequence[Lora], strict: bool = False,
-                   components: Iterable[str] | None = None) -> dict[str, dict[str, np.ndarray]]:  # fmt: skip
+def merged_weights(folder, loras: Sequence[Lora], strict: bool = False, components: Iterable[str] | None = None,
+                   lazy: bool = False) -> dict[str, Mapping[str, np.ndarray]]:  # fmt: skip
     """``{component: {initializer: merged value}}`` for the ``ModelFolder`` ``folder`` (only ``components`` when
-    given); empty without LoRAs."""
+    given); empty without LoRAs. ``lazy``: each component's ``MergedWeights``, which merge as they are read (what
+    the pipeline hands the engines), instead of the arrays."""
     if not loras:
         return {}
     maps, matches = _maps_and_matches(folder, loras, strict)
     wanted = set(matches) if components is None else set(components) & set(matches)
-    try:
-        return {c: merge(maps[c], matches[c].pairs) for c in sorted(wanted)}
-    finally:
+    out: dict[str, Mapping[str, np.ndarray]] = {}
+    for c in sorted(wanted):
+        weights = MergedWeights(maps[c], matches[c].pairs)
+        out[c] = weights if lazy else dict(weights)
+    if not lazy:
         for wmap in maps.values():
             wmap.close()
+    return out
 
 
 def touched(loras: Sequence[Lora]) -> dict[str, tuple]:
@@ -352,5 +386,5 @@ def touched(loras: Sequence[Lora]) -> dict[str, tuple]:
     return {c: tuple(keys) for c, keys in out.items()}
 
 
-__all__ = ["Lora", "LoraFileError", "WeightsMap", "as_loras", "check", "match", "merge", "merged_weights",
-           "parse_lora_argument", "short_hash", "touched"]  # fmt: skip
+__all__ = ["Lora", "LoraFileError", "MergedWeights", "WeightsMap", "as_loras", "check", "match", "merge",
+           "merged_weights", "parse_lora_argument", "short_hash", "touched"]  # fmt: skip

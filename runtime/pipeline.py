@@ -24,7 +24,7 @@ import math
 import os
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -113,7 +113,7 @@ class Pipeline:
         self.default_scheduler = schedulers.resolve(None, folder.scheduler_config)
         self._load_lock = threading.Lock()
         self._loras: list[lora_apply.Lora] = []
-        self._weights: dict[str, dict[str, np.ndarray]] = {}  # component -> LoRA-merged initializers
+        self._weights: dict[str, Mapping[str, np.ndarray]] = {}  # component -> its LoRA-merged initializers (lazy)
 
     @classmethod
     def load(
@@ -173,7 +173,7 @@ class Pipeline:
         pipe.memory_limit = memory_limit
         pipe.load_times = {}
         pipe._loras = lora_apply.as_loras(loras)
-        pipe._weights = lora_apply.merged_weights(mf, pipe._loras, strict=lora_strict)
+        pipe._weights = lora_apply.merged_weights(mf, pipe._loras, strict=lora_strict, lazy=True)
         if low_memory:  # (engine_class above: a missing engine library fails here, not in the middle of a call)
             return pipe
         try:
@@ -215,7 +215,8 @@ class Pipeline:
                 self._weights.pop(component, None)
             gc.collect()
             self._loras = new
-            self._weights.update(lora_apply.merged_weights(self.folder, new, strict=strict, components=changed))
+            self._weights.update(lora_apply.merged_weights(self.folder, new, strict=strict, components=changed,
+                                                           lazy=True))  # fmt: skip
             for component in loaded:
                 t0 = time.perf_counter()
                 self.engines[component] = self._create(component)

@@ -371,9 +371,12 @@ def test_weights_map_command_makes_an_old_folder_lora_ready(sd1, tmp_path):
     from edgediff.export import _record_components
 
     _record_components(old, ["unet", "text_encoder"], None, {})
+    ready = lambda: json.loads(CliRunner().invoke(main, ["info", str(old), "--no-verify", "--json"]).output)  # noqa: E731
+    assert ready()["lora_ready"] is False
+    assert "edgediff weights-map" in CliRunner().invoke(main, ["info", str(old), "--no-verify"]).output
     r = CliRunner().invoke(main, ["weights-map", str(old), str(src)])
     assert r.exit_code == 0, r.output
-    assert "unet: " in r.output and "weights mapped" in r.output
+    assert "unet: " in r.output and "weights mapped" in r.output and ready()["lora_ready"] is True
     assert ModelFolder.open(old).verify() == []  # the manifest records the rewritten files
     with Pipeline.load(old, loras=[(files["a_kohya"], 0.6)]) as a, Pipeline.load(
             folder, loras=[(files["a_kohya"], 0.6)]) as b:  # fmt: skip
@@ -395,3 +398,23 @@ def test_fp16_export_merges_in_fp16(tiny_export, tiny_source, tmp_path):
     for name, value in w16.items():
         assert value.dtype == np.float16
         np.testing.assert_allclose(value.astype(np.float32), w32[name], atol=2e-3, rtol=2e-3)
+
+
+def test_an_optimum_folder_gets_its_maps_and_applies_loras_as_diffusers(sd1, tmp_path):
+    """optimum's exporter writes no weights maps: `edgediff weights-map` makes them from the source, once."""
+    pytest.importorskip("optimum.exporters.onnx")
+    from optimum.exporters.onnx import main_export
+
+    from edgediff.export import write_weights_maps
+    from edgediff.runtime import Pipeline
+    from edgediff.runtime.errors import ModelFolderError
+
+    src, _, files = sd1
+    out = tmp_path / "optimum-sd1"
+    main_export(str(src), out, task="text-to-image", do_validation=False)
+    with pytest.raises(ModelFolderError, match="edgediff weights-map"):
+        Pipeline.load(out, loras=[files["a_kohya"]])
+    assert set(write_weights_maps(out, src)) == {"unet", "text_encoder"}
+    want = _reference(src, [(files["a_kohya"], 0.8)])
+    with Pipeline.load(out, loras=[(files["a_kohya"], 0.8)]) as pipe:
+        assert _max_diff(_images(pipe), want) <= 1

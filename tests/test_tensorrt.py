@@ -760,3 +760,34 @@ def test_close_frees_and_refuses_further_runs(built_model):
     eng.close()  # idempotent
     with pytest.raises(EngineUnavailableError, match="closed"):
         eng.run({"latent_sample": np.zeros((1, 4, 16, 16), np.float32)})
+
+
+@pytest.mark.gpu
+@pytest.mark.tensorrt
+@on_gpu
+def test_refit_applies_a_lora_and_switching_back_restores_the_base(tiny_export, tmp_path):
+    """`edgediff build --refit`, then the committed tiny LoRA's merged weights refitted into the micro UNet plan: the
+    UNet output equals ONNX Runtime's with the same weights (fp16 bound), and a fresh engine without weights gives
+    the base output again (a refit never stays in the plan file)."""
+    from edgediff.engines.onnxruntime import OrtEngine
+    from edgediff.engines.tensorrt_build import build_model
+    from edgediff.runtime.lora_apply import as_loras, merged_weights
+    from golden_cases import LORA_FILE
+
+    micro = Path(__file__).parent / "fixtures" / "micro-sd1"
+    folder = tmp_path / "model"
+    shutil.copytree(micro, folder)
+    build_model(folder, ["unet"], opt_level=2, refit=True)
+    weights = merged_weights(ModelFolder.open(folder), as_loras([(micro.parent / LORA_FILE, 0.8)]))["unet"]
+    rng = np.random.default_rng(3)
+    feed = {"sample": rng.standard_normal((2, 4, 16, 16)).astype(np.float32), "timestep": np.float32(500.0),
+            "encoder_hidden_states": rng.standard_normal((2, 77, 16)).astype(np.float32)}  # fmt: skip
+    onnx = folder / "unet" / "model.onnx"
+    with OrtEngine(onnx, component="unet", weights=weights) as ref_lora, OrtEngine(onnx, component="unet") as ref:
+        want_lora, want = ref_lora.run(feed)["out_sample"], ref.run(feed)["out_sample"]
+    assert float(np.abs(want_lora - want).max()) > 1e-2  # the LoRA moves the output past the fp16 bound
+    for weights_given, expected in ((weights, want_lora), (None, want)):
+        with create_engine("tensorrt", onnx, component="unet", weights=weights_given) as eng:
+            got = eng.run(feed)["out_sample"]
+        bound = 1e-2 + 2e-2 * float(np.max(np.abs(expected)))
+        assert float(np.max(np.abs(got - expected))) <= bound

@@ -64,3 +64,57 @@ def test_fp16_export_keeps_a_valid_map(tiny_export):
         t.name for t in onnx.load(str(folder / "unet" / "model.onnx"), load_external_data=False).graph.initializer
     }
     assert m["weights"] and all(e["initializer"] in names for e in m["weights"].values())
+
+
+@needs_torch
+@pytest.mark.parametrize("fp16", [False, True])
+def test_the_maps_offsets_read_back_every_initializer(tiny_export, fp16):
+    """The round trip the runtime relies on: each float initializer of a LoRA target, read through the map's offsets
+    into model.onnx_data (numpy only, as the runtime reads it), equals onnx's own value; the map is tied to its
+    graph by model.onnx's sha1."""
+    import hashlib
+
+    import onnx
+    from onnx import numpy_helper
+
+    from edgediff.runtime.lora_apply import WeightsMap
+
+    folder = tiny_export("sd1", fp16=fp16)
+    for component in ("unet", "text_encoder"):
+        path = folder / component / "model.onnx"
+        graph = onnx.load(str(path))
+        wmap = WeightsMap.load(component, path, folder)
+        m = json.loads((folder / component / weights_map.MAP_FILE).read_text())
+        assert m["model"]["sha1"] == hashlib.sha1(path.read_bytes()).hexdigest()
+        kinds = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)
+        floats = [t for t in graph.graph.initializer if t.data_type in kinds]
+        assert {t.name for t in floats} == set(wmap.initializers)
+        for t in floats:
+            np.testing.assert_array_equal(wmap.base(t.name), numpy_helper.to_array(t))
+        if fp16 and component == "unet":
+            assert any(wmap.base(e["initializer"]).dtype == np.float16 for e in m["weights"].values())
+
+
+def test_externalize_moves_inline_weights_and_keeps_their_values(tmp_path):
+    """An inline model (as older exports wrote small graphs) gets every initializer into model.onnx_data; running it
+    gives the same output."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((4, 3)).astype(np.float32)
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])],
+                              [numpy_helper.from_array(w, "w")])  # fmt: skip
+    path = tmp_path / "model.onnx"
+    onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    x = rng.standard_normal((2, 4)).astype(np.float32)
+    before = ort.InferenceSession(str(path)).run(None, {"x": x})[0]
+    assert weights_map.externalize(path) and not weights_map.externalize(path)  # the second time: nothing to move
+    assert (tmp_path / weights_map.DATA_FILE).is_file()
+    after = ort.InferenceSession(str(path)).run(None, {"x": x})[0]
+    np.testing.assert_array_equal(after, before)
+    record, table = weights_map.storage(path)
+    assert set(table) == {"w"} and table["w"]["shape"] == [4, 3] and record["data"] == weights_map.DATA_FILE
