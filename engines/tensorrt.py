@@ -201,7 +201,7 @@ class TrtEngine:
         for name, value in weights.items():
             supply(name, value)
         missing = [m for m in refitter.get_missing_weights() if m not in weights]
-        if missing:  # (the base values are views of model.onnx_data; they keep it mapped until the refit)
+        if missing:  # their base values, read from model.onnx_data
             wmap = WeightsMap.load(self.component, path, self.model_dir)
             for name in missing:
                 if name not in wmap.initializers:

@@ -15,7 +15,7 @@ nothing is written to disk.
   differs: counts and examples), one for a text encoder the model lacks, a scale that is not finite. Modules
   that match nothing while others match are counted in a warning, an error with ``strict=True``.
 - **Memory**: the merge is lazy (``MergedWeights``): each initializer is merged when the engine reads it, from
-  the base values read through a memory map of ``model.onnx_data``, so an engine holds at most one merged copy of
+  its base value read from ``model.onnx_data``, so an engine holds at most one merged copy of
   the weights a LoRA changes, and ONNX Runtime none once its session exists
   (``benchmarks/results/lora_sd15.md`` measures it on the full-size UNet).
 """
@@ -130,7 +130,6 @@ class WeightsMap:
         self.ambiguous = {k.removesuffix(".weight") for k in data.get("ambiguous", [])}
         self.initializers = data["initializers"]
         self.data_file = model_file.parent / data["model"]["data"]
-        self._data: np.memmap | None = None
 
     @classmethod
     def load(cls, component: str, model_file: Path, folder: Path) -> WeightsMap:
@@ -164,15 +163,12 @@ class WeightsMap:
         return self.kohya.get(module.name) if kohya else (module.name if module.name in self.entries else None)
 
     def base(self, initializer: str) -> np.ndarray:
-        """The graph's own value of ``initializer`` (a read-only view of ``model.onnx_data``)."""
-        if self._data is None:
-            self._data = np.memmap(self.data_file, dtype=np.uint8, mode="r")
+        """The graph's own value of ``initializer``, read from ``model.onnx_data`` into a new array (read, not
+        mapped: the pages it came from are the page cache's, not this process's, once the merge is done)."""
         info = self.initializers[initializer]
-        raw = self._data[info["offset"] : info["offset"] + info["length"]]
-        return raw.view(np.dtype(info["dtype"])).reshape(info["shape"])
-
-    def close(self) -> None:
-        self._data = None
+        dtype = np.dtype(info["dtype"])
+        value = np.fromfile(self.data_file, dtype=dtype, count=info["length"] // dtype.itemsize, offset=info["offset"])
+        return value.reshape(info["shape"])
 
 
 _RESNET_SGM = {"conv1": "in_layers.2", "conv2": "out_layers.3", "time_emb_proj": "emb_layers.1",
@@ -313,14 +309,14 @@ class MergedWeights(Mapping):
     def __getitem__(self, initializer: str) -> np.ndarray:
         parts = self._parts[initializer]
         base = self.wmap.base(initializer)
-        value = base.astype(np.float32)  # a copy: the one extra copy of a changed weight
+        value = base.astype(np.float32, copy=False)  # (the one extra copy of a changed weight, read just now)
         for factor, module, entry in parts:
             delta = module.delta().reshape(entry["shape"])  # torch's layout (a 1x1 conv and a matrix alike)
             if entry["transposed"]:
                 delta = delta.T
             value += np.float32(factor) * delta.reshape(value.shape)
             del delta
-        return value if base.dtype == np.float32 else value.astype(base.dtype)
+        return value if value.dtype == base.dtype else value.astype(base.dtype)
 
     def __iter__(self):
         return iter(self._parts)
@@ -353,9 +349,7 @@ def _maps_and_matches(folder, loras: Sequence[Lora], strict: bool) -> tuple[dict
 def check(folder, loras: Sequence[Lora], strict: bool = False) -> None:
     """Refuse what ``merged_weights`` would refuse (maps, architecture, missing components), merging nothing."""
     if loras:
-        maps, _ = _maps_and_matches(folder, loras, strict)
-        for wmap in maps.values():
-            wmap.close()
+        _maps_and_matches(folder, loras, strict)
 
 
 def merged_weights(folder, loras: Sequence[Lora], strict: bool = False, components: Iterable[str] | None = None,
@@ -371,9 +365,6 @@ def merged_weights(folder, loras: Sequence[Lora], strict: bool = False, componen
     for c in sorted(wanted):
         weights = MergedWeights(maps[c], matches[c].pairs)
         out[c] = weights if lazy else dict(weights)
-    if not lazy:
-        for wmap in maps.values():
-            wmap.close()
     return out
 
 

@@ -127,9 +127,18 @@ def sdxl_call(kw: dict) -> tuple[dict, str]:
     return call, name
 
 
+def seeded_outputs(ref, seed: int, **call) -> tuple[np.ndarray, np.ndarray]:
+    """(final latents as float32, image as uint8) of a diffusers pipeline: two seeded runs, so each output is
+    exactly what the pipeline makes."""
+    import torch
+
+    out = {output: ref(generator=torch.Generator("cpu").manual_seed(seed), output_type=output, **call).images
+           for output in ("latent", "np")}  # fmt: skip
+    return out["latent"].numpy().astype(np.float32), (out["np"] * 255).round().astype(np.uint8)
+
+
 def record_sdxl(models: bool) -> None:
     import diffusers
-    import torch
 
     from edgediff.export import export_model
     from edgediff.export.random_model import build_tiny_pipeline
@@ -151,19 +160,14 @@ def record_sdxl(models: bool) -> None:
             cls_name_, overrides = ("EulerAncestralDiscreteScheduler", {"timestep_spacing": "trailing"}) if (
                 name == "turbo") else SCHEDULER_NAMES[name]  # fmt: skip
             ref.scheduler = getattr(diffusers, cls_name_).from_config(base.scheduler.config, **overrides)
-            for output in ("latent", "np"):  # two seeded runs: each output exactly as the pipeline makes it
-                out = ref(prompt=SDXL_PROMPT, generator=torch.Generator("cpu").manual_seed(SDXL_SEED),
-                          output_type=output, **call).images  # fmt: skip
-                if output == "latent":
-                    goldens[f"sdxl/{label}/latents"] = out.numpy().astype(np.float32)
-                else:
-                    goldens[f"sdxl/{label}/image"] = (out * 255).round().astype(np.uint8)
+            goldens[f"sdxl/{label}/latents"], goldens[f"sdxl/{label}/image"] = seeded_outputs(
+                ref, SDXL_SEED, prompt=SDXL_PROMPT, **call
+            )
     np.savez_compressed(FIXTURES / "goldens_sdxl.npz", **goldens)
     print(f"wrote {len(goldens)} SDXL arrays to {FIXTURES}")
 
 
 def record_lora() -> None:
-    import torch
 
     import lora_maker as lm
     from edgediff.export import write_weights_maps
@@ -182,13 +186,9 @@ def record_lora() -> None:
             ref = lm.fused_pipeline(src, loras)
             cls_name, overrides = SCHEDULER_NAMES[LORA_SCHEDULER]
             ref.scheduler = getattr(__import__("diffusers"), cls_name).from_config(ref.scheduler.config, **overrides)
-            for output in ("latent", "np"):
-                out = ref(LORA_PROMPT, generator=torch.Generator("cpu").manual_seed(LORA_SEED), output_type=output,
-                          **LORA_KW).images  # fmt: skip
-                if output == "latent":
-                    goldens[f"lora/{label}/latents"] = out.numpy().astype(np.float32)
-                else:
-                    goldens[f"lora/{label}/image"] = (out * 255).round().astype(np.uint8)
+            goldens[f"lora/{label}/latents"], goldens[f"lora/{label}/image"] = seeded_outputs(
+                ref, LORA_SEED, prompt=LORA_PROMPT, **LORA_KW
+            )
     np.savez_compressed(FIXTURES / "goldens_lora.npz", **goldens)
     print(f"wrote {len(goldens)} LoRA arrays and {LORA_FILE} to {FIXTURES}")
 
