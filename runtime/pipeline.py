@@ -202,7 +202,8 @@ class Pipeline:
         components whose engines were re-created. Only the engines whose weights change are re-created, each from
         the base weights plus the new LoRAs (never onto weights merged before), so removing every LoRA gives the
         base model's engines back. Every file is read and matched before anything changes: a bad one leaves the
-        pipeline as it was."""
+        pipeline as it was. Call it between generations, not while another thread runs one: the engines it
+        re-creates are closed first."""
         new = lora_apply.as_loras(loras)
         before, after = lora_apply.touched(self._loras), lora_apply.touched(new)
         changed = sorted(c for c in set(before) | set(after) if before.get(c) != after.get(c))
