@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import time
 from pathlib import Path
 
 import click
@@ -15,19 +16,34 @@ from .errors import EdgediffError, InvalidArgumentError
 logger = logging.getLogger("edgediff")
 
 
+# exit codes (README "Exit codes"): 0 done, 1 bad input, 3 a failure while running, 130 interrupted
+EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERRUPTED = 1, 3, 130
+
+
 class _Group(click.Group):
-    """Turns every EdgediffError into one line on stderr and exit code 1 (no traceback)."""
+    """Turns every EdgediffError into one line on stderr (no traceback) and an exit code: 1 for bad input (the
+    message names it and the fix; command-line usage errors too), 3 for a failure while running (the engine failed,
+    non-finite output), 130 when interrupted."""
 
     def invoke(self, ctx):
+        from .errors import EngineRunError, NonFiniteError
+
         try:
             return super().invoke(ctx)
+        except (EngineRunError, NonFiniteError) as e:
+            logger.debug("the error in full (with its cause):", exc_info=e)
+            click.echo(f"error: {e}", err=True)
+            sys.exit(EXIT_FAILED)
         except EdgediffError as e:
             logger.debug("the error in full (with its cause):", exc_info=e)  # shown with -v only
             click.echo(f"error: {e}", err=True)
-            sys.exit(1)
+            sys.exit(EXIT_BAD_INPUT)
+        except click.UsageError as e:  # click's own (unknown option, bad value): bad input too
+            e.show()
+            sys.exit(EXIT_BAD_INPUT)
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
-            sys.exit(130)
+            sys.exit(EXIT_INTERRUPTED)
 
 
 @click.group(cls=_Group)
@@ -268,7 +284,31 @@ _CALL_OPTIONS = {
     type=click.Path(path_type=Path),
     help="Model folder. Default: the embedded shapes model.",
 )
-@click.option("-o", "--output", default="out.png", show_default=True, type=click.Path(path_type=Path))
+@click.option(
+    "-o",
+    "--output",
+    default="out.png",
+    show_default=True,
+    help="The image file (.png, .jpg/.jpeg, .webp), or a pattern with {i}, {seed}, {prompt}, {line}, e.g. "
+    "'out/{i:03d}-{seed}.png'. Several images and no field: -000, -001, ... before the extension.",
+)
+@click.option(
+    "-n", "--num-images", "num_images", default=None, type=int, help="Images to make (seeds seed, seed+1, ...)."
+)
+@click.option("--seeds", "seeds_text", default=None, metavar="S1,S2,...", help="One seed per image.")
+@click.option(
+    "--from-file",
+    "from_file",
+    default=None,
+    type=click.Path(path_type=Path),
+    help="Prompts, one per line ('#' comments; A1111's --prompt/--steps/... form per line; .jsonl: JSON objects), "
+    "all made with one model load.",
+)
+@click.option("--quality", default=95, show_default=True, type=int, help="JPEG / WebP quality, 1..100.")
+@click.option(
+    "--threads", default=None, type=int, help="Inference threads (ONNX Runtime, OpenVINO). Default: one per core."
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the result (files, seeds, parameters, timings) as JSON.")
 @click.option("--negative-prompt", default=None)
 @click.option("--prompt-2", default=None, help="SDXL: the second text encoder's prompt. Default: PROMPT.")
 @click.option("--negative-prompt-2", default=None, help="SDXL: the second text encoder's negative prompt.")
@@ -284,7 +324,13 @@ _CALL_OPTIONS = {
 @click.option("--guidance-rescale", default=0.0, show_default=True, type=float, help="diffusers' rescale_noise_cfg.")
 @click.option("--width", default=None, type=int, help="Default: the model's native size.")
 @click.option("--height", default=None, type=int, help="Default: the model's native size.")
-@click.option("--seed", default=None, type=int, help="Same seed, same image as diffusers with a CPU generator.")
+@click.option(
+    "--seed",
+    default=None,
+    type=int,
+    help="Same seed, same image as diffusers with a CPU generator. Default (or -1): a random one, printed and "
+    "recorded.",
+)
 @click.option(
     "--scheduler", default=None, help=f"One of: {', '.join(schedulers.known_names())}. Default: the model's own."
 )
@@ -353,12 +399,17 @@ _CALL_OPTIONS = {
 @_lora_flags
 @_MEMORY_LIMIT_OPTION
 @click.pass_context
-def generate(ctx, prompt, model, output, negative_prompt, prompt_2, negative_prompt_2, steps, guidance,
+def generate(ctx, prompt, model, output, num_images, seeds_text, from_file, quality, threads, as_json,
+             negative_prompt, prompt_2, negative_prompt_2, steps, guidance,
              guidance_rescale, width, height, seed, scheduler,
              scheduler_option, eta, timesteps, sigmas, from_png, params_file, init_image, strength, mask,
              keep_unmasked, tiny_vae, providers, low_memory, int8, engine, device, precision, loras, lora_strict,
              memory_limit):  # fmt: skip
-    """Generate an image from PROMPT and write it as a PNG with its parameters.
+    """Generate images from PROMPT (or each line of --from-file) and write them with their parameters (PNG, JPEG or
+    WebP, by the extension of -o).
+
+    Exit codes: 0 done; 1 bad input (named on stderr, nothing generated); 3 a failure while generating (the engine
+    failed, non-finite output); 130 interrupted (the images already written are kept, and counted).
 
     With --image IN.png it starts from that picture (image-to-image), and with --mask MASK.png too it repaints where
     the mask is white (inpainting).
@@ -367,31 +418,40 @@ def generate(ctx, prompt, model, output, negative_prompt, prompt_2, negative_pro
     same model, engine and provider, and the LoRAs it records when their files are still where they were);
     PROMPT and the options given override the recorded values. An image made from a picture needs that picture
     again: give --image (and --mask)."""
-    from tqdm import tqdm
-
-    from . import parameters
-    from .files import check_output_path
-    from .image import save_png
+    from . import batch, parameters
     from .pipeline import Pipeline
 
-    output = check_output_path(output)  # before the model loads and the image is made
     typed = (click.core.ParameterSource.COMMANDLINE, click.core.ParameterSource.ENVIRONMENT)
     given = {name for name in ctx.params if ctx.get_parameter_source(name) in typed}
     if from_png is not None and params_file is not None:
         raise InvalidArgumentError("give --from-png or --params, not both")
+    if from_file is not None and (prompt is not None or from_png is not None or params_file is not None):
+        raise InvalidArgumentError("--from-file gives the prompts: leave PROMPT and --from-png / --params out")
+    if threads is not None and (threads < 1 or engine == "tensorrt"):
+        raise InvalidArgumentError(f"--threads must be 1 or more (ONNX Runtime, OpenVINO), got {threads}"
+                                   if threads < 1 else "--threads is for the CPU engines, not tensorrt")  # fmt: skip
+    if not 1 <= quality <= 100:
+        raise InvalidArgumentError(f"--quality must be an integer 1..100 (JPEG / WebP), got {quality}")
+    seeds = batch.parse_seeds(seeds_text)
+    if seeds and from_file is not None:
+        raise InvalidArgumentError("--seeds is for one prompt; with --from-file set seeds per line (--seed N)")
+    jobs = batch.read_prompt_file(from_file) if from_file is not None else None
     record, source = None, from_png or params_file
     if from_png is not None:
         record = parameters.read_png_parameters(from_png)
     elif params_file is not None:
         record = parameters.read_parameters_file(params_file)
-    if record is None and prompt is None:
-        raise InvalidArgumentError("give a PROMPT, or --from-png IMAGE / --params FILE to regenerate a recorded image")
+    if record is None and prompt is None and jobs is None:
+        raise InvalidArgumentError("give a PROMPT, --from-file PROMPTS, or --from-png IMAGE / --params FILE to "
+                                   "regenerate a recorded image")  # fmt: skip
     options = _scheduler_options(scheduler_option)
     custom = {"timesteps": _numbers("--timesteps", timesteps), "sigmas": _numbers("--sigmas", sigmas)}
 
     if record is None:
         call = {arg: ctx.params[name] for name, arg in _CALL_OPTIONS.items()}
         call.update(scheduler=scheduler, **custom)
+        if seed == -1:
+            call["seed"] = None  # random, as A1111 and stable-diffusion.cpp read -1
     else:
         overrides = {arg: ctx.params[name] for name, arg in _CALL_OPTIONS.items() if name in given}
         if "scheduler" in given:
@@ -425,11 +485,27 @@ def generate(ctx, prompt, model, output, negative_prompt, prompt_2, negative_pro
     lora_list = _lora_list(loras)
     if record is not None and lora_list is None and record.get("loras"):
         lora_list = parameters.recorded_loras(record, source)
+    # the run's images: their prompts, options, seeds and files, all checked before the model loads
+    count = num_images if "num_images" in given else None
+    first_seed = call.pop("seed", None)
+    if jobs is None:
+        jobs = [batch.Job(call.get("prompt"), count=len(seeds) if seeds else (count or 1),
+                          seeds=batch.seeds_for(first_seed, seeds, count))]  # fmt: skip
+    else:
+        for job in jobs:
+            job.count = job.options.pop("num_images", None) or count or 1
+            job.seeds = batch.seeds_for(job.options.pop("seed", seed), None, job.count)
+    batch.assign_files(output, jobs)
     engine = engine or "onnxruntime"
     engine_options = _engine_options_of(engine, providers, device, precision, int8)
+    if threads is not None:
+        engine_options["threads"] = threads
+    run = _Run(as_json, sum(job.count for job in jobs))
+    t0 = time.perf_counter()
     with Pipeline.load(model, engine=engine, providers=list(providers) or None, low_memory=low_memory,
                        memory_limit=memory_limit, loras=lora_list, lora_strict=lora_strict,
                        **engine_options) as pipe:  # fmt: skip
+        run.load_seconds = time.perf_counter() - t0
         if options:
             class_name = call["scheduler"].get("_class_name") or pipe.folder.scheduler_config.get("_class_name")
             known = schedulers.SCHEDULERS[class_name].defaults if class_name in schedulers.SCHEDULERS else {}
@@ -442,12 +518,83 @@ def generate(ctx, prompt, model, output, negative_prompt, prompt_2, negative_pro
         if record is not None:
             _check_recorded_model(record, source, pipe, model_given=model is not None)
         _optimize_hint(pipe, providers)
-        total = pipe.planned_calls(**call)  # the calls that actually run (img2img: the schedule's tail)
-        bar = tqdm(total=total, desc="denoising", unit="step", disable=not sys.stderr.isatty(), leave=False)
-        result = pipe(**call, callback=lambda *a: bar.update(1))
-        bar.close()
-    path = save_png(result.images[0], output, result.parameters)
-    click.echo(f"wrote {path} (seed {result.parameters['seed']}, {result.timings['total']:.2f} s)")
+        run.model = str(pipe.folder.path)
+        try:
+            for job in jobs:
+                job_call = {**call, **_line_call(job)}
+                for k in range(job.count):
+                    run.generate(pipe, job, k, job_call, quality)
+        except KeyboardInterrupt:
+            run.interrupted()
+            raise
+    run.finish()
+
+
+def _line_call(job) -> dict:
+    """A prompt file line's options as call arguments (over the command line's)."""
+    names = {"negative_prompt": "negative_prompt", "steps": "num_inference_steps", "guidance": "guidance_scale",
+             "width": "width", "height": "height", "scheduler": "scheduler"}  # fmt: skip
+    out = {names[k]: v for k, v in job.options.items() if k in names}
+    if job.prompt is not None:
+        out["prompt"] = job.prompt
+    if job.options.get("scheduler_options"):  # an A1111 sampler name with its schedule (e.g. "DPM++ 2M Karras")
+        from . import parameters
+
+        out["scheduler"] = {**parameters.name_spec(out["scheduler"]), **job.options["scheduler_options"]}
+    return out
+
+
+class _Run:
+    """One generate run's images: the progress bars, each image written as it is made, the report."""
+
+    def __init__(self, as_json: bool, total: int):
+        from tqdm import tqdm
+
+        self.as_json, self.total = as_json, total
+        self.images: list[dict] = []
+        self.records: list[dict] = []
+        self.load_seconds = 0.0
+        self.model = ""
+        self.t0 = time.perf_counter()
+        tty = sys.stderr.isatty()
+        self.bar = tqdm(total=total, desc="images", unit="image", disable=not tty or total < 2, position=0)
+        self._tqdm = tqdm
+
+    def generate(self, pipe, job, k: int, call: dict, quality: int) -> None:
+        from .image import save_image
+
+        total_steps = pipe.planned_calls(**call)  # the calls that actually run (img2img: the schedule's tail)
+        steps = self._tqdm(total=total_steps, desc="denoising", unit="step", disable=not sys.stderr.isatty(),
+                           leave=False, position=1 if self.total > 1 else 0)  # fmt: skip
+        try:
+            result = pipe(**call, seed=job.seeds[k], callback=lambda *a: steps.update(1))
+        finally:
+            steps.close()
+        path = save_image(result.images[0], job.files[k], result.parameters, quality=quality)
+        self.images.append({"file": str(path), "seed": result.parameters["seed"], "prompt": job.prompt,
+                            "line": job.line, "timings": result.timings})  # fmt: skip
+        self.records.append(result.parameters)
+        self.bar.update(1)
+        if not self.as_json:
+            click.echo(f"wrote {path} (seed {result.parameters['seed']}, {result.timings['total']:.2f} s)")
+
+    def report(self, interrupted: bool = False) -> dict:
+        return {"files": [x["file"] for x in self.images], "seeds": [x["seed"] for x in self.images],
+                "images": self.images, "parameters": self.records, "model": self.model,
+                "timings": {"model_load": self.load_seconds, "total": time.perf_counter() - self.t0},
+                "interrupted": interrupted}  # fmt: skip
+
+    def interrupted(self) -> None:
+        self.bar.close()
+        click.echo(f"interrupted: {len(self.images)} of {self.total} images written"
+                   + (f" ({', '.join(x['file'] for x in self.images)})" if self.images else ""), err=True)  # fmt: skip
+        if self.as_json:
+            click.echo(json.dumps(self.report(interrupted=True), default=str))
+
+    def finish(self) -> None:
+        self.bar.close()
+        if self.as_json:
+            click.echo(json.dumps(self.report(), default=str))
 
 
 def _check_recorded_model(record, source, pipe, model_given: bool) -> None:

@@ -1,5 +1,5 @@
 """Input images -> normalised arrays (as diffusers' VaeImageProcessor), decoded VAE output -> uint8 -> PIL, and
-PNG files that carry their generation parameters (formats: ``parameters.py``)."""
+PNG, JPEG and WebP files that carry their generation parameters (formats: ``parameters.py``)."""
 
 from __future__ import annotations
 
@@ -109,6 +109,54 @@ def save_png(image: Image.Image, path: str | os.PathLike, parameters: dict | str
     ``edgediff`` chunk; a string goes in as the ``parameters`` text only."""
     info = _png_info(parameters)
     return write_atomic(path, lambda f: image.save(f, format="PNG", pnginfo=info))
+
+
+# output formats by file extension -> Pillow's format name
+IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
+EXIF_IFD, USER_COMMENT = 0x8769, 0x9286  # the Exif sub-IFD and its UserComment tag
+_UNICODE = b"UNICODE\0"  # UserComment's character-code prefix; UTF-16 big-endian follows (piexif's "unicode")
+
+
+def image_format(path: str | os.PathLike) -> str:
+    """Pillow's format for an output path by its extension; any other extension is refused, naming the ones
+    there are."""
+    suffix = Path(path).suffix.lower()
+    if suffix not in IMAGE_FORMATS:
+        raise InvalidArgumentError(f"{os.fspath(path)}: cannot write {suffix or 'a file without an extension'}; "
+                                   f"use one of {', '.join(IMAGE_FORMATS)}")  # fmt: skip
+    return IMAGE_FORMATS[suffix]
+
+
+def user_comment(text: str) -> bytes:
+    """EXIF UserComment bytes as AUTOMATIC1111 writes its infotext into JPEG and WebP files (piexif's
+    ``UserComment.dump(text, encoding="unicode")``)."""
+    return _UNICODE + text.encode("utf-16-be")
+
+
+def read_user_comment(data: bytes) -> str:
+    """The text of an EXIF UserComment (unicode big- or little-endian, ASCII or undefined code)."""
+    code, body = bytes(data[:8]), bytes(data[8:])
+    if code == _UNICODE:  # a byte-order mark when there is one, else big-endian (as A1111 writes it)
+        return body.decode("utf-16" if body[:2] in (b"\xff\xfe", b"\xfe\xff") else "utf-16-be", errors="replace")
+    return body.decode("utf-8", errors="replace").rstrip("\0")
+
+
+def save_image(image: Image.Image, path: str | os.PathLike, parameters: dict | str | None = None,
+               quality: int = 95) -> Path:  # fmt: skip
+    """Write ``image`` to ``path`` atomically in the format its extension names: PNG with the parameters as
+    ``save_png`` writes them, JPEG or WebP (at ``quality``, 1..100) with A1111's infotext in the EXIF UserComment,
+    where other Stable Diffusion tools read it."""
+    fmt = image_format(path)
+    if fmt == "PNG":
+        return save_png(image, path, parameters)
+    if isinstance(quality, bool) or not isinstance(quality, int) or not 1 <= quality <= 100:
+        raise InvalidArgumentError(f"quality must be an integer 1..100, got {quality!r}")
+    exif = Image.Exif()
+    text = format_parameters(parameters) if isinstance(parameters, dict) else parameters
+    if text:
+        exif.get_ifd(EXIF_IFD)[USER_COMMENT] = user_comment(text)
+    rgb = image if image.mode == "RGB" else image.convert("RGB")
+    return write_atomic(path, lambda f: rgb.save(f, format=fmt, quality=quality, exif=exif))
 
 
 def png_bytes(image: Image.Image, parameters: dict | str | None = None) -> bytes:

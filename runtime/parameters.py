@@ -451,6 +451,7 @@ def read_png_parameters(path: str | os.PathLike) -> dict[str, Any]:
         with Image.open(path) as im:
             im.load()
             chunks = dict(getattr(im, "text", {}) or {})
+            comment = im.getexif().get_ifd(0x8769).get(0x9286)  # JPEG / WebP: A1111's EXIF UserComment
     except FileNotFoundError:
         raise ParametersError(f"{path} does not exist; pass a PNG that edgediff generate wrote") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
@@ -460,6 +461,10 @@ def read_png_parameters(path: str | os.PathLike) -> dict[str, Any]:
         return parse_record_json(chunks[JSON_KEY], f"the {JSON_KEY!r} chunk of {path}")
     if chunks.get(TEXT_KEY, "").strip():
         return parse_parameters_text(chunks[TEXT_KEY], f"the {TEXT_KEY!r} chunk of {path}")
+    if comment:
+        from .image import read_user_comment
+
+        return parse_parameters_text(read_user_comment(comment), f"the EXIF UserComment of {path}")
     raise ParametersError(
         f"{path} holds no generation parameters (no {JSON_KEY!r} or {TEXT_KEY!r} PNG text chunk); pass a PNG that "
         "edgediff generate (or another tool that records its parameters) wrote, unaltered"

@@ -374,10 +374,11 @@ class ClipTokenizer:
                     start = begin if start is None else start
         tail = prompt[start or 0 :]  # start is None only if every dropped token is a template one
         snippet = " ".join(tail[: 2 * _SNIPPET].split())  # one line: whitespace runs as one space
-        if len(snippet) > _SNIPPET or len(tail) > 2 * _SNIPPET:
-            snippet = snippet[: _SNIPPET - 4].rstrip() + " ..."
+        if len(snippet) > _SNIPPET or len(tail) > 2 * _SNIPPET:  # cut at a word, as the user typed it
+            cut = snippet[: _SNIPPET - 4]
+            snippet = (cut.rsplit(" ", 1)[0] if " " in cut else cut).rstrip() + " ..."
         logger.warning(
             '%s is longer than the model\'s %d tokens: %d token%s dropped, starting at "%s" '
-            "(shorten the prompt or move what matters to its start)",
-            label, self.max_length, dropped, "" if dropped == 1 else "s", snippet,
+            "(shorten the prompt to %d tokens or move what matters to its start)",
+            label, self.max_length, dropped, "" if dropped == 1 else "s", snippet, self.max_length,
         )  # fmt: skip

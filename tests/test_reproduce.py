@@ -334,7 +334,7 @@ def test_record_of_another_model_needs_model(tmp_path):
 
 def test_bad_command_lines_are_one_line_errors(tmp_path):
     m = ("--model", MICRO)
-    _error(tmp_path, *m, needles=["give a PROMPT, or --from-png"])
+    _error(tmp_path, *m, needles=["give a PROMPT, --from-file PROMPTS, or --from-png"])
     _error(tmp_path, "x", *m, "--scheduler", "dpmpp_2m", "--scheduler-option", "solver_ordr=3",
            needles=["solver_ordr", "DPMSolverMultistepScheduler has no such option", "solver_order"])  # fmt: skip
     _error(tmp_path, "x", *m, "--scheduler-option", "eta=0.3", needles=["PNDMScheduler has no such option", "--eta"])

@@ -91,7 +91,7 @@ def test_truncation_warns_with_dropped_text(tokenizer_dirs, caplog):
         (record,) = caplog.records
         assert record.getMessage() == (
             f"prompt 1 is longer than the model's 77 tokens: {total - 77} tokens dropped, starting at "
-            '"Zebra Tail, and more" (shorten the prompt or move what matters to its start)'
+            '"Zebra Tail, and more" (shorten the prompt to 77 tokens or move what matters to its start)'
         )
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger="edgediff.runtime.tokenizer"):

@@ -111,7 +111,7 @@ def test_truncation_warning_quotes_dropped_text_as_typed(caplog, tmp_path, optim
     assert msg.startswith(f"prompt 1 is longer than the model's 77 tokens: {dropped} tokens dropped, ")
     # the user's text (capital Z, no BPE "</w>" pieces), not a decode of the ids (lowercase)
     assert 'starting at "Zebra Tail, END"' in msg and "</w>" not in msg
-    assert msg.endswith("(shorten the prompt or move what matters to its start)")
+    assert msg.endswith("(shorten the prompt to 77 tokens or move what matters to its start)")
     assert _warnings(caplog, tok, "a short prompt") == []
     assert _warnings(caplog, tok, " ".join(["cat"] * 75)) == []  # exactly full: nothing dropped
 
