@@ -289,6 +289,7 @@ _CALL_OPTIONS = {
     "--output",
     default="out.png",
     show_default=True,
+    metavar="FILE|PATTERN",
     help="The image file (.png, .jpg/.jpeg, .webp), or a pattern with {i}, {seed}, {prompt}, {line}, e.g. "
     "'out/{i:03d}-{seed}.png'. Several images and no field: -000, -001, ... before the extension.",
 )
