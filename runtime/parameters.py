@@ -453,10 +453,11 @@ def read_png_parameters(path: str | os.PathLike) -> dict[str, Any]:
             chunks = dict(getattr(im, "text", {}) or {})
             comment = im.getexif().get_ifd(0x8769).get(0x9286)  # JPEG / WebP: A1111's EXIF UserComment
     except FileNotFoundError:
-        raise ParametersError(f"{path} does not exist; pass a PNG that edgediff generate wrote") from None
+        raise ParametersError(f"{path} does not exist; pass an image (PNG, JPEG, WebP) that edgediff generate "
+                              "wrote") from None  # fmt: skip
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         what = f"cannot read {path} as an image ({e})"
-        raise ParametersError(f"{what}; pass a PNG that edgediff generate wrote") from None
+        raise ParametersError(f"{what}; pass an image (PNG, JPEG, WebP) that edgediff generate wrote") from None
     if JSON_KEY in chunks:
         return parse_record_json(chunks[JSON_KEY], f"the {JSON_KEY!r} chunk of {path}")
     if chunks.get(TEXT_KEY, "").strip():
@@ -466,8 +467,9 @@ def read_png_parameters(path: str | os.PathLike) -> dict[str, Any]:
 
         return parse_parameters_text(read_user_comment(comment), f"the EXIF UserComment of {path}")
     raise ParametersError(
-        f"{path} holds no generation parameters (no {JSON_KEY!r} or {TEXT_KEY!r} PNG text chunk); pass a PNG that "
-        "edgediff generate (or another tool that records its parameters) wrote, unaltered"
+        f"{path} holds no generation parameters (no {JSON_KEY!r} or {TEXT_KEY!r} PNG text chunk, no EXIF "
+        "UserComment); pass an image that edgediff generate (or another tool that records its parameters) wrote, "
+        "unaltered"
     )
 
 
