@@ -22,13 +22,11 @@ Session settings (keyword options, also reachable from ``Pipeline.load`` and ``e
   error names the command if it is missing) and the ``auto`` choice for the other components.
   (Formerly ``optimized``, a name too close to ``optimization``; the old name is refused with a
   message that gives the new one.)
-- ``weights``: ``{initializer name: array}`` that replace the graph's own (the LoRA-merged weights of
-  ``edgediff.runtime.lora_apply``), given to ONNX Runtime at session creation. The pipeline's
-  ``MergedWeights`` are written into a copy-on-write map of ``model.onnx_data`` that ONNX Runtime reads in
-  place of the file (``add_external_initializers_from_files_in_memory``) and that goes once the session exists;
-  plain arrays go through ``add_external_initializers``, which checks each name and shape and keeps them for the
-  session's life. Both, unlike ``add_initializer``, also replace convolution weights at level ``all``. They must
-  be initializers stored in the model's external-data file (as the weights map guarantees). The saved CPU
+- ``weights``: the LoRA-merged initializers that replace the graph's own (``edgediff.runtime.lora_apply``'s
+  ``MergedWeights``, which say where each lies in ``model.onnx_data``), given to ONNX Runtime at session
+  creation: they are written into a copy-on-write map of ``model.onnx_data`` that ONNX Runtime reads in place of
+  the file (``add_external_initializers_from_files_in_memory``) and that goes once the session exists. Unlike
+  ``add_initializer``, it also replaces convolution weights at level ``all``. The saved CPU
   variants hold re-laid-out copies of the weights, so with ``weights`` the exported graph is loaded (and optimised
   at session creation) instead; the int8 variants, whose weights are quantized, are refused.
 - ``io_binding``: bind inputs and outputs through an IOBinding (default: on for GPU providers,
@@ -229,10 +227,9 @@ class OrtEngine:
         cpu_only = providers == ["CPUExecutionProvider"] and session_options is None
         variant = None
         if weights and cpu_variant == "int8":
-            raise InvalidArgumentError(
-                f"{component}: LoRAs cannot be applied to the int8 variant (its weights are quantized); leave int8 "
-                "off with LoRAs, or export a model with the LoRA merged and quantize that"
-            )
+            from edgediff.runtime.lora_apply import int8_refusal
+
+            raise int8_refusal(component)
         if weights and cpu_variant == "auto" and cpu_only and saved_cpu_variant(path, component) is not None:
             logger.info("%s: LoRA weights: loading the exported graph, not the saved CPU variant (its weights are "
                         "re-laid-out copies); ONNX Runtime optimises it at session creation", component)  # fmt: skip
@@ -262,15 +259,11 @@ class OrtEngine:
             )
         if session_options is None:
             session_options = make_session_options(threads, optimization, prepack, mem_arena, mem_pattern)
-        self._weights: list = []
         weights_file = None
-        if weights and getattr(weights, "data_file", None) is not None:
+        if weights:
             weights_file = _merged_weights_file(weights)
             name = Path(weights.data_file).name  # type: ignore[attr-defined]
             session_options.add_external_initializers_from_files_in_memory([name], [weights_file], [weights_file.size])
-        elif weights:  # plain arrays: they must outlive the session (ONNX Runtime may use their memory)
-            self._weights = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a)) for a in weights.values()]
-            session_options.add_external_initializers(list(weights), self._weights)
         try:
             self.session = ort.InferenceSession(str(path), sess_options=session_options, providers=providers)
         except Exception as e:  # onnxruntime raises its own Fail/InvalidProtobuf types
@@ -346,7 +339,6 @@ class OrtEngine:
     def close(self) -> None:
         self._bound = {}
         self.session = None
-        self._weights = []
 
     @staticmethod
     def gemm_gflops(precision: str = "int8", threads: int | None = None) -> float | None:

@@ -264,10 +264,9 @@ class OvEngine:
         check_precision(device, precision)
         self.device, self.precision, self.shapes = device, precision, shapes
         if weights and cpu_variant == "int8":
-            raise InvalidArgumentError(
-                f"{component}: LoRAs cannot be applied to the int8 variant (its weights are quantized); leave int8 "
-                "off with LoRAs, or export a model with the LoRA merged and quantize that"
-            )
+            from edgediff.runtime.lora_apply import int8_refusal
+
+            raise int8_refusal(component)
         if cpu_variant == "int8" and component in INT8_COMPONENTS:
             variant = int8_variant(path, component)
             if variant is None:

@@ -48,6 +48,7 @@ except ImportError:  # Windows
 from edgediff.runtime import specs
 from edgediff.runtime.errors import ExportError, ExportValidationError, ModelConfigError
 from edgediff.runtime.files import replace_dir
+from edgediff.runtime.lora_apply import TARGETS as LORA_TARGETS
 from edgediff.runtime.model_folder import FEW_STEP, MANIFEST, MANIFEST_FORMAT, ONNX_FILE, few_step_kind, sha256_file
 
 logger = logging.getLogger(__name__)
@@ -376,8 +377,7 @@ def _export(pipe, src: Path, dst: Path, out: Path, force: bool, fp16: bool, opse
         raise
 
 
-# the components a LoRA can change, and the export wrapper's attribute in front of their parameter names
-LORA_TARGETS = ("unet", "text_encoder", "text_encoder_2")
+# the export wrapper's attribute in front of the parameter names of the components a LoRA can change
 WRAPPER_PREFIX = {"unet": "unet.", "text_encoder": "text_encoder.", "text_encoder_2": "text_encoder."}
 
 

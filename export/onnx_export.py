@@ -19,9 +19,10 @@ from edgediff.runtime import specs
 from edgediff.runtime.specs import FAMILIES, SUBMODELS, SubmodelSpec
 from edgediff.runtime.tokenizer import max_length
 
+from .weights_map import DATA_FILE as EXTERNAL_DATA
+
 # protobuf's hard limit; larger models keep their weights in one external-data file
 _PROTOBUF_LIMIT = 2**31 - 1
-EXTERNAL_DATA = "model.onnx_data"
 
 
 class TextEncoderWrapper(torch.nn.Module):

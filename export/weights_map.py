@@ -39,9 +39,12 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-MAP_FILE = "weights_map.json"
-FORMAT = 2
-DATA_FILE = "model.onnx_data"  # as export/onnx_export.py writes it
+# the runtime reads the map (edgediff.runtime.lora_apply): its file name and format are defined there
+from edgediff.runtime.lora_apply import MAP_FILE
+from edgediff.runtime.lora_apply import MAP_FORMAT as FORMAT
+
+DATA_FILE = "model.onnx_data"  # every export's one external-data file (onnx_export.py takes it from here)
+
 _TO_NUMPY = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.FLOAT16: np.float16}
 
 

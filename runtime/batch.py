@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import InvalidArgumentError
+from .errors import InvalidArgumentError, ParametersError
 from .rng import check_seed
 
 PATTERN_FIELDS = ("i", "seed", "prompt", "line")
@@ -203,19 +203,14 @@ def _a1111_line(line: str, where: str) -> dict:
                                        + ", ".join(f"--{k}" for k in _A1111_KEYS))  # fmt: skip
         if i + 1 >= len(tokens):
             raise InvalidArgumentError(f"{where}: {flag} needs a value")
-        value: Any = tokens[i + 1]
         name = _A1111_KEYS[key]
         try:
-            if name in ("steps", "width", "height", "seed", "num_images"):
-                value = int(value)
-            elif name == "guidance":
-                value = float(value)
+            value: Any = _JSON_KEYS.get(name, str)(tokens[i + 1])  # the JSON lines' types (A1111's sampler: str)
         except ValueError:
-            raise InvalidArgumentError(f"{where}: {flag} takes a number, got {value!r}") from None
+            raise InvalidArgumentError(f"{where}: {flag} takes a number, got {tokens[i + 1]!r}") from None
         out[name] = value
         i += 2
     if "sampler" in out:  # A1111's sampler names, as the server maps them
-        from .errors import ParametersError
         from .parameters import from_a1111
 
         try:

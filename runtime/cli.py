@@ -451,8 +451,6 @@ def generate(ctx, prompt, model, output, num_images, seeds_text, from_file, qual
     if record is None:
         call = {arg: ctx.params[name] for name, arg in _CALL_OPTIONS.items()}
         call.update(scheduler=scheduler, **custom)
-        if seed == -1:
-            call["seed"] = None  # random, as A1111 and stable-diffusion.cpp read -1
     else:
         overrides = {arg: ctx.params[name] for name, arg in _CALL_OPTIONS.items() if name in given}
         if "scheduler" in given:
@@ -487,7 +485,7 @@ def generate(ctx, prompt, model, output, num_images, seeds_text, from_file, qual
     if record is not None and lora_list is None and record.get("loras"):
         lora_list = parameters.recorded_loras(record, source)
     # the run's images: their prompts, options, seeds and files, all checked before the model loads
-    count = num_images if "num_images" in given else None
+    count = num_images  # None unless -n was given
     first_seed = call.pop("seed", None)
     if jobs is None:
         jobs = [batch.Job(call.get("prompt"), count=len(seeds) if seeds else (count or 1),
@@ -533,9 +531,7 @@ def generate(ctx, prompt, model, output, num_images, seeds_text, from_file, qual
 
 def _line_call(job) -> dict:
     """A prompt file line's options as call arguments (over the command line's)."""
-    names = {"negative_prompt": "negative_prompt", "steps": "num_inference_steps", "guidance": "guidance_scale",
-             "width": "width", "height": "height", "scheduler": "scheduler"}  # fmt: skip
-    out = {names[k]: v for k, v in job.options.items() if k in names}
+    out = {_CALL_OPTIONS.get(k, k): v for k, v in job.options.items() if k in _CALL_OPTIONS or k == "scheduler"}
     if job.prompt is not None:
         out["prompt"] = job.prompt
     if job.options.get("scheduler_options"):  # an A1111 sampler name with its schedule (e.g. "DPM++ 2M Karras")
@@ -663,8 +659,9 @@ def info(model: Path, verify: bool, as_json: bool, engine: str | None, device, p
                     problems.append(str(e))
     m = mf.manifest
     # LoRAs need each target's weights map (new exports have them; older folders: `edgediff weights-map`)
-    targets = [c for c in ("unet", "text_encoder", "text_encoder_2") if c in mf.components]
-    lora_ready = all((mf.component_path(c).parent / "weights_map.json").is_file() for c in targets)
+    from .lora_apply import MAP_FILE, TARGETS
+
+    lora_ready = all((mf.component_path(c).parent / MAP_FILE).is_file() for c in TARGETS if c in mf.components)
     report = {
         "folder": str(mf.path),
         "manifest": "inferred (optimum/diffusers folder)" if mf.inferred else "edgediff.json",

@@ -28,6 +28,7 @@ import json
 import logging
 import math
 import os
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -185,8 +186,6 @@ def sgm_names(modules: Iterable[str]) -> dict[str, str]:
     ``output_blocks.<n>.<k>``, ResNets' ``in_layers.2`` / ``out_layers.3`` / ``emb_layers.1`` /
     ``skip_connection``) follows from the number of ResNets per down block, which the paths themselves show
     (the renames of ../shared/reference/lora.md §2.1, diffusers' ``_maybe_map_sgm_blocks_to_diffusers``)."""
-    import re
-
     modules = list(modules)
     per_block = 1 + max((int(m.group(1)) for path in modules
                          if (m := re.match(r"down_blocks\.\d+\.resnets\.(\d+)\.", path))), default=-1)  # fmt: skip
@@ -335,22 +334,11 @@ class MergedWeights(Mapping):
         return sum(self.location(name)[1] for name in self)
 
 
-def merge(wmap: WeightsMap, pairs: Sequence[tuple[Lora, LoraModule, dict]]) -> dict[str, np.ndarray]:
-    """``{initializer: merged value}`` for one component, all at once (``MergedWeights`` computes them on read)."""
-    return dict(MergedWeights(wmap, pairs))
-
-
 def _maps_and_matches(folder, loras: Sequence[Lora], strict: bool) -> tuple[dict[str, WeightsMap], dict]:
     present = [c for c in TARGETS if c in folder.components]
     needed = set().union(*(lora.file.components for lora in loras)) & set(present)
     maps = {c: WeightsMap.load(c, folder.component_path(c), folder.path) for c in sorted(needed)}
     return maps, match(loras, maps, present, str(folder.path), strict=strict)
-
-
-def check(folder, loras: Sequence[Lora], strict: bool = False) -> None:
-    """Refuse what ``merged_weights`` would refuse (maps, architecture, missing components), merging nothing."""
-    if loras:
-        _maps_and_matches(folder, loras, strict)
 
 
 def merged_weights(folder, loras: Sequence[Lora], strict: bool = False, components: Iterable[str] | None = None,
@@ -369,6 +357,13 @@ def merged_weights(folder, loras: Sequence[Lora], strict: bool = False, componen
     return out
 
 
+def int8_refusal(component: str) -> InvalidArgumentError:
+    """The error every CPU engine gives for LoRAs on its int8 variant."""
+    return InvalidArgumentError(f"{component}: LoRAs cannot be applied to the int8 variant (its weights are "
+                                "quantized); leave int8 off with LoRAs, or export a model with the LoRA merged and "
+                                "quantize that")  # fmt: skip
+
+
 def touched(loras: Sequence[Lora]) -> dict[str, tuple]:
     """``{component: keys of the LoRAs that change it}``: what decides whether an engine must be re-created."""
     out: dict[str, list] = {}
@@ -378,5 +373,5 @@ def touched(loras: Sequence[Lora]) -> dict[str, tuple]:
     return {c: tuple(keys) for c, keys in out.items()}
 
 
-__all__ = ["Lora", "LoraFileError", "MergedWeights", "WeightsMap", "as_loras", "check", "match", "merge",
+__all__ = ["Lora", "LoraFileError", "MergedWeights", "WeightsMap", "as_loras", "int8_refusal", "match",
            "merged_weights", "parse_lora_argument", "short_hash", "touched"]  # fmt: skip

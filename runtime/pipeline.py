@@ -207,17 +207,18 @@ class Pipeline:
         new = lora_apply.as_loras(loras)
         before, after = lora_apply.touched(self._loras), lora_apply.touched(new)
         changed = sorted(c for c in set(before) | set(after) if before.get(c) != after.get(c))
-        lora_apply.check(self.folder, new, strict=strict)  # refuses bad input before any engine goes
+        # matched here, before any engine goes (bad input leaves the pipeline as it was); merged only as the new
+        # engines read them, after the old engines and their weights are gone
+        weights = lora_apply.merged_weights(self.folder, new, strict=strict, components=changed, lazy=True)
         with self._load_lock:
             loaded = [c for c in changed if c in self.engines]
-            for component in changed:  # the old merged weights go before the new ones are made
+            for component in changed:
                 if component in self.engines:
                     self.engines.pop(component).close()
                 self._weights.pop(component, None)
             gc.collect()
             self._loras = new
-            self._weights.update(lora_apply.merged_weights(self.folder, new, strict=strict, components=changed,
-                                                           lazy=True))  # fmt: skip
+            self._weights.update(weights)
             for component in loaded:
                 t0 = time.perf_counter()
                 self.engines[component] = self._create(component)

@@ -778,7 +778,7 @@ def test_refit_applies_a_lora_and_switching_back_restores_the_base(tiny_export, 
     folder = tmp_path / "model"
     shutil.copytree(micro, folder)
     build_model(folder, ["unet"], opt_level=2, refit=True)
-    weights = merged_weights(ModelFolder.open(folder), as_loras([(micro.parent / LORA_FILE, 0.8)]))["unet"]
+    weights = merged_weights(ModelFolder.open(folder), as_loras([(micro.parent / LORA_FILE, 0.8)]), lazy=True)["unet"]
     rng = np.random.default_rng(3)
     feed = {"sample": rng.standard_normal((2, 4, 16, 16)).astype(np.float32), "timestep": np.float32(500.0),
             "encoder_hidden_states": rng.standard_normal((2, 77, 16)).astype(np.float32)}  # fmt: skip
