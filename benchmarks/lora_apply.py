@@ -13,6 +13,8 @@ graph (``cpu_variant="off"``: what a pipeline with LoRAs loads, so the base row 
 - ``remove``: loaded with A, then ``set_loras([])``: back to the base image, bit for bit (checked);
 - ``ov_base``, ``ov_lora``: the same on OpenVINO f32, which fuses the exported graph itself (so it is the fast
   image-equal engine with LoRAs: ONNX Runtime's fused CPU variant cannot take them).
+- ``diffusers_lora``: the peer, diffusers fp32 on the same CPU with ``load_lora_weights`` + ``fuse_lora`` of LoRA A
+  (``--source``: the diffusers folder the model was exported from); ratios against it go in the table's note.
 
 Each makes one 512x512 image with 3 steps (guidance 7.5), so the peak includes a UNet call. The LoRAs are random
 (fp16 factors, kohya format, alpha = rank), made from the model's own weights map so every attention linear and
@@ -24,6 +26,7 @@ Results: ``benchmarks/results/lora_sd15.{json,md}``, with the machine.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import subprocess
 import sys
@@ -69,6 +72,41 @@ def _rss() -> tuple[int, int]:
     fields = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
     kib = lambda key: int(fields[key].split()[0]) * 1024  # noqa: E731
     return kib("VmRSS"), kib("RssAnon")
+
+
+def diffusers_worker(source: Path, lora_a: Path, threads: int | None) -> dict:
+    """The peer: diffusers (fp32, CPU) loading the same LoRA file with ``load_lora_weights`` and fusing it, as its
+    docs recommend for inference; the same 3-step 512 px image, its UNet calls timed by a step callback."""
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    from edgediff.runtime.measure import peak_rss_bytes
+
+    if threads:
+        torch.set_num_threads(threads)
+    out: dict = {"scenario": "diffusers_lora"}
+    t0 = time.perf_counter()
+    pipe = StableDiffusionPipeline.from_pretrained(source, safety_checker=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    out["base_load_s"] = time.perf_counter() - t0
+    t = time.perf_counter()
+    pipe.load_lora_weights(str(lora_a), adapter_name="a")
+    pipe.fuse_lora(lora_scale=1.0)
+    out["merge_s"] = time.perf_counter() - t
+    out["load_s"] = time.perf_counter() - t0
+    out["peak_after_load"] = peak_rss_bytes()
+    out["rss_after_load"], out["anon_after_load"] = _rss()
+    marks = []
+    t = time.perf_counter()
+    with torch.inference_mode():
+        pipe(PROMPT, num_inference_steps=CALL["num_inference_steps"], guidance_scale=CALL["guidance_scale"],
+             width=CALL["width"], height=CALL["height"], generator=torch.Generator("cpu").manual_seed(CALL["seed"]),
+             callback_on_step_end=lambda p, i, ts, kw: (marks.append(time.perf_counter()), kw)[1])  # fmt: skip
+    out["image_s"] = time.perf_counter() - t
+    steps = [b - a for a, b in itertools.pairwise(marks)]  # (the first step also holds the text encoder)
+    out["unet_call_s"] = float(np.median(steps)) if steps else out["image_s"] / CALL["num_inference_steps"]
+    out["peak"] = peak_rss_bytes()
+    return out
 
 
 def worker(model: Path, scenario: str, lora_a: Path, lora_b: Path, threads: int | None) -> dict:
@@ -125,9 +163,18 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--scenarios", default="base,lora,switch,remove")
     parser.add_argument("--work", type=Path, default=Path.home() / ".cache/edgediff/lora-bench")
+    parser.add_argument(
+        "--source",
+        type=Path,
+        default=Path.home() / ".cache/edgediff/full-size/sd15-diffusers",
+        help="the diffusers folder for the diffusers_lora scenario (the peer)",
+    )
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     a, b = args.work / f"a_rank{args.rank}.safetensors", args.work / f"b_rank{args.rank}.safetensors"
+    if args.worker == "diffusers_lora":
+        print(json.dumps(diffusers_worker(args.source, a, args.threads)))
+        return
     if args.worker:
         print(json.dumps(worker(args.model, args.worker, a, b, args.threads)))
         return
@@ -143,17 +190,18 @@ def main() -> None:
     rows = []
     for scenario in args.scenarios.split(","):
         cmd = [sys.executable, __file__, "--model", str(args.model), "--rank", str(args.rank), "--work",
-               str(args.work), "--worker", scenario]  # fmt: skip
+               str(args.work), "--source", str(args.source), "--worker", scenario]  # fmt: skip
         cmd += ["--threads", str(args.threads)] if args.threads else []
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
             sys.exit(f"{scenario} failed:\n{done.stderr[-3000:]}")
         rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
         print(rows[-1], flush=True)
-    images = {r["scenario"]: np.load(RESULTS / f".lora_{r['scenario']}.npy") for r in rows}
+    images = {r["scenario"]: np.load(RESULTS / f".lora_{r['scenario']}.npy") for r in rows
+              if (RESULTS / f".lora_{r['scenario']}.npy").is_file()}  # fmt: skip
     for r in rows:
         base = "ov_base" if r["scenario"].startswith("ov_") else "base"
-        if base in images:
+        if base in images and r["scenario"] in images:
             r["max_diff_vs_base"] = int(np.abs(images[r["scenario"]].astype(int) - images[base]).max())
         if r["scenario"] == "ov_lora" and "lora" in images:
             r["max_diff_vs_onnxruntime"] = int(np.abs(images["ov_lora"].astype(int) - images["lora"]).max())
@@ -187,6 +235,16 @@ def main() -> None:
                   f"With the LoRA the loaded pipeline holds {held:.2f} GiB more of its own memory than without "
                   f"({held / changed:.2f} copies of the changed weights); while the UNet's session is created the "
                   f"peak is {peak:.2f} GiB higher ({peak / changed:.2f} copies)."]  # fmt: skip
+    if "diffusers_lora" in by and "lora" in by:
+        d, e = by["diffusers_lora"], by["lora"]
+        ratio = lambda key, row=e: f"{row[key] / d[key]:.2f}x"  # noqa: E731
+        ov = f"{ratio('unet_call_s', by['ov_lora'])}" if "ov_lora" in by else "not run"
+        lines += [
+            "",
+            "Against diffusers with the same LoRA (load_lora_weights + fuse_lora, fp32), same run: "
+            f"load with the LoRA {ratio('load_s')} diffusers' time, resident {ratio('rss_after_load')}, peak "
+            f"during load {ratio('peak_after_load')}, UNet call {ratio('unet_call_s')} (OpenVINO: {ov}).",
+        ]
     (RESULTS / "lora_sd15.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
